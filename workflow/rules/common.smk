@@ -1,0 +1,90 @@
+# Paths and helpers shared by the rules. Every output path depends only on the config, so the whole
+# DAG (including every checkpoint to score) is known before any job runs.
+import json
+from pathlib import Path
+
+DATASET = config["dataset"]
+OUT = f"{config['results']}/{DATASET}"
+LOGS = f"logs/{DATASET}"
+SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
+PYTHON = "python"
+
+
+wildcard_constraints:
+    step=r"\d{7}",
+    kind=r"synthetic_ipc|synthetic_pool|real_ipc|real_full",
+
+
+def training_steps(cfg):
+    """The checkpoint steps of a training config; the last step is always saved."""
+    return sorted(set(cfg["checkpoint_steps"]) | {cfg["total_steps"]})
+
+
+def checkpoint_files(folder, cfg):
+    return [f"{OUT}/{folder}/step_{step:07d}.pt" for step in training_steps(cfg)]
+
+
+FINETUNE_CHECKPOINTS = checkpoint_files("checkpoints", config["finetune"])
+
+
+def pretrained_weights():
+    """The file fine-tuning starts from: an upstream unconditional run, a public file, or none."""
+    source = config["pretrained"]["source"]
+    if source == "train":
+        return checkpoint_files("pretrain", config["pretrained"]["training"])[-1]
+    if source == "file":
+        if not config["pretrained"].get("path"):
+            raise ValueError("config key pretrained.path: a checkpoint file is required when pretrained.source is 'file'")
+        return config["pretrained"]["path"]
+    return []
+
+
+def training_args(cfg):
+    """The trainer's command-line flags for one training config block."""
+    return " ".join([
+        f"--total-steps {cfg['total_steps']}",
+        f"--checkpoint-steps {','.join(map(str, training_steps(cfg)))}",
+        f"--batch-size {cfg['batch_size']} --grad-accum {cfg.get('grad_accum', 1)}",
+        f"--lr {cfg['lr']} --betas {cfg['betas'][0]},{cfg['betas'][1]}",
+        f"--weight-decay {cfg['weight_decay']} --warmup-steps {cfg['warmup_steps']}",
+        f"--ema-rate {cfg['ema_rate']} --label-dropout {cfg.get('label_dropout', 0.0)}",
+        "--hflip" if cfg.get("hflip", False) else "--no-hflip",
+    ])
+
+
+def launcher(cfg):
+    """python, or torchrun with one process per GPU (or per configured CPU process, on gloo)."""
+    processes = cfg.get("gpus", 0) or cfg.get("processes", 1)
+    if processes <= 1:
+        return PYTHON
+    return f"torchrun --standalone --nproc_per_node {processes}"
+
+
+def sampler_args(settings):
+    return " ".join([
+        f"--steps {settings['steps']} --order {settings['order']} --method {settings['method']}",
+        f"--algorithm {settings['algorithm']} --skip-type {settings['skip_type']} --t-end {settings['t_end']}",
+        f"--guidance-scale {settings['guidance_scale']} --precision {settings['precision']}",
+    ])
+
+
+def scoring_sampler():
+    return config["scoring"].get("sampler") or config["sampler"]
+
+
+def gpu_count(cfg=None):
+    """GPUs a job asks the scheduler for: 0 on CPU-only configs."""
+    if cfg is not None:
+        return cfg.get("gpus", 0)
+    return 0 if config["device"] == "cpu" or config["finetune"].get("gpus", 0) == 0 else 1
+
+
+def feature_convnet_output():
+    """The feature ConvNet is a file only for FD-ConvNet scoring; FID uses InceptionV3."""
+    if config["scoring"]["extractor"] == "convnet":
+        return {"convnet": f"{OUT}/scoring/feature_convnet.pt"}
+    return {}
+
+
+def final_targets():
+    return [f"{OUT}/report.md", f"{OUT}/summary.json"]

@@ -1,0 +1,28 @@
+ACCURACY_KINDS = ["synthetic_ipc", "synthetic_pool", "real_ipc", "real_full"]
+
+
+rule report:
+    """report.md (score curve, chosen checkpoint, sample grid, images/s, accuracy table) and
+    summary.json (the same figures as plain numbers)."""
+    input:
+        best=rules.select_checkpoint.output.best,
+        scores=rules.select_checkpoint.output.csv,
+        curve=rules.select_checkpoint.output.plot,
+        pool=rules.sample_budget.output.pool,
+        pool_meta=rules.sample_budget.output.meta,
+        evaluations=expand(f"{OUT}/evaluation/{{kind}}.json", kind=ACCURACY_KINDS),
+    output:
+        report=f"{OUT}/report.md",
+        summary=f"{OUT}/summary.json",
+        grid=f"{OUT}/sample_grid.png",
+    params:
+        ipc=config["package"]["ipc"],
+    log:
+        f"{LOGS}/report.log",
+    conda:
+        "../../envs/diffdistill.yaml"
+    shell:
+        "{PYTHON} {SCRIPTS}/report.py --dataset {DATASET} --best {input.best} --scores {input.scores} "
+        "--curve {input.curve} --pool {input.pool} --pool-meta {input.pool_meta} "
+        "--evaluations {input.evaluations} --ipc {params.ipc} --report {output.report} "
+        "--summary {output.summary} --grid {output.grid} --log {log}"

@@ -1,0 +1,84 @@
+rule reference_stats:
+    """Feature statistics of the real training split, once per data set: InceptionV3 pool features
+    (FID) or the features of the evaluation ConvNet trained on the real data (FD-ConvNet)."""
+    input:
+        train=f"{OUT}/data/train.pt",
+    output:
+        stats=f"{OUT}/scoring/reference_stats.npz",
+        **feature_convnet_output(),
+    params:
+        extractor=config["scoring"]["extractor"],
+        weights=(
+            f"--inception-weights {config['scoring']['inception_weights']}"
+            if config["scoring"].get("inception_weights")
+            else ""
+        ),
+        epochs=config["scoring"].get("convnet_epochs", 50),
+        convnet_out=lambda wildcards, output: f"--convnet-out {output.convnet}" if "convnet" in output.keys() else "",
+        seed=config["seed"] + 2,
+    log:
+        f"{LOGS}/reference_stats.log",
+    cache: True
+    threads: workflow.cores
+    resources:
+        gpu=gpu_count(),
+        mem_mb=16000,
+        runtime=120,
+    conda:
+        "../../envs/diffdistill.yaml"
+    shell:
+        "{PYTHON} {SCRIPTS}/reference_stats.py --real-train {input.train} --extractor {params.extractor} "
+        "{params.weights} --convnet-epochs {params.epochs} {params.convnet_out} "
+        "--stats-out {output.stats} --device {config[device]} --seed {params.seed} --log {log}"
+
+
+rule score_checkpoint:
+    """Sample a fixed number of images (same noise for every checkpoint) with the EMA weights of one
+    checkpoint and compute their Fréchet distance to the real statistics. One job per checkpoint."""
+    input:
+        checkpoint=f"{OUT}/checkpoints/step_{{step}}.pt",
+        stats=rules.reference_stats.output.stats,
+        **feature_convnet_output(),
+    output:
+        score=f"{OUT}/scoring/step_{{step}}.json",
+    params:
+        extractor=config["scoring"]["extractor"],
+        weights=rules.reference_stats.params.weights,
+        convnet=lambda wildcards, input: f"--convnet {input.convnet}" if "convnet" in input.keys() else "",
+        num_images=config["scoring"]["num_images"],
+        batch_size=config["scoring"]["batch_size"],
+        sampler=sampler_args(scoring_sampler()),
+        seed=config["seed"] + 3,
+    log:
+        f"{LOGS}/score_checkpoint/step_{{step}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/score_checkpoint/step_{{step}}.tsv"
+    threads: 1
+    resources:
+        gpu=gpu_count(),
+        mem_mb=16000,
+        runtime=120,
+    conda:
+        "../../envs/diffdistill.yaml"
+    shell:
+        "{PYTHON} {SCRIPTS}/score_checkpoint.py --checkpoint {input.checkpoint} --stats {input.stats} "
+        "--extractor {params.extractor} {params.convnet} {params.weights} "
+        "--num-images {params.num_images} --batch-size {params.batch_size} {params.sampler} "
+        "--device {config[device]} --seed {params.seed} --out {output.score} --log {log}"
+
+
+rule select_checkpoint:
+    """The score curve (the paper's Fig. 3), a CSV of step -> score, and the best checkpoint."""
+    input:
+        scores=[f"{OUT}/scoring/step_{step:07d}.json" for step in training_steps(config["finetune"])],
+    output:
+        csv=f"{OUT}/scoring/scores.csv",
+        best=f"{OUT}/scoring/best.json",
+        plot=f"{OUT}/scoring/score_curve.png",
+    log:
+        f"{LOGS}/select_checkpoint.log",
+    conda:
+        "../../envs/diffdistill.yaml"
+    shell:
+        "{PYTHON} {SCRIPTS}/select_checkpoint.py --scores {input.scores} --csv {output.csv} "
+        "--best {output.best} --plot {output.plot} --log {log}"

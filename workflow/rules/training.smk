@@ -1,0 +1,64 @@
+rule pretrain_unconditional:
+    """Train an unconditional U-ViT on the real data: the stand-in for a public unconditional
+    checkpoint (like CIFAR-10 U-ViT-S/2) when no public weights exist (the digits default)."""
+    input:
+        data=f"{OUT}/data/train.pt",
+    output:
+        checkpoints=checkpoint_files("pretrain", config["pretrained"].get("training", config["finetune"])),
+        sidecar=f"{OUT}/pretrain/train.json",
+    params:
+        preset=config["pretrained"].get("preset", config["model"]["preset"]),
+        overrides=json.dumps(config["model"].get("overrides", {})),
+        args=training_args(config["pretrained"].get("training", config["finetune"])),
+        launcher=launcher(config["pretrained"].get("training", config["finetune"])),
+        seed=config["seed"] + 1,
+    log:
+        f"{LOGS}/pretrain_unconditional.log",
+    benchmark:
+        f"{OUT}/benchmarks/pretrain_unconditional.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=gpu_count(config["pretrained"].get("training", config["finetune"])),
+        mem_mb=config["pretrained"].get("training", config["finetune"]).get("mem_mb", 16000),
+        runtime=config["pretrained"].get("training", config["finetune"]).get("runtime_min", 600),
+    conda:
+        "../../envs/diffdistill.yaml"
+    shell:
+        "{params.launcher} {SCRIPTS}/train.py --data {input.data} --preset {params.preset} "
+        "--model-overrides '{params.overrides}' --num-classes 0 {params.args} "
+        "--checkpoints {output.checkpoints} --seed {params.seed} --device {config[device]} "
+        "--sidecar {output.sidecar} --log {log}"
+
+
+rule finetune:
+    """Class-conditional fine-tuning from the pretrained weights (label layer excluded); resumable:
+    a rerun continues from the newest complete checkpoint."""
+    input:
+        data=f"{OUT}/data/train.pt",
+        init=pretrained_weights(),
+    output:
+        checkpoints=FINETUNE_CHECKPOINTS,
+        sidecar=f"{OUT}/checkpoints/train.json",
+    params:
+        preset=config["model"]["preset"],
+        overrides=json.dumps(config["model"].get("overrides", {})),
+        init=lambda wildcards, input: f"--init {input.init}" if input.init else "",
+        args=training_args(config["finetune"]),
+        launcher=launcher(config["finetune"]),
+        seed=config["seed"],
+    log:
+        f"{LOGS}/finetune.log",
+    benchmark:
+        f"{OUT}/benchmarks/finetune.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=gpu_count(config["finetune"]),
+        mem_mb=config["finetune"].get("mem_mb", 32000),
+        runtime=config["finetune"].get("runtime_min", 1440),
+    conda:
+        "../../envs/diffdistill.yaml"
+    shell:
+        "{params.launcher} {SCRIPTS}/train.py --data {input.data} --preset {params.preset} "
+        "--model-overrides '{params.overrides}' {params.init} {params.args} "
+        "--checkpoints {output.checkpoints} --seed {params.seed} --device {config[device]} "
+        "--sidecar {output.sidecar} --log {log}"
