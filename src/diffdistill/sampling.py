@@ -1,0 +1,262 @@
+"""Sampling labelled images from a trained class-conditional U-ViT, one batch or against a time budget.
+
+:func:`generate` is the one place that turns (model, labels, solver settings) into uint8 images; the
+budgeted sampler (Track 2 of the challenge, facts.md section 5) and the scoring stage both call it.
+
+:func:`sample_budgeted` samples class-balanced batches until a wall-clock budget would be overrun.
+The clock starts at the first sampling batch, after the model is loaded (one participant's harness
+measured the 10 minutes that way); the caller times loading separately. Before each batch its
+duration is estimated from the batches already done and the batch is only started when it is
+expected to finish inside the budget, so every kept image was made within the budget (up to the
+estimate's error) and no finished batch is thrown away.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from . import dpm_solver
+from .data import from_model_range
+from .errors import DiffdistillError
+from .guidance import guided_noise_fn
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+@dataclass
+class SamplerSettings:
+    """DPM-Solver settings plus guidance and precision; defaults are U-ViT's own 50-NFE sampler.
+
+    ``guidance_scale`` is w in eps = eps_u + w (eps_c - eps_u) (see :mod:`diffdistill.guidance`):
+    1 is plain conditional sampling and needs no null class. ``precision`` "bf16" runs only the
+    network under autocast; the solver state stays fp32.
+    """
+
+    steps: int = 50
+    order: int = 3
+    method: str = "singlestep"
+    algorithm: str = "dpmsolver"
+    skip_type: str = "logSNR"
+    t_end: float = 1e-4
+    guidance_scale: float = 1.0
+    precision: str = "fp32"
+
+    def __post_init__(self):
+        problems = []
+        if int(self.steps) < 1:
+            problems.append(f"steps must be >= 1, got {self.steps}")
+        if int(self.order) not in (1, 2, 3):
+            problems.append(f"order must be 1, 2 or 3, got {self.order}")
+        choices = (("method", dpm_solver.METHODS), ("algorithm", dpm_solver.ALGORITHMS),
+                   ("skip_type", dpm_solver.SKIP_TYPES), ("precision", tuple(PRECISIONS)))
+        for key, allowed in choices:
+            if getattr(self, key) not in allowed:
+                problems.append(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
+        if not 0.0 < float(self.t_end) < 1.0:
+            problems.append(f"t_end must be in (0, 1), got {self.t_end}")
+        if problems:
+            raise DiffdistillError("sampler settings: " + "; ".join(problems))
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return PRECISIONS[self.precision]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def image_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) of the images a U-ViT makes, from its constructor config."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, dict) or "in_chans" not in config or "img_size" not in config:
+        raise DiffdistillError("model has no U-ViT config with 'in_chans' and 'img_size'")
+    return config["in_chans"], config["img_size"], config["img_size"]
+
+
+def generate(
+    model: torch.nn.Module,
+    labels: torch.Tensor,
+    settings: SamplerSettings,
+    *,
+    device: torch.device | str,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """One batch: x_T ~ N(0, I), DPM-Solver on the guided noise prediction -> uint8 (N, C, H, W) on CPU.
+
+    The noise comes from ``generator`` (which must live on ``device``), else from a fresh generator
+    seeded with ``seed``, else from torch's global generator. The model is used as it is (the caller
+    puts it in eval mode on ``device``).
+    """
+    device = torch.device(device)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(int(seed))
+    labels = labels.to(device=device, dtype=torch.long)  # (N,)
+    try:
+        noise_fn = guided_noise_fn(model, labels, settings.guidance_scale,
+                                   null_label=getattr(model, "null_label", None),
+                                   autocast_dtype=settings.autocast_dtype)
+    except ValueError as err:  # guidance asked of a model without a null class
+        raise DiffdistillError(f"guidance_scale: {err}") from err
+    shape = (labels.shape[0], *image_shape(model))
+    with torch.inference_mode():
+        x_T = torch.randn(shape, generator=generator, device=device)  # (N, C, H, W)
+        x_0 = dpm_solver.sample(
+            noise_fn, x_T, steps=settings.steps, order=settings.order, method=settings.method,
+            algorithm=settings.algorithm, skip_type=settings.skip_type, t_start=1.0, t_end=settings.t_end,
+        )  # (N, C, H, W) in [-1, 1]
+        # .cpu() also waits for the device, so the caller's clock sees the batch as finished.
+        return from_model_range(x_0).cpu()
+
+
+def balanced_labels(num_classes: int, n: int, offset: int = 0) -> torch.Tensor:
+    """Labels (offset + i) mod K for i < n: any prefix of the sequence has class counts within 1."""
+    if num_classes < 1 or n < 0:
+        raise DiffdistillError(f"balanced_labels: need num_classes >= 1 and n >= 0, got {num_classes}, {n}")
+    return (torch.arange(n, dtype=torch.long) + offset) % num_classes  # (n,)
+
+
+@dataclass
+class BudgetResult:
+    """What a budgeted run made: images, labels, per-class counts, speed and per-batch timings."""
+
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    counts: list[int]
+    images_per_s: float
+    sampling_s: float
+    batches: list[dict] = field(default_factory=list)  # {"size", "seconds"} per finished batch
+    batch_size_final: int = 0
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def summary(self) -> dict:
+        """Everything but the tensors, for a JSON sidecar."""
+        return {
+            "images": len(self), "counts": self.counts, "images_per_s": self.images_per_s,
+            "sampling_s": self.sampling_s, "num_batches": len(self.batches),
+            "batch_size_final": self.batch_size_final, "batches": self.batches,
+        }
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA out-of-memory, whichever way torch reports it."""
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err)
+    )
+
+
+def generate_halving(model, labels, settings, *, device, generator, batch_size: int):
+    """:func:`generate` in chunks of ``batch_size``; on out-of-memory halve it and redo the same labels.
+
+    Returns (uint8 images, the batch size that worked). The generator state is rewound before a
+    retry so that a retry draws the same noise stream as the failed attempt.
+    """
+    state = generator.get_state() if generator is not None else None
+    while True:
+        try:
+            parts = [generate(model, part, settings, device=device, generator=generator)
+                     for part in labels.split(batch_size)]
+            return torch.cat(parts), batch_size
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            if batch_size <= 1:
+                raise DiffdistillError(f"out of memory on {device} even at batch size 1: {err}") from err
+            log.warning("out of memory at batch size %d; retrying the same labels at %d",
+                        batch_size, batch_size // 2)
+            batch_size //= 2
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+            if state is not None:
+                generator.set_state(state)
+
+
+def estimate_batch_s(batches: list[dict], size: int) -> float:
+    """Expected seconds for a batch of ``size`` from the per-image time of the finished batches.
+
+    The first batch carries one-off costs (kernel selection, torch.compile) and is left out once
+    later batches exist; with none finished there is no estimate (0).
+    """
+    timed = batches[1:] if len(batches) > 1 else batches
+    if not timed:
+        return 0.0
+    per_image = sum(b["seconds"] for b in timed) / sum(b["size"] for b in timed)
+    return per_image * size
+
+
+def sample_budgeted(
+    model: torch.nn.Module,
+    num_classes: int,
+    settings: SamplerSettings,
+    *,
+    budget_s: float = 600.0,
+    batch_size: int,
+    device: torch.device | str,
+    seed: int,
+    clock: Callable[[], float] = time.perf_counter,
+    max_images: int | None = None,
+    on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> BudgetResult:
+    """Class-balanced batches until the next one would overrun ``budget_s`` (or ``max_images``).
+
+    ``clock`` is read at the first batch (the budget starts there) and after every batch; tests pass
+    a fake clock. ``on_batch(images, labels)`` sees each finished batch (e.g. to save progress).
+    """
+    _check_budget_args(budget_s, batch_size, max_images)
+    generator = torch.Generator(device=torch.device(device)).manual_seed(int(seed))
+    images, labels, batches = [], [], []
+    done = 0
+    start = clock()
+    while max_images is None or done < max_images:
+        size = batch_size if max_images is None else min(batch_size, max_images - done)
+        elapsed = clock() - start
+        if batches and elapsed + estimate_batch_s(batches, size) > budget_s:
+            break
+        batch_labels = balanced_labels(num_classes, size, offset=done)  # (size,)
+        t0 = clock()
+        batch_images, batch_size = generate_halving(model, batch_labels, settings, device=device,
+                                                    generator=generator, batch_size=batch_size)
+        batches.append({"size": size, "seconds": clock() - t0})
+        images.append(batch_images)
+        labels.append(batch_labels)
+        done += size
+        if on_batch is not None:
+            on_batch(batch_images, batch_labels)
+        _log_progress(done, clock() - start, budget_s)
+    return _result(images, labels, batches, num_classes, clock() - start, batch_size)
+
+
+def _check_budget_args(budget_s: float, batch_size: int, max_images: int | None) -> None:
+    if not budget_s > 0:
+        raise DiffdistillError(f"budget_s must be > 0 seconds, got {budget_s}: nothing would be sampled")
+    if batch_size < 1:
+        raise DiffdistillError(f"batch_size must be >= 1, got {batch_size}")
+    if max_images is not None and max_images < 1:
+        raise DiffdistillError(f"max_images must be >= 1 when given, got {max_images}")
+
+
+def _log_progress(done: int, elapsed: float, budget_s: float) -> None:
+    rate = done / elapsed if elapsed > 0 else float("inf")
+    log.info("%d images, %.1f images/s, %.1f s of %.1f s left", done, rate, max(budget_s - elapsed, 0.0), budget_s)
+
+
+def _result(images, labels, batches, num_classes, sampling_s, batch_size) -> BudgetResult:
+    all_labels = torch.cat(labels)  # (N,)
+    return BudgetResult(
+        images=torch.cat(images),  # (N, C, H, W)
+        labels=all_labels,
+        counts=torch.bincount(all_labels, minlength=num_classes).tolist(),
+        images_per_s=all_labels.numel() / sampling_s if sampling_s > 0 else float("inf"),
+        sampling_s=sampling_s,
+        batches=batches,
+        batch_size_final=batch_size,
+    )

@@ -1,0 +1,218 @@
+"""Sampling: one guided batch, class-balanced labels, the time budget (fake clock) and OOM halving."""
+
+import math
+
+import pytest
+import torch
+
+from diffdistill import sampling, uvit
+from diffdistill.errors import DiffdistillError
+from diffdistill.sampling import SamplerSettings, balanced_labels, generate, sample_budgeted
+
+FAST = dict(steps=3, order=2, method="multistep", algorithm="dpmsolver++", t_end=1e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return uvit.build("uvit_tiny_test", num_classes=3).eval()
+
+
+class FakeClock:
+    """A clock that only moves when the test moves it."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def fake_generate(clock, costs):
+    """Stand-in for sampling.generate: each call costs the next of ``costs`` seconds on ``clock``."""
+    calls = []
+
+    def run(model, labels, settings, *, device, generator=None, seed=None):
+        clock.now += costs[min(len(calls), len(costs) - 1)]
+        calls.append(labels.clone())
+        return torch.zeros(labels.shape[0], 3, 8, 8, dtype=torch.uint8)
+
+    return run, calls
+
+
+# ----------------------------------------------------------------------------- balanced labels
+
+
+def test_balanced_labels_cycle_and_every_prefix_is_balanced():
+    labels = balanced_labels(3, 7)
+    assert labels.dtype == torch.long
+    assert labels.tolist() == [0, 1, 2, 0, 1, 2, 0]
+    for n in range(1, 8):
+        counts = torch.bincount(labels[:n], minlength=3)
+        assert counts.max() - counts.min() <= 1
+
+
+def test_balanced_labels_offset_continues_the_sequence():
+    whole = balanced_labels(4, 10)
+    assert torch.equal(torch.cat([balanced_labels(4, 3), balanced_labels(4, 7, offset=3)]), whole)
+
+
+# ----------------------------------------------------------------------------- settings, generate
+
+
+def test_settings_defaults_are_uvit_sampler_and_bad_values_are_refused():
+    d = SamplerSettings().to_dict()
+    assert d == dict(steps=50, order=3, method="singlestep", algorithm="dpmsolver", skip_type="logSNR",
+                     t_end=1e-4, guidance_scale=1.0, precision="fp32")
+    with pytest.raises(DiffdistillError, match="precision"):
+        SamplerSettings(precision="fp16")
+    with pytest.raises(DiffdistillError, match="steps"):
+        SamplerSettings(steps=0)
+
+
+def test_generate_shape_dtype_and_determinism(tiny):
+    labels = torch.tensor([0, 1, 2, 1])
+    settings = SamplerSettings(**FAST)
+    a = generate(tiny, labels, settings, device="cpu", seed=5)
+    b = generate(tiny, labels, settings, device="cpu", generator=torch.Generator().manual_seed(5))
+    c = generate(tiny, labels, settings, device="cpu", seed=6)
+    assert a.shape == (4, 3, 8, 8) and a.dtype == torch.uint8
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_generate_guided_and_bf16_run_and_guidance_needs_a_null_class(tiny):
+    labels = torch.tensor([0, 2])
+    out = generate(tiny, labels, SamplerSettings(**FAST, guidance_scale=2.0, precision="bf16"), device="cpu", seed=1)
+    assert out.shape == (2, 3, 8, 8) and out.dtype == torch.uint8
+    no_null = uvit.build("uvit_tiny_test", num_classes=3, null_class=False).eval()
+    with pytest.raises(DiffdistillError, match="guidance"):
+        generate(no_null, labels, SamplerSettings(**FAST, guidance_scale=2.0), device="cpu", seed=1)
+
+
+class GaussianOracle(torch.nn.Module):
+    """Optimal noise predictor for x0 ~ N(mu, s^2) per pixel (facts.md section 3)."""
+
+    def __init__(self, mu, s, channels=3, side=8):
+        super().__init__()
+        self.mu, self.s = mu, s
+        self.config = {"in_chans": channels, "img_size": side}
+
+    @staticmethod
+    def alpha_sigma(t):
+        alpha = torch.exp(-(0.1 * t + 9.95 * t**2) / 2)
+        return alpha, torch.sqrt(1 - alpha**2)
+
+    def forward(self, x, timesteps, y):
+        t = (timesteps / 999.0).double().view(-1, 1, 1, 1)
+        alpha, sigma = self.alpha_sigma(t)
+        eps = sigma * (x.double() - alpha * self.mu) / (alpha**2 * self.s**2 + sigma**2)
+        return eps.to(x.dtype)
+
+
+def test_generate_matches_the_exact_probability_flow_solution():
+    """Default settings (U-ViT's 50-NFE singlestep order 3) follow the closed-form ODE solution."""
+    mu, s = 0.2, 0.3
+    model = GaussianOracle(mu, s)
+    settings = SamplerSettings()
+    out = generate(model, torch.tensor([0, 1, 2, 0]), settings, device="cpu", seed=3)
+    x_T = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3)).double()
+    alpha, sigma = GaussianOracle.alpha_sigma(torch.tensor([1.0, settings.t_end], dtype=torch.float64))
+    z = (x_T - alpha[0] * mu) / torch.sqrt(alpha[0] ** 2 * s**2 + sigma[0] ** 2)
+    x_end = alpha[1] * mu + torch.sqrt(alpha[1] ** 2 * s**2 + sigma[1] ** 2) * z
+    expected = ((x_end + 1) * 127.5).round().clamp(0, 255)
+    assert (out.double() - expected).abs().max() <= 1.0
+
+
+# ----------------------------------------------------------------------------- budget
+
+
+def test_budget_stops_before_overrunning_and_keeps_finished_batches(monkeypatch):
+    clock = FakeClock()
+    run, calls = fake_generate(clock, [1.0])
+    monkeypatch.setattr(sampling, "generate", run)
+    seen = []
+    result = sample_budgeted(object(), 3, SamplerSettings(), budget_s=3.5, batch_size=4, device="cpu", seed=0,
+                             clock=clock, on_batch=lambda im, lab: seen.append(lab.tolist()))
+    assert len(calls) == 3 and len(result.batches) == 3
+    assert len(result) == 12 and result.images.shape == (12, 3, 8, 8) and result.images.dtype == torch.uint8
+    assert result.labels.tolist() == balanced_labels(3, 12).tolist()
+    assert result.counts == [4, 4, 4]
+    assert seen == [balanced_labels(3, 4, offset=4 * i).tolist() for i in range(3)]
+    assert [b["seconds"] for b in result.batches] == [1.0, 1.0, 1.0]
+    assert result.sampling_s == pytest.approx(3.0)
+    assert result.images_per_s == pytest.approx(4.0)
+    assert result.batch_size_final == 4
+
+
+def test_budget_exactly_filled_and_warmup_batch_left_out_of_the_estimate(monkeypatch):
+    clock = FakeClock()
+    # The first batch is slow (compilation); later ones cost 1 s. After it, only the warm batches
+    # predict the next: batches end at 5, 6, ..., 12 and a 9th would end at 13 > 12.
+    run, calls = fake_generate(clock, [5.0, 1.0])
+    monkeypatch.setattr(sampling, "generate", run)
+    result = sample_budgeted(object(), 5, SamplerSettings(), budget_s=12.0, batch_size=5, device="cpu", seed=0,
+                             clock=clock)
+    assert len(calls) == 8
+    assert result.sampling_s <= 12.0
+    assert result.counts == [8] * 5
+
+
+def test_budget_zero_or_negative_samples_nothing(monkeypatch):
+    clock = FakeClock()
+    run, calls = fake_generate(clock, [1.0])
+    monkeypatch.setattr(sampling, "generate", run)
+    for budget in (0, -1.0):
+        with pytest.raises(DiffdistillError, match="budget"):
+            sample_budgeted(object(), 3, SamplerSettings(), budget_s=budget, batch_size=4, device="cpu", seed=0,
+                            clock=clock)
+    assert calls == []
+
+
+def test_budget_with_the_real_model_and_max_images(tiny):
+    clock = FakeClock()
+    result = sample_budgeted(tiny, 3, SamplerSettings(**FAST), budget_s=math.inf, batch_size=3, device="cpu",
+                             seed=0, clock=clock, max_images=7)
+    assert [b["size"] for b in result.batches] == [3, 3, 1]
+    assert result.counts == [3, 2, 2]
+    assert result.images.shape == (7, 3, 8, 8) and result.images.dtype == torch.uint8
+
+
+# ----------------------------------------------------------------------------- out of memory
+
+
+class OOMAbove(torch.nn.Module):
+    """Wraps a U-ViT; raises an out-of-memory error for forward batches larger than ``limit``."""
+
+    def __init__(self, inner, limit, error=torch.cuda.OutOfMemoryError):
+        super().__init__()
+        self.inner, self.limit, self.error = inner, limit, error
+        self.config, self.null_label = inner.config, inner.null_label
+        self.sizes = []
+
+    def forward(self, x, timesteps, y):
+        self.sizes.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner(x, timesteps, y)
+
+
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError, RuntimeError])
+def test_out_of_memory_halves_the_batch_and_redoes_the_same_labels(tiny, error):
+    model = OOMAbove(tiny, limit=2, error=error)
+    result = sample_budgeted(model, 3, SamplerSettings(**FAST), budget_s=math.inf, batch_size=8, device="cpu",
+                             seed=0, clock=FakeClock(), max_images=16)
+    assert result.batch_size_final == 2
+    assert len(result) == 16 and result.labels.tolist() == balanced_labels(3, 16).tolist()
+    # the failed batch of 8 is redone in pieces of 2; the batches after it are of the working size
+    assert [b["size"] for b in result.batches] == [8, 2, 2, 2, 2]
+    assert model.sizes[:2] == [8, 4] and max(model.sizes[2:]) == 2
+
+
+def test_out_of_memory_at_batch_one_is_an_error_and_other_errors_pass_through(tiny):
+    with pytest.raises(DiffdistillError, match="batch size 1"):
+        sample_budgeted(OOMAbove(tiny, limit=0), 3, SamplerSettings(**FAST), budget_s=10.0, batch_size=4,
+                        device="cpu", seed=0, clock=FakeClock())
+    with pytest.raises(ValueError, match="out of memory"):  # a ValueError is not an OOM
+        sample_budgeted(OOMAbove(tiny, limit=0, error=ValueError), 3, SamplerSettings(**FAST), budget_s=10.0,
+                        batch_size=4, device="cpu", seed=0, clock=FakeClock())
