@@ -13,3 +13,38 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# --- miniature data sets (tests/datasets_fixtures.py), built once per test session ----------------
+
+
+@pytest.fixture(scope="session")
+def mini_cifar100(tmp_path_factory):
+    """Root folder holding a miniature ``cifar-100-python/`` (100 classes, 2 train / 1 test each)."""
+    from datasets_fixtures import make_cifar100
+
+    root = tmp_path_factory.mktemp("cifar100")
+    make_cifar100(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mini_tiny_imagenet(tmp_path_factory):
+    """Root folder holding a miniature ``tiny-imagenet-200/`` (3 classes, 2 train / 1 val each)."""
+    from datasets_fixtures import make_tiny_imagenet
+
+    root = tmp_path_factory.mktemp("tinyimagenet")
+    make_tiny_imagenet(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_files(tmp_path_factory):
+    """Prepared digits splits on disk: ``{"train": Path, "test": Path}`` (1,257 / 540 images)."""
+    from diffdistill import data
+
+    folder = tmp_path_factory.mktemp("digits")
+    paths = {split: folder / f"{split}.pt" for split in data.SPLITS}
+    for split, path in paths.items():
+        data.save_images(data.load_digits_split(split), path)
+    return paths
