@@ -7,7 +7,6 @@ DATASET = config["dataset"]
 OUT = f"{config['results']}/{DATASET}"
 LOGS = f"logs/{DATASET}"
 SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
-PYTHON = "python"
 
 
 wildcard_constraints:
@@ -56,7 +55,7 @@ def launcher(cfg):
     """python, or torchrun with one process per GPU (or per configured CPU process, on gloo)."""
     processes = cfg.get("gpus", 0) or cfg.get("processes", 1)
     if processes <= 1:
-        return PYTHON
+        return "python"
     return f"torchrun --standalone --nproc_per_node {processes}"
 
 
@@ -84,6 +83,32 @@ def feature_convnet_output():
     if config["scoring"]["extractor"] == "convnet":
         return {"convnet": f"{OUT}/scoring/feature_convnet.pt"}
     return {}
+
+
+ACCURACY_KINDS = ["synthetic_ipc", "synthetic_pool", "real_ipc", "real_full"]
+
+
+def evaluation_inputs(wildcards):
+    """What the ConvNet trains on for each of the four rows of the accuracy table."""
+    real = {"test": f"{OUT}/data/test.pt", "real_train": f"{OUT}/data/train.pt"}
+    train = {
+        "synthetic_ipc": f"{OUT}/package/{DATASET}.pt",
+        "synthetic_pool": f"{OUT}/samples/pool.pt",
+        "real_ipc": f"{OUT}/data/train.pt",
+        "real_full": f"{OUT}/data/train.pt",
+    }[wildcards.kind]
+    return {"train": train, **real}
+
+
+def evaluation_args(wildcards):
+    ipc = config["package"]["ipc"]
+    ev = config["evaluation"]
+    return {
+        "synthetic_ipc": f"--train-format package --ipc {ipc} --epochs {ev['epochs']}",
+        "synthetic_pool": f"--train-format images --epochs {ev['pool_epochs']}",
+        "real_ipc": f"--train-format images --random-ipc {ipc} --epochs {ev['epochs']}",
+        "real_full": f"--train-format images --epochs {ev['pool_epochs']}",
+    }[wildcards.kind]
 
 
 def final_targets():

@@ -5,6 +5,7 @@ rule prepare_data:
         test=f"{OUT}/data/test.pt",
         sidecar=f"{OUT}/data/prepare.json",
     params:
+        script=f"{SCRIPTS}/prepare_data.py",
         dataset=DATASET,
         root=config["data"]["root"],
         download="--download" if config["data"]["download"] else "",
@@ -18,5 +19,5 @@ rule prepare_data:
     conda:
         "../../envs/diffdistill.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/prepare_data.py --dataset {params.dataset} --root {params.root} {params.download} "
+        "python {params.script} --dataset {params.dataset} --root {params.root} {params.download} "
         "--train-out {output.train} --test-out {output.test} --sidecar {output.sidecar} --log {log}"

@@ -1,6 +1,3 @@
-ACCURACY_KINDS = ["synthetic_ipc", "synthetic_pool", "real_ipc", "real_full"]
-
-
 rule report:
     """report.md (score curve, chosen checkpoint, sample grid, images/s, accuracy table) and
     summary.json (the same figures as plain numbers)."""
@@ -16,13 +13,15 @@ rule report:
         summary=f"{OUT}/summary.json",
         grid=f"{OUT}/sample_grid.png",
     params:
+        script=f"{SCRIPTS}/report.py",
+        dataset=DATASET,
         ipc=config["package"]["ipc"],
     log:
         f"{LOGS}/report.log",
     conda:
         "../../envs/diffdistill.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/report.py --dataset {DATASET} --best {input.best} --scores {input.scores} "
+        "python {params.script} --dataset {params.dataset} --best {input.best} --scores {input.scores} "
         "--curve {input.curve} --pool {input.pool} --pool-meta {input.pool_meta} "
         "--evaluations {input.evaluations} --ipc {params.ipc} --report {output.report} "
         "--summary {output.summary} --grid {output.grid} --log {log}"

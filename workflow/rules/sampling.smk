@@ -8,6 +8,8 @@ rule sample_budget:
         pool=f"{OUT}/samples/pool.pt",
         meta=f"{OUT}/samples/pool.json",
     params:
+        script=f"{SCRIPTS}/sample_budget.py",
+        device=config["device"],
         budget=config["sampling"]["budget_s"],
         batch_size=config["sampling"]["batch_size"],
         max_images=(
@@ -27,9 +29,9 @@ rule sample_budget:
     conda:
         "../../envs/diffdistill.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/sample_budget.py --best {input.best} --out {output.pool} --meta {output.meta} "
+        "python {params.script} --best {input.best} --out {output.pool} --meta {output.meta} "
         "--budget-s {params.budget} --batch-size {params.batch_size} {params.max_images} {params.sampler} "
-        "--device {config[device]} --seed {params.seed} --log {log}"
+        "--device {params.device} --seed {params.seed} --log {log}"
 
 
 rule package:
@@ -42,6 +44,8 @@ rule package:
         pool=f"{OUT}/package/pool_normalized.pt",
         meta=f"{OUT}/package/package.json",
     params:
+        script=f"{SCRIPTS}/package.py",
+        dataset=DATASET,
         ipc=config["package"]["ipc"],
         rule=config["package"]["rule"],
         out_dir=lambda wildcards, output: str(Path(output.package).parent),
@@ -53,6 +57,6 @@ rule package:
     conda:
         "../../envs/diffdistill.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/package.py --pool {input.pool} --dataset {DATASET} --ipc {params.ipc} "
+        "python {params.script} --pool {input.pool} --dataset {params.dataset} --ipc {params.ipc} "
         "--rule {params.rule} --real-train {input.train} --out-dir {params.out_dir} "
         "--pool-out {output.pool} --meta {output.meta} --log {log}"

@@ -7,6 +7,8 @@ rule reference_stats:
         stats=f"{OUT}/scoring/reference_stats.npz",
         **feature_convnet_output(),
     params:
+        script=f"{SCRIPTS}/reference_stats.py",
+        device=config["device"],
         extractor=config["scoring"]["extractor"],
         weights=(
             f"--inception-weights {config['scoring']['inception_weights']}"
@@ -27,9 +29,9 @@ rule reference_stats:
     conda:
         "../../envs/diffdistill.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/reference_stats.py --real-train {input.train} --extractor {params.extractor} "
+        "python {params.script} --real-train {input.train} --extractor {params.extractor} "
         "{params.weights} --convnet-epochs {params.epochs} {params.convnet_out} "
-        "--stats-out {output.stats} --device {config[device]} --seed {params.seed} --log {log}"
+        "--stats-out {output.stats} --device {params.device} --seed {params.seed} --log {log}"
 
 
 rule score_checkpoint:
@@ -42,6 +44,8 @@ rule score_checkpoint:
     output:
         score=f"{OUT}/scoring/step_{{step}}.json",
     params:
+        script=f"{SCRIPTS}/score_checkpoint.py",
+        device=config["device"],
         extractor=config["scoring"]["extractor"],
         weights=rules.reference_stats.params.weights,
         convnet=lambda wildcards, input: f"--convnet {input.convnet}" if "convnet" in input.keys() else "",
@@ -61,10 +65,10 @@ rule score_checkpoint:
     conda:
         "../../envs/diffdistill.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/score_checkpoint.py --checkpoint {input.checkpoint} --stats {input.stats} "
+        "python {params.script} --checkpoint {input.checkpoint} --stats {input.stats} "
         "--extractor {params.extractor} {params.convnet} {params.weights} "
         "--num-images {params.num_images} --batch-size {params.batch_size} {params.sampler} "
-        "--device {config[device]} --seed {params.seed} --out {output.score} --log {log}"
+        "--device {params.device} --seed {params.seed} --out {output.score} --log {log}"
 
 
 rule select_checkpoint:
@@ -75,10 +79,12 @@ rule select_checkpoint:
         csv=f"{OUT}/scoring/scores.csv",
         best=f"{OUT}/scoring/best.json",
         plot=f"{OUT}/scoring/score_curve.png",
+    params:
+        script=f"{SCRIPTS}/select_checkpoint.py",
     log:
         f"{LOGS}/select_checkpoint.log",
     conda:
         "../../envs/diffdistill.yaml"
     shell:
-        "{PYTHON} {SCRIPTS}/select_checkpoint.py --scores {input.scores} --csv {output.csv} "
+        "python {params.script} --scores {input.scores} --csv {output.csv} "
         "--best {output.best} --plot {output.plot} --log {log}"

@@ -7,6 +7,8 @@ rule pretrain_unconditional:
         checkpoints=checkpoint_files("pretrain", config["pretrained"].get("training", config["finetune"])),
         sidecar=f"{OUT}/pretrain/train.json",
     params:
+        script=f"{SCRIPTS}/train.py",
+        device=config["device"],
         preset=config["pretrained"].get("preset", config["model"]["preset"]),
         overrides=json.dumps(config["model"].get("overrides", {})),
         args=training_args(config["pretrained"].get("training", config["finetune"])),
@@ -24,9 +26,9 @@ rule pretrain_unconditional:
     conda:
         "../../envs/diffdistill.yaml"
     shell:
-        "{params.launcher} {SCRIPTS}/train.py --data {input.data} --preset {params.preset} "
+        "{params.launcher} {params.script} --data {input.data} --preset {params.preset} "
         "--model-overrides '{params.overrides}' --num-classes 0 {params.args} "
-        "--checkpoints {output.checkpoints} --seed {params.seed} --device {config[device]} "
+        "--checkpoints {output.checkpoints} --seed {params.seed} --device {params.device} "
         "--sidecar {output.sidecar} --log {log}"
 
 
@@ -40,6 +42,8 @@ rule finetune:
         checkpoints=FINETUNE_CHECKPOINTS,
         sidecar=f"{OUT}/checkpoints/train.json",
     params:
+        script=f"{SCRIPTS}/train.py",
+        device=config["device"],
         preset=config["model"]["preset"],
         overrides=json.dumps(config["model"].get("overrides", {})),
         init=lambda wildcards, input: f"--init {input.init}" if input.init else "",
@@ -58,7 +62,7 @@ rule finetune:
     conda:
         "../../envs/diffdistill.yaml"
     shell:
-        "{params.launcher} {SCRIPTS}/train.py --data {input.data} --preset {params.preset} "
+        "{params.launcher} {params.script} --data {input.data} --preset {params.preset} "
         "--model-overrides '{params.overrides}' {params.init} {params.args} "
-        "--checkpoints {output.checkpoints} --seed {params.seed} --device {config[device]} "
+        "--checkpoints {output.checkpoints} --seed {params.seed} --device {params.device} "
         "--sidecar {output.sidecar} --log {log}"
