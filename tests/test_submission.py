@@ -1,0 +1,213 @@
+"""Submission package (facts.md section 5) and the two scripts around it, end to end on tiny files."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffdistill import checkpoint, uvit
+from diffdistill.cli import run_main
+from diffdistill.data import LabeledImages, load_images, save_images
+from diffdistill.errors import DiffdistillError
+from diffdistill.submission import package, save_package, select_indices, submission_filename, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)  # facts.md section 5
+TINY_MEAN, TINY_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "workflow" / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def by_hand(images, mean, std):
+    """(x / 255 - mean) / std per channel, written out independently of diffdistill.normalize."""
+    out = images.float() / 255.0
+    for c in range(out.shape[1]):
+        out[:, c] = (out[:, c] - mean[c]) / std[c]
+    return out
+
+
+@pytest.fixture
+def pool():
+    """3 classes with 5, 4, 6 images in shuffled order; pixel value encodes the pool position."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 5 + [1] * 4 + [2] * 6)[torch.randperm(15, generator=g)]
+    images = torch.randint(0, 256, (15, 3, 4, 4), generator=g, dtype=torch.uint8)
+    return LabeledImages(images, labels, ["apple", "bee", "cat"], "toy", "synthetic")
+
+
+def cifar_like(n=1000, side=32, mean=CIFAR_MEAN, std=CIFAR_STD):
+    images = torch.randint(0, 256, (n, 3, side, side), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    return by_hand(images, mean, std)
+
+
+# ----------------------------------------------------------------------------- package
+
+
+def test_first_rule_gives_class_major_blocks_of_the_first_images(pool):
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    out = package(pool, "toy", 2, mean=mean, std=std, rule="first")
+    assert out.dtype == torch.float32 and out.shape == (6, 3, 4, 4)
+    for k in range(3):
+        first_two = [i for i, y in enumerate(pool.labels.tolist()) if y == k][:2]
+        assert torch.allclose(out[2 * k: 2 * k + 2], by_hand(pool.images[first_two], mean, std), atol=1e-6)
+
+
+def test_random_rule_is_seeded_and_stays_within_each_class(pool):
+    a = select_indices(pool, 3, "random", seed=1)
+    assert torch.equal(a, select_indices(pool, 3, "random", seed=1))
+    assert any(not torch.equal(a, select_indices(pool, 3, "random", seed=s)) for s in range(2, 8))
+    assert pool.labels[a].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert len(set(a.tolist())) == 9
+    out = package(pool, "toy", 3, mean=(0.5,) * 3, std=(0.5,) * 3, rule="random", seed=1)
+    assert torch.allclose(out, by_hand(pool.images[a], (0.5,) * 3, (0.5,) * 3), atol=1e-6)
+
+
+def test_ipc_larger_than_a_class_names_the_class_and_counts(pool):
+    with pytest.raises(DiffdistillError, match=r"class 1 \('bee'\) has 4") as err:
+        package(pool, "toy", 5, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert "class 0" not in str(err.value) and "class 2" not in str(err.value)
+    with pytest.raises(DiffdistillError, match="rule"):
+        package(pool, "toy", 2, mean=(0.5,) * 3, std=(0.5,) * 3, rule="best")
+
+
+def test_submission_filenames():
+    assert submission_filename("cifar100") == "cifar100.pt"
+    assert submission_filename("tinyimagenet") == "tinyimagenet.pt"
+    assert submission_filename("digits") == "digits.pt"
+
+
+# ----------------------------------------------------------------------------- validator
+
+
+def test_validator_accepts_the_official_track1_shapes(tmp_path):
+    checks = validate(cifar_like(), "cifar100")
+    assert all(c["status"] == "pass" for c in checks)
+    assert {c["check"] for c in checks} >= {"bare_tensor", "shape", "dtype", "finite", "normalised_range"}
+    tiny = cifar_like(2000, 64, TINY_MEAN, TINY_STD)
+    torch.save(tiny, tmp_path / "tinyimagenet.pt")
+    validate(tmp_path / "tinyimagenet.pt", "tinyimagenet")
+
+
+def test_other_ipc_is_allowed_with_a_warning_but_the_track1_layout_is_enforced():
+    checks = validate(cifar_like(200), "cifar100", ipc=2)
+    assert [c["status"] for c in checks if c["check"] == "track1_ipc"] == ["warn"]
+    with pytest.raises(DiffdistillError, match="track1_layout"):
+        validate(cifar_like(20), "cifar100", num_classes=10, ipc=2)
+
+
+@pytest.mark.parametrize("bad, failing", [
+    (lambda x: x[:999], ["shape"]),
+    (lambda x: x.reshape(1000, 3, 16, 64), ["shape"]),
+    (lambda x: x.double(), ["dtype"]),
+    (lambda x: {"images": x, "labels": torch.arange(1000) // 10}, ["bare_tensor"]),
+    (lambda x: x.index_fill(0, torch.tensor([7]), float("nan")), ["finite"]),
+    (lambda x: (x * torch.tensor(CIFAR_STD).view(1, 3, 1, 1) + torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)) * 255,
+     ["normalised_range"]),
+    (lambda x: x * torch.tensor(CIFAR_STD).view(1, 3, 1, 1) + torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1),
+     ["normalised_centre"]),
+])
+def test_validator_refuses_each_broken_contract(bad, failing):
+    with pytest.raises(DiffdistillError) as err:
+        validate(bad(cifar_like()), "cifar100")
+    for name in failing:
+        assert name in str(err.value)
+
+
+def test_validator_lists_every_failed_check():
+    broken = cifar_like()[:500].double()
+    broken[0, 0, 0, 0] = float("inf")
+    with pytest.raises(DiffdistillError) as err:
+        validate(broken, "cifar100")
+    assert all(name in str(err.value) for name in ("shape", "dtype", "finite"))
+
+
+def test_save_package_writes_a_bare_tensor_or_nothing(tmp_path):
+    x = cifar_like()
+    path = tmp_path / "sub" / "cifar100.pt"
+    checks = save_package(x[:1000], path, "cifar100")
+    loaded = torch.load(path, weights_only=True)
+    assert isinstance(loaded, torch.Tensor) and torch.equal(loaded, x)
+    assert all(c["status"] == "pass" for c in checks)
+    bad = tmp_path / "bad" / "cifar100.pt"
+    with pytest.raises(DiffdistillError, match=str(bad)):
+        save_package(x[:10], bad, "cifar100")
+    assert list(bad.parent.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- scripts
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = uvit.build("uvit_tiny_test", num_classes=3)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    checkpoint.save_checkpoint(path, model=model, step=1, ema=model,
+                               config={"data": {"name": "toy", "classes": ["apple", "bee", "cat"]}})
+    return path
+
+
+SOLVER = ["--steps", "3", "--order", "2", "--method", "multistep", "--algorithm", "dpmsolver++", "--t-end", "1e-3"]
+
+
+def test_sample_then_package_end_to_end(tmp_path, tiny_checkpoint, pool):
+    out, meta = tmp_path / "samples.pt", tmp_path / "samples.json"
+    argv = ["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--meta", str(meta), "--budget-s", "60",
+            "--batch-size", "4", "--max-images", "10", "--device", "cpu", "--seed", "3", *SOLVER,
+            "--guidance-scale", "2.0"]
+    assert run_main(load_script("sample_budget").main, argv) == 0
+    samples = load_images(out)
+    assert len(samples) == 10 and samples.classes == ["apple", "bee", "cat"] and samples.counts() == [4, 3, 3]
+    doc = json.loads(meta.read_text())
+    assert doc["images"] == 10 and doc["counts"] == [4, 3, 3] and doc["settings"]["steps"] == 3
+    assert doc["settings"]["guidance_scale"] == 2.0 and doc["settings"]["precision"] == "fp32"
+    assert doc["images_per_s"] > 0 and doc["load_s"] >= 0 and doc["sampling_s"] > 0 and doc["budget_s"] == 60
+
+    save_images(pool, tmp_path / "real.pt")  # stands in for the real train split of "toy"
+    argv = ["--pool", str(out), "--dataset", "toy", "--ipc", "3", "--real-train", str(tmp_path / "real.pt"),
+            "--out-dir", str(tmp_path / "submission"), "--pool-out", str(tmp_path / "pool_norm.pt"),
+            "--meta", str(tmp_path / "package.json")]
+    assert run_main(load_script("package").main, argv) == 0
+    written = torch.load(tmp_path / "submission" / "toy.pt", weights_only=True)
+    mean = [pool.images[:, c].double().div(255).mean().item() for c in range(3)]
+    std = [pool.images[:, c].double().div(255).std().item() for c in range(3)]
+    first = torch.cat([torch.nonzero(samples.labels == k).flatten()[:3] for k in range(3)])
+    assert isinstance(written, torch.Tensor)
+    assert torch.allclose(written, by_hand(samples.images[first], mean, std), atol=1e-5)
+    whole = torch.load(tmp_path / "pool_norm.pt", weights_only=True)
+    assert whole["images"].shape == (10, 3, 8, 8) and torch.equal(whole["labels"], samples.labels)
+    assert whole["classes"] == ["apple", "bee", "cat"]
+    assert json.loads((tmp_path / "package.json").read_text())["shape"] == [9, 3, 8, 8]
+
+
+def test_sample_budget_zero_exits_2_and_writes_nothing(tmp_path, tiny_checkpoint):
+    out, meta = tmp_path / "samples.pt", tmp_path / "samples.json"
+    argv = ["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--meta", str(meta), "--budget-s", "0",
+            "--device", "cpu", *SOLVER]
+    assert run_main(load_script("sample_budget").main, argv) == 2
+    assert not out.exists() and not meta.exists()
+
+
+def test_package_bad_input_exits_2_and_writes_nothing(tmp_path, pool):
+    save_images(pool, tmp_path / "pool.pt")
+    outputs = ["--out-dir", str(tmp_path / "sub"), "--pool-out", str(tmp_path / "p.pt"),
+               "--meta", str(tmp_path / "m.json")]
+    too_many = ["--pool", str(tmp_path / "pool.pt"), "--dataset", "toy", "--ipc", "5",
+                "--real-train", str(tmp_path / "pool.pt"), *outputs]
+    assert run_main(load_script("package").main, too_many) == 2
+    # A 4x4 three-class pool cannot be a CIFAR-100 Track 1 package: the validator refuses it.
+    not_cifar = ["--pool", str(tmp_path / "pool.pt"), "--dataset", "cifar100", "--ipc", "2", *outputs]
+    done = subprocess.run([sys.executable, str(ROOT / "workflow/scripts/package.py"), *not_cifar],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "track1_layout" in done.stderr
+    assert not (tmp_path / "sub").exists() or not any((tmp_path / "sub").iterdir())
+    assert not (tmp_path / "p.pt").exists() and not (tmp_path / "m.json").exists()

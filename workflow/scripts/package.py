@@ -1,0 +1,58 @@
+"""Make the challenge submission file from a sampled pool: IPC per class, class-major, normalised.
+
+Writes ``<out-dir>/<dataset>.pt`` (a bare float tensor, validated against the official contract),
+the whole pool normalised the same way (for full-pool evaluation) and a JSON sidecar.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from diffdistill import atomic, cli, normalize, submission
+from diffdistill.data import load_images
+from diffdistill.errors import DiffdistillError
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--pool", required=True, help="LabeledImages file of sampled images")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--ipc", type=int, default=10)
+    p.add_argument("--rule", choices=submission.RULES, default="first")
+    p.add_argument("--real-train", help="real training split (statistics of non-challenge data sets)")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--pool-out", required=True, help="whole pool, normalised, as a dict")
+    p.add_argument("--meta", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    cli.start("package", sys.argv[1:] if argv is None else argv, args.log, "cpu", args.seed)
+    out = Path(args.out_dir) / submission.submission_filename(args.dataset)
+    with cli.cleanup_on_failure([out, args.pool_out, args.meta]):
+        pool = load_images(args.pool)
+        if args.dataset not in normalize.CHALLENGE_STATS and not args.real_train:
+            raise DiffdistillError(f"--real-train is required: {args.dataset!r} has no challenge constants")
+        real = load_images(args.real_train).images if args.dataset not in normalize.CHALLENGE_STATS else None
+        mean, std = normalize.stats_for(args.dataset, real)
+        tensor = submission.package(pool, args.dataset, args.ipc, mean=mean, std=std, rule=args.rule, seed=args.seed)
+        index = submission.select_indices(pool, args.ipc, args.rule, args.seed)  # the rows, for the sidecar
+        contract = dict(num_classes=pool.num_classes, ipc=args.ipc, image_shape=tuple(pool.images.shape[1:]),
+                        mean=mean, std=std)
+        submission.validate(tensor, args.dataset, **contract)  # fail before anything is written
+        checks = submission.save_package(tensor, out, args.dataset, **contract)
+        atomic.torch_save(submission.normalized_pool(pool, mean, std), args.pool_out)
+        cli.write_sidecar(
+            args.meta, settings={"dataset": args.dataset, "ipc": args.ipc, "rule": args.rule, "seed": args.seed,
+                                 "pool": args.pool, "real_train": args.real_train},
+            package=str(out), shape=list(tensor.shape), mean=list(mean), std=list(std), classes=pool.classes,
+            pool_counts=pool.counts(), pool_images=len(pool), chosen_indices=index.tolist(), checks=checks)
+    cli.log.info("wrote %s %s and the normalised pool of %d images", out, list(tensor.shape), len(pool))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_main(main))
