@@ -4,7 +4,9 @@ The budget clock starts at the first sampling batch; model loading is timed and 
 """
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from diffdistill import checkpoint, cli, sampling
 from diffdistill.data import LabeledImages, save_images
@@ -13,7 +15,9 @@ from diffdistill.errors import DiffdistillError
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--checkpoint", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint file to sample from")
+    source.add_argument("--best", help="best.json of select_checkpoint (its 'checkpoint' is used)")
     p.add_argument("--out", required=True, help="LabeledImages file of the samples")
     p.add_argument("--meta", required=True, help="JSON sidecar")
     p.add_argument("--budget-s", type=float, default=600.0)
@@ -29,6 +33,16 @@ def parse(argv):
     return p.parse_args(argv)
 
 
+def checkpoint_path(args) -> str:
+    """--checkpoint, or the checkpoint named by select_checkpoint's best.json."""
+    if args.checkpoint:
+        return args.checkpoint
+    try:
+        return json.loads(Path(args.best).read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError) as err:
+        raise DiffdistillError(f"{args.best}: expected select_checkpoint's JSON with a 'checkpoint' path ({err})") from err
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     device = cli.start("sample_budget", sys.argv[1:] if argv is None else argv, args.log, args.device, args.seed)
@@ -36,6 +50,7 @@ def main(argv=None) -> int:
         raise DiffdistillError(f"--budget-s must be > 0 seconds, got {args.budget_s}: nothing would be sampled")
     settings = sampling.SamplerSettings(**{k: getattr(args, k) for k in sampling.SamplerSettings().to_dict()})
     with cli.cleanup_on_failure([args.out, args.meta]):
+        args.checkpoint = checkpoint_path(args)
         with cli.Timer() as load:
             ckpt = checkpoint.load_checkpoint(args.checkpoint)
             model = checkpoint.model_from_checkpoint(ckpt, weights=args.weights, device=device).eval()
