@@ -130,7 +130,10 @@ def load_stats(path: str | os.PathLike) -> FeatureStats:
     missing = [key for key in ("mu", "sigma") if key not in arrays]
     if missing:
         raise DiffdistillError(f"{path}: not a statistics file, missing arrays {missing}")
-    header = json.loads(str(arrays["meta"])) if "meta" in arrays else {"extractor": "inception", "count": 0}
+    try:
+        header = json.loads(str(arrays["meta"])) if "meta" in arrays else {"extractor": "inception", "count": 0}
+    except ValueError as err:
+        raise DiffdistillError(f"{path}: its 'meta' entry is not valid JSON ({err})") from err
     count, extractor = int(header.pop("count", 0)), str(header.pop("extractor", "inception"))
     header.pop("score_kind", None)
     try:
@@ -328,7 +331,8 @@ def inception_state_dict_from_torchscript(path: str | os.PathLike) -> dict[str, 
         tf_convs = _convs_under(params, root + tf_block)
         ours = [f"{block}.{child}" if child else block for child in _CONV_ORDER[block_type]]
         if len(tf_convs) != len(ours):
-            raise DiffdistillError(f"{path}: block {tf_block} has {len(tf_convs)} convolutions, {block} needs {len(ours)}")
+            raise DiffdistillError(f"{path}: block {tf_block} has {len(tf_convs)} convolutions, "
+                                   f"{block} needs {len(ours)}")
         for tf_conv, our_conv in zip(tf_convs, ours):
             state.update(_map_conv(params, tf_conv, our_conv))
     _check_mapping(state, path)

@@ -1,0 +1,195 @@
+"""Checkpoint scoring and selection (the paper picks its checkpoint by FID, facts.md sections 1 and 4).
+
+Every checkpoint is scored the same way: its EMA weights sample ``num_images`` class-balanced images
+from one fixed seed (so every checkpoint starts from the same noise and labels), the images go
+through a feature extractor, and the Fréchet distance to the real training set's cached statistics
+is the score. The score is called "FID" only with Inception features; with the evaluation ConvNet
+it is "FD-ConvNet". Scores depend strongly on ``num_images``, so selection refuses to compare
+scores made at different counts. Lower is better; ties go to the earliest step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+from . import atomic, checkpoint, evaluation, fid, sampling
+from .convnet import ConvNet
+from .data import LabeledImages
+from .errors import DiffdistillError
+from .normalize import normalize, stats_for
+
+log = logging.getLogger(__name__)
+
+CONVNET_FORMAT = "diffdistill-feature-convnet"
+SCORE_COLUMNS = ["step", "score", "score_kind", "num_images", "checkpoint", "seconds"]
+
+
+# --------------------------------------------------------------------------- the feature ConvNet
+
+
+def train_feature_convnet(real: LabeledImages, *, epochs: int, device, seed: int | None = None,
+                          batch_size: int = 256, net_width: int = 128, net_depth: int = 3) -> dict:
+    """The evaluation ConvNet trained on the real training split with the challenge protocol.
+
+    Returns the file contents for :func:`save_feature_convnet`: state_dict, architecture, the
+    normalisation (challenge constants, else the split's own statistics) and the training settings.
+    """
+    mean, std = stats_for(real.name, real.images)
+    x = normalize(real.images, mean, std)  # (N, C, H, W) float32, as ConvNetExtractor feeds it
+    generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+    _, channel, height, width = real.images.shape
+    net = evaluation.train_convnet(
+        x, real.labels, num_classes=real.num_classes, channel=channel, im_size=(height, width), epochs=epochs,
+        batch_size=batch_size, device=device, generator=generator, init_seed=seed, net_width=net_width,
+        net_depth=net_depth)
+    architecture = dict(channel=channel, num_classes=real.num_classes, net_width=net_width, net_depth=net_depth,
+                        im_size=[height, width])
+    return {"format": CONVNET_FORMAT, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+            "architecture": architecture, "mean": list(mean), "std": list(std),
+            "settings": {"epochs": epochs, "batch_size": batch_size, "seed": seed, "dataset": real.name,
+                         "train_images": len(real)}}
+
+
+def save_feature_convnet(path: str | os.PathLike, contents: dict) -> None:
+    atomic.torch_save(contents, path)
+
+
+def load_feature_convnet(path: str | os.PathLike, device) -> fid.ConvNetExtractor:
+    """A :class:`~diffdistill.fid.ConvNetExtractor` from a file of :func:`save_feature_convnet`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DiffdistillError(f"{path}: no such file (expected the feature ConvNet written by reference_stats)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt or foreign files raise many types
+        raise DiffdistillError(f"{path}: cannot be read as a torch file ({type(err).__name__}: {err})") from err
+    if not isinstance(obj, dict) or obj.get("format") != CONVNET_FORMAT:
+        raise DiffdistillError(f"{path}: not a feature ConvNet file (expected format={CONVNET_FORMAT!r})")
+    try:
+        net = ConvNet(**obj["architecture"])
+        net.load_state_dict(obj["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise DiffdistillError(f"{path}: architecture and state_dict do not fit ({err})") from err
+    return fid.ConvNetExtractor(net, obj["mean"], obj["std"], device)
+
+
+def build_extractor(kind: str, device, *, inception_weights=None, convnet_path=None):
+    """The extractor named in the config: "inception" (FID) or "convnet" (FD-ConvNet, needs its file)."""
+    if kind == "inception":
+        return fid.InceptionExtractor(device, weights_path=inception_weights)
+    if kind == "convnet":
+        if convnet_path is None:
+            raise DiffdistillError("extractor 'convnet' needs the feature ConvNet file (--convnet)")
+        return load_feature_convnet(convnet_path, device)
+    raise DiffdistillError(f"extractor must be one of {sorted(fid.SCORE_KINDS)}, got {kind!r}")
+
+
+# --------------------------------------------------------------------------- scoring one checkpoint
+
+
+def sample_for_scoring(model, num_images: int, batch_size: int, settings: sampling.SamplerSettings, *,
+                       device, seed: int) -> torch.Tensor:
+    """``num_images`` class-balanced samples from one generator seeded with ``seed``: uint8 (N, C, H, W)."""
+    if num_images < 2 or batch_size < 1:
+        raise DiffdistillError(f"num_images must be >= 2 and batch_size >= 1, got {num_images} and {batch_size}")
+    if getattr(model, "num_classes", 0) < 1:
+        raise DiffdistillError("scoring samples class-balanced images: expected a class-conditional model")
+    labels = sampling.balanced_labels(model.num_classes, num_images)  # (N,)
+    generator = torch.Generator(device=torch.device(device)).manual_seed(int(seed))
+    images, _ = sampling.generate_halving(model, labels, settings, device=device, generator=generator,
+                                          batch_size=batch_size)
+    return images
+
+
+def score_checkpoint(checkpoint_path: str | os.PathLike, reference: fid.FeatureStats, extractor, *,
+                     num_images: int, batch_size: int, sampler: sampling.SamplerSettings, device,
+                     seed: int) -> dict:
+    """Sample with the checkpoint's EMA weights and return its Fréchet distance to ``reference``.
+
+    Returns step, score, score_kind, num_images, checkpoint, seconds (total) and the sampling and
+    feature times.
+    """
+    name = getattr(extractor, "name", None)
+    if name != reference.extractor:
+        raise DiffdistillError(f"reference statistics are {reference.extractor} features; the extractor is {name}")
+    began = time.perf_counter()
+    ckpt = checkpoint.load_checkpoint(checkpoint_path)
+    model = checkpoint.model_from_checkpoint(ckpt, weights="ema", device=device).eval()
+    images = sample_for_scoring(model, num_images, batch_size, sampler, device=device, seed=seed)
+    sampled = time.perf_counter()
+    stats = fid.compute_stats(extractor, images, batch_size)
+    score = stats.distance_to(reference)
+    done = time.perf_counter()
+    log.info("%s step %d: %s %.4f on %d images (%.1f s)", checkpoint_path, ckpt["step"], reference.score_kind,
+             score, num_images, done - began)
+    return {"step": int(ckpt["step"]), "score": score, "score_kind": reference.score_kind,
+            "num_images": int(num_images), "checkpoint": str(checkpoint_path), "seconds": done - began,
+            "sampling_s": sampled - began, "features_s": done - sampled}
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def select_best(scores: Sequence[dict]) -> tuple[dict, pd.DataFrame]:
+    """The lowest score (ties: earliest step) and a table of all scores sorted by step.
+
+    Refuses an empty list, duplicate steps, mixed score kinds and mixed sample counts (scores made
+    at different counts are not comparable). A NaN score (a diverged checkpoint) is never best.
+    """
+    table = _score_table(scores)
+    finite = table[table["score"].map(lambda v: v is not None and math.isfinite(float(v)))]
+    if finite.empty:
+        raise DiffdistillError("every checkpoint score is NaN or infinite: nothing to select")
+    best_step = finite.sort_values(["score", "step"], kind="stable").iloc[0]["step"]
+    best = next(dict(s) for s in scores if s["step"] == best_step)
+    return best, table
+
+
+def _score_table(scores: Sequence[dict]) -> pd.DataFrame:
+    """The scores as a table sorted by step, after checking that they are comparable."""
+    required = {"step", "score", "score_kind"}
+    if not scores:
+        raise DiffdistillError("no checkpoint scores to select from")
+    incomplete = [sorted(required - set(s)) for s in scores if not required <= set(s)]
+    if incomplete:
+        raise DiffdistillError(f"checkpoint scores lack keys {incomplete[0]} (expected step, score, score_kind)")
+    table = pd.DataFrame([{col: s.get(col) for col in SCORE_COLUMNS} for s in scores])
+    table = table.sort_values("step", kind="stable").reset_index(drop=True)
+    for column in ("score_kind", "num_images"):
+        if table[column].nunique(dropna=False) > 1:
+            values = sorted(map(str, table[column].unique()))
+            raise DiffdistillError(f"checkpoint scores mix {column} values {values}: "
+                                   "only scores of one kind at one sample count are comparable")
+    repeated = table.loc[table["step"].duplicated(), "step"].tolist()
+    if repeated:
+        raise DiffdistillError(f"checkpoint scores repeat steps {sorted(repeated)}")
+    return table
+
+
+def plot_scores(table: pd.DataFrame, path: str | os.PathLike, score_kind: str) -> None:
+    """Score against training step with the best point marked (the paper's Fig. 3); PNG, atomic."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    best, _ = select_best(table.to_dict("records"))
+    figure = Figure(figsize=(5, 3.5), dpi=120)
+    FigureCanvasAgg(figure)  # Agg canvas without touching pyplot's global backend
+    axes = figure.add_subplot()
+    axes.plot(table["step"], table["score"], marker="o", label=score_kind)
+    axes.scatter([best["step"]], [best["score"]], s=120, facecolors="none", edgecolors="red", zorder=3,
+                 label=f"best: step {best['step']} ({best['score']:.3g})")
+    axes.set_xlabel("training step")
+    axes.set_ylabel(f"{score_kind} (lower is better)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")

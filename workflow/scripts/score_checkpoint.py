@@ -1,0 +1,53 @@
+"""Score one checkpoint: EMA-weight samples (fixed count, fixed seed) against the real statistics.
+
+    python workflow/scripts/score_checkpoint.py --checkpoint step_0000500.pt --stats ref.npz \
+        --extractor convnet --convnet feature_convnet.pt --num-images 500 --out step_0000500.json
+
+The output JSON holds step, score, score_kind ("FID" or "FD-ConvNet"), num_images, checkpoint and
+seconds at its top level, plus the settings, timings and environment.
+"""
+
+import argparse
+import sys
+
+from diffdistill import cli, fid, sampling, scoring
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--stats", required=True, help="reference statistics from reference_stats.py")
+    p.add_argument("--extractor", choices=sorted(fid.SCORE_KINDS), required=True)
+    p.add_argument("--convnet", help="feature ConvNet file (for --extractor convnet)")
+    p.add_argument("--inception-weights", help="local Inception weights (.pth or TorchScript); default: torch.hub")
+    p.add_argument("--num-images", type=int, required=True, help="samples; keep it fixed across checkpoints")
+    p.add_argument("--batch-size", type=int, default=250)
+    for key, value in sampling.SamplerSettings().to_dict().items():
+        p.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
+    p.add_argument("--out", required=True, help="score JSON")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="the same seed for every checkpoint: same noise")
+    p.add_argument("--log")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    device = cli.start("score_checkpoint", sys.argv[1:] if argv is None else argv, args.log, args.device, args.seed)
+    settings = sampling.SamplerSettings(**{k: getattr(args, k) for k in sampling.SamplerSettings().to_dict()})
+    with cli.cleanup_on_failure([args.out]):
+        reference = fid.load_stats(args.stats)
+        extractor = scoring.build_extractor(args.extractor, device, inception_weights=args.inception_weights,
+                                            convnet_path=args.convnet)
+        result = scoring.score_checkpoint(
+            args.checkpoint, reference, extractor, num_images=args.num_images, batch_size=args.batch_size,
+            sampler=settings, device=device, seed=args.seed)
+        cli.write_sidecar(args.out, settings={**vars(args), "sampler": settings.to_dict()}, device=device,
+                          timings={k: result[k] for k in ("seconds", "sampling_s", "features_s")},
+                          reference_count=reference.count, **result)
+    cli.log.info("step %d: %s %.4f", result["step"], result["score_kind"], result["score"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_main(main))

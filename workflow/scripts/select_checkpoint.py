@@ -1,0 +1,49 @@
+"""Pick the best checkpoint from its scores: a CSV of step -> score, the best as JSON, the curve.
+
+    python workflow/scripts/select_checkpoint.py --scores scoring/step_*.json --csv scores.csv \
+        --best best.json --plot score_curve.png
+
+Lower is better; ties go to the earliest step. Scores of different kinds or sample counts are refused.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from diffdistill import atomic, cli, scoring
+from diffdistill.errors import DiffdistillError
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scores", nargs="+", required=True, help="score JSONs from score_checkpoint.py")
+    p.add_argument("--csv", required=True)
+    p.add_argument("--best", required=True, help="JSON: step, score, score_kind, checkpoint of the best")
+    p.add_argument("--plot", required=True, help="PNG of score against step")
+    p.add_argument("--log")
+    return p.parse_args(argv)
+
+
+def read_score(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise DiffdistillError(f"{path}: cannot be read as a score JSON ({type(err).__name__}: {err})") from err
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    cli.start("select_checkpoint", sys.argv[1:] if argv is None else argv, args.log, "cpu")
+    with cli.cleanup_on_failure([args.csv, args.best, args.plot]):
+        best, table = scoring.select_best([read_score(path) for path in args.scores])
+        atomic.write_text(args.csv, table.to_csv(index=False))
+        scoring.plot_scores(table, args.plot, best["score_kind"])
+        cli.write_sidecar(args.best, settings={"scores": args.scores}, **{
+            key: best.get(key) for key in ("step", "score", "score_kind", "num_images", "checkpoint")})
+    cli.log.info("best: step %d, %s %.4f (%s)", best["step"], best["score_kind"], best["score"], best.get("checkpoint"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_main(main))
