@@ -1,0 +1,89 @@
+"""Train stage: (fine-)tune a U-ViT, resumably, with a checkpoint at each configured step.
+
+    python workflow/scripts/train.py --data results/data/train.pt --preset uvit_digits \\
+        --init results/pretrain/step_0000800.pt --total-steps 2000 --checkpoint-steps 500,1000,2000 \\
+        --checkpoint-dir results/checkpoints --sidecar results/checkpoints/train.json
+
+Rerun after a kill: it continues from the newest complete checkpoint. Multi-process: launch with
+``torchrun --nproc_per_node N`` (one process per GPU; gloo on CPU); --batch-size is the global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from diffdistill import checkpoint, cli, training, uvit
+from diffdistill.cli import run_main
+from diffdistill.data import load_images
+from diffdistill.errors import DiffdistillError
+
+CONFIG_FLAGS = ("batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "ema_rate", "label_dropout",
+                "seed", "t_min", "log_every")  # --batch-size etc., typed and defaulted from TrainConfig
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="prepared image file (LabeledImages)")
+    p.add_argument("--preset", required=True, choices=sorted(uvit.PRESETS))
+    p.add_argument("--model-overrides", type=json.loads, default={}, help="JSON of U-ViT constructor keywords")
+    p.add_argument("--num-classes", type=int, default=None, help="0 = unconditional; default: classes in --data")
+    p.add_argument("--init", default=None, help="pretrained weights (public U-ViT file or our checkpoint)")
+    p.add_argument("--total-steps", type=int, required=True)
+    p.add_argument("--checkpoint-steps", type=lambda s: [int(v) for v in s.split(",") if v], default=[])
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--checkpoint-dir", help="checkpoints go to DIR/step_{step:07d}.pt")
+    where.add_argument("--checkpoints", nargs="+", help="explicit files, one per step in ascending order")
+    defaults = training.TrainConfig(total_steps=1)
+    for name in CONFIG_FLAGS:
+        value = getattr(defaults, name)
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    p.add_argument("--betas", type=lambda s: [float(v) for v in s.split(",")], default=list(defaults.betas))
+    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="autocast on CUDA")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore existing checkpoints")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--sidecar", default=None)
+    p.add_argument("--log", default=None)
+    return p.parse_args(argv)
+
+
+def checkpoint_paths(args, config: training.TrainConfig) -> dict:
+    if args.checkpoint_dir:
+        return training.checkpoint_paths_in(args.checkpoint_dir, config.checkpoint_steps)
+    if len(args.checkpoints) != len(config.checkpoint_steps):
+        raise DiffdistillError(f"--checkpoints: {len(args.checkpoints)} files for the "
+                               f"{len(config.checkpoint_steps)} steps {config.checkpoint_steps}")
+    return dict(zip(config.checkpoint_steps, args.checkpoints))
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    device = cli.start("train", argv, log_file=args.log if rank == 0 else None, device=args.device, seed=args.seed)
+    config = training.TrainConfig(total_steps=args.total_steps, checkpoint_steps=args.checkpoint_steps,
+                                  betas=args.betas, hflip=args.hflip, bf16=args.bf16,
+                                  **{name: getattr(args, name) for name in CONFIG_FLAGS})
+    paths = checkpoint_paths(args, config)
+    data = load_images(args.data)
+    num_classes = data.num_classes if args.num_classes is None else args.num_classes
+    # Intermediate checkpoints are never cleaned up: they are what a rerun resumes from.
+    outputs = [paths[config.total_steps], args.sidecar] if rank == 0 else []
+    with cli.cleanup_on_failure(outputs), training.distributed_context(device) as ctx:
+        model = uvit.build(args.preset, **{**args.model_overrides, "num_classes": num_classes})
+        report = checkpoint.load_pretrained(model, args.init) if args.init else None
+        summary = training.train(model, data, config, paths, device=ctx.device, resume=args.resume,
+                                 init_report=report)
+        if ctx.is_main and args.sidecar:
+            settings = {**vars(args), "num_classes": num_classes, "training": config.to_dict(),
+                        "model": model.config, "init_summary": report.summary() if report else None}
+            cli.write_sidecar(args.sidecar, settings=settings, timings={"train": summary["train_seconds"]},
+                              device=ctx.device, **{k: v for k, v in summary.items() if k != "train_seconds"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
