@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -131,13 +132,15 @@ def test_ema_after_one_training_step(tmp_path):
     assert all(v.dtype == torch.float32 for v in ckpt["ema"].values())
 
 
-def test_loss_decreases_on_learnable_set(tmp_path):
+def test_loss_decreases_on_learnable_set(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="diffdistill.training")
     config = make_config(total_steps=60, checkpoint_steps=[], batch_size=16, lr=2e-3, warmup_steps=5, log_every=10)
     summary, _ = run(tmp_path, config, data=toy_data(learnable=True))
     losses = [entry["loss"] for entry in summary["loss_history"]]
     assert [entry["step"] for entry in summary["loss_history"]] == [10, 20, 30, 40, 50, 60]
     assert losses[-1] < 0.8 * losses[0], losses
     assert summary["final_loss"] == losses[-1] and summary["images_per_s"] > 0
+    assert re.search(r"step 60/60 +loss [0-9.]+ +[0-9.]+ img/s +lr 2\.00e-03 +ETA 0:00:00", caplog.text), caplog.text
 
 
 def test_checkpoints_at_each_step_with_config(tmp_path):
@@ -181,7 +184,9 @@ def test_rerun_when_complete_is_a_noop(tmp_path):
     config = make_config()
     first, paths = run(tmp_path, config)
     mtimes = {s: p.stat().st_mtime_ns for s, p in paths.items()}
-    again, _ = run(tmp_path, config)
+    model = tiny_model(seed=42)
+    again, _ = run(tmp_path, config, model=model)
+    assert max_diff(model.state_dict(), checkpoint.load_checkpoint(paths[12])["model"]) == 0.0
     assert again["steps_run"] == 0 and again["start_step"] == 12
     assert again["final_loss"] == pytest.approx(first["final_loss"])
     assert {s: p.stat().st_mtime_ns for s, p in paths.items()} == mtimes

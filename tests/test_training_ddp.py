@@ -62,11 +62,12 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
              "--checkpoint-steps", "10", "--checkpoint-dir", str(tmp_path / "ddp"), "--batch-size", "8",
              "--grad-accum", "2", "--lr", "2e-3", "--warmup-steps", "3", "--ema-rate", "0.9",
              "--label-dropout", "0.2", "--hflip", "--seed", "11", "--log-every", "10", "--device", "cpu",
-             "--sidecar", str(tmp_path / "ddp.json")]
+             "--sidecar", str(tmp_path / "ddp.json"), "--log", str(tmp_path / "ddp.log")]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                 "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*launcher, str(SCRIPT), *flags], env=env, capture_output=True, text=True, timeout=120)
+    # "--" ends torchrun's own options: otherwise its argparse takes --log as an ambiguous abbreviation.
+    done = subprocess.run([*launcher, "--", str(SCRIPT), *flags], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
 
     # One process, global batch 8 without accumulation, from the init the script builds (seed, then build).
@@ -86,3 +87,5 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     sidecar = json.loads((tmp_path / "ddp.json").read_text())
     assert sidecar["world_size"] == 2 and sidecar["final_step"] == STEPS
     assert sidecar["final_loss"] == pytest.approx(one["extra"]["loss"], abs=1e-5)
+    log_text = (tmp_path / "ddp.log").read_text()
+    assert log_text.count(f"step {STEPS}/{STEPS}") == 1  # only rank 0 writes the log file

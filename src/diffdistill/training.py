@@ -416,11 +416,11 @@ def train(model: nn.Module, data: LabeledImages, config: TrainConfig, checkpoint
     """Train ``model`` (in place) on ``data``, writing a checkpoint at every configured step.
 
     With ``resume`` the newest complete checkpoint among ``checkpoint_paths`` (step -> file) is
-    continued; when the last one exists nothing is trained. Runs under DDP when a process group is
+    continued; when the last one exists nothing is trained (``model`` just gets its weights). Runs under DDP when a process group is
     initialised (see :func:`distributed_context`); only rank 0 writes. Returns a summary dict.
     """
     device = torch.device(device)
-    world, rank = _world()
+    world, _ = _world()
     paths = {int(s): Path(p) for s, p in checkpoint_paths.items()}
     _check_inputs(model, data, config, paths, world)
     run_config = _run_config(model, data, config)
@@ -430,6 +430,7 @@ def train(model: nn.Module, data: LabeledImages, config: TrainConfig, checkpoint
                "init_report": _report_dict(init_report), "checkpoints": {s: str(p) for s, p in paths.items()}}
     if start >= config.total_steps:
         log.info("all %d checkpoints exist (%s): nothing to train", len(paths), ckpt["path"])
+        model.load_state_dict(ckpt["model"])  # the caller gets the final weights either way
         extra = ckpt.get("extra") or {}
         return {**summary, "final_step": start, "steps_run": 0, "final_loss": extra.get("loss"),
                 "images_per_s": None, "train_seconds": 0.0, "loss_history": []}

@@ -1,11 +1,10 @@
 """Train stage: (fine-)tune a U-ViT, resumably, with a checkpoint at each configured step.
 
-    python workflow/scripts/train.py --data results/data/train.pt --preset uvit_digits \\
-        --init results/pretrain/step_0000800.pt --total-steps 2000 --checkpoint-steps 500,1000,2000 \\
-        --checkpoint-dir results/checkpoints --sidecar results/checkpoints/train.json
+    [torchrun --nproc_per_node N --] workflow/scripts/train.py --data train.pt --preset uvit_digits \\
+        [--init pretrained.pt] --total-steps 2000 --checkpoint-steps 500,1000 --checkpoint-dir ckpt
 
-Rerun after a kill: it continues from the newest complete checkpoint. Multi-process: launch with
-``torchrun --nproc_per_node N`` (one process per GPU; gloo on CPU); --batch-size is the global batch.
+A rerun continues from the newest complete checkpoint. --batch-size is the global batch. The "--"
+stops torchrun from reading --log as an abbreviation of its own options.
 """
 
 from __future__ import annotations
@@ -37,25 +36,22 @@ def parse_args(argv):
     where.add_argument("--checkpoint-dir", help="checkpoints go to DIR/step_{step:07d}.pt")
     where.add_argument("--checkpoints", nargs="+", help="explicit files, one per step in ascending order")
     defaults = training.TrainConfig(total_steps=1)
-    for name in CONFIG_FLAGS:
-        value = getattr(defaults, name)
+    for name, value in ((name, getattr(defaults, name)) for name in CONFIG_FLAGS):
         p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     p.add_argument("--betas", type=lambda s: [float(v) for v in s.split(",")], default=list(defaults.betas))
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="autocast on CUDA")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore existing checkpoints")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--sidecar", default=None)
-    p.add_argument("--log", default=None)
+    for flag, default in (("--device", "auto"), ("--sidecar", None), ("--log", None)):
+        p.add_argument(flag, default=default)
     return p.parse_args(argv)
 
 
 def checkpoint_paths(args, config: training.TrainConfig) -> dict:
     if args.checkpoint_dir:
         return training.checkpoint_paths_in(args.checkpoint_dir, config.checkpoint_steps)
-    if len(args.checkpoints) != len(config.checkpoint_steps):
-        raise DiffdistillError(f"--checkpoints: {len(args.checkpoints)} files for the "
-                               f"{len(config.checkpoint_steps)} steps {config.checkpoint_steps}")
+    if len(args.checkpoints) != len(config.checkpoint_steps):  # steps ascending, total_steps included
+        raise DiffdistillError(f"--checkpoints: {len(args.checkpoints)} files for steps {config.checkpoint_steps}")
     return dict(zip(config.checkpoint_steps, args.checkpoints))
 
 
@@ -70,8 +66,7 @@ def main(argv=None) -> int:
     paths = checkpoint_paths(args, config)
     data = load_images(args.data)
     num_classes = data.num_classes if args.num_classes is None else args.num_classes
-    # Intermediate checkpoints are never cleaned up: they are what a rerun resumes from.
-    outputs = [paths[config.total_steps], args.sidecar] if rank == 0 else []
+    outputs = [paths[config.total_steps], args.sidecar] if rank == 0 else []  # keep what a rerun resumes from
     with cli.cleanup_on_failure(outputs), training.distributed_context(device) as ctx:
         model = uvit.build(args.preset, **{**args.model_overrides, "num_classes": num_classes})
         report = checkpoint.load_pretrained(model, args.init) if args.init else None
