@@ -1,0 +1,205 @@
+"""DPM-Solver / DPM-Solver++ against the exact Gaussian oracle of facts.md section 3.
+
+If x0 ~ N(mu, s^2) per pixel, the optimal noise predictor is
+eps*(x_t, t) = sigma_t (x_t - alpha_t mu) / (alpha_t^2 s^2 + sigma_t^2) and the probability-flow ODE
+is solved exactly by x_t = alpha_t mu + sqrt(alpha_t^2 s^2 + sigma_t^2) z for a fixed z. The schedule
+is written out here from facts.md (log alpha_t = -(0.1 t + 9.95 t^2) / 2), not taken from the package.
+
+About the observed order: the mean part (z = 0) is solved exactly by every solver, so the error is
+proportional to z and depends on s only. Its x0-prediction changes on a lambda scale of about 1,
+while 10-50 evaluations over the lambda range [-5.0, 5.8] mean steps of 0.2-2.7 in lambda (a
+singlestep order-3 step spans three evaluations): at 10-50 steps the errors are still
+pre-asymptotic (DPM-Solver++(3S) shows slopes of 2.3 there, 2.7 from 101 to 200 and 3.5 from 400 to
+1000). So the practical range is checked for a steady decrease and the order is measured at
+100 -> 200 evaluations, where all solvers are asymptotic.
+"""
+
+import math
+
+import pytest
+import torch
+
+from diffdistill.dpm_solver import multistep_orders, sample, singlestep_orders, time_grid
+
+MU, S = 0.3, 0.5
+T_START, T_END = 1.0, 1e-4
+
+
+def log_alpha(t):
+    return -(0.1 * t + 9.95 * t**2) / 2  # facts.md section 3
+
+
+def alpha_sigma(t: torch.Tensor):
+    a = torch.exp(log_alpha(t))
+    return a, torch.sqrt(1 - a**2)
+
+
+def lam(t: float) -> float:
+    a = math.exp(log_alpha(t))
+    return math.log(a) - 0.5 * math.log(1 - a * a)
+
+
+def oracle_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    a, s = alpha_sigma(t.view((-1,) + (1,) * (x.dim() - 1)))  # (B, 1, ...)
+    return s * (x - a * MU) / (a**2 * S**2 + s**2)
+
+
+def exact(t: float, z: torch.Tensor) -> torch.Tensor:
+    a, s = alpha_sigma(torch.tensor(t, dtype=torch.float64))
+    return a * MU + torch.sqrt(a**2 * S**2 + s**2) * z
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tensors here have a few hundred elements: extra intra-op threads only wait on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+Z = torch.randn(400, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+
+def error(steps, order, method, algorithm, skip_type="logSNR") -> float:
+    x = sample(oracle_eps, exact(T_START, Z), steps=steps, order=order, method=method,
+               algorithm=algorithm, skip_type=skip_type, t_start=T_START, t_end=T_END)
+    return (x - exact(T_END, Z)).abs().max().item()
+
+
+COMBOS = [(m, a, o) for m in ("multistep", "singlestep") for a in ("dpmsolver", "dpmsolver++") for o in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("method,algorithm,order", COMBOS)
+def test_error_decreases_over_10_20_50_steps(method, algorithm, order):
+    errors = [error(n, order, method, algorithm) for n in (10, 20, 50)]
+    assert errors[0] > errors[1] > errors[2], errors
+
+
+@pytest.mark.parametrize("method,algorithm,order", COMBOS)
+def test_observed_order_matches_solver_order(method, algorithm, order):
+    # 101 and 200 both end with [..., 3, 2] for singlestep order 3; 100 would end with [..., 3, 1].
+    n1 = 101 if (method, order) == ("singlestep", 3) else 100
+    e1, e2 = error(n1, order, method, algorithm), error(200, order, method, algorithm)
+    assert e2 > 1e-12, "at round-off: the slope would mean nothing"
+    slope = math.log(e1 / e2) / math.log(200 / n1)
+    assert slope >= order - 0.5, (e1, e2, slope)
+
+
+@pytest.mark.parametrize("method,algorithm", [(m, a) for m in ("multistep", "singlestep") for a in ("dpmsolver", "dpmsolver++")])
+def test_third_order_is_converged_at_50_steps(method, algorithm):
+    # facts.md section 3: 50 steps converged. The oracle's spread at t_end is s * max|z| ~ 1.5.
+    assert error(50, 3, method, algorithm) < 1e-3
+
+
+def test_first_order_is_ddim_for_both_algorithms():
+    # DPM-Solver-1 and DPM-Solver++1 are both DDIM (Lu et al.): same result up to round-off.
+    x_T = exact(T_START, Z)
+    a = sample(oracle_eps, x_T, steps=15, order=1, algorithm="dpmsolver")
+    b = sample(oracle_eps, x_T, steps=15, order=1, algorithm="dpmsolver++")
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("algorithm", ["dpmsolver", "dpmsolver++"])
+def test_time_uniform_grid_converges(algorithm):
+    errors = [error(n, 2, "multistep", algorithm, "time_uniform") for n in (20, 50, 100)]
+    assert errors[0] > errors[1] > errors[2], errors
+
+
+def test_singlestep_orders():
+    assert singlestep_orders(50, 3) == [3] * 16 + [2]  # U-ViT's 50-NFE sampler (facts.md section 3)
+    assert singlestep_orders(30, 3) == [3] * 9 + [2, 1]
+    assert singlestep_orders(31, 3) == [3] * 10 + [1]
+    assert singlestep_orders(1, 3) == [1] and singlestep_orders(2, 3) == [2]
+    assert singlestep_orders(10, 2) == [2] * 5 and singlestep_orders(11, 2) == [2] * 5 + [1]
+    assert singlestep_orders(7, 1) == [1] * 7
+    for steps in range(1, 40):
+        for order in (1, 2, 3):
+            assert sum(singlestep_orders(steps, order)) == steps
+
+
+def test_multistep_orders():
+    assert multistep_orders(20, 3) == [1, 2] + [3] * 18
+    assert multistep_orders(20, 2) == [1] + [2] * 19
+    assert multistep_orders(5, 3) == [1, 2, 3, 2, 1]  # below 10 steps: lower orders at the end too
+    assert multistep_orders(1, 3) == [1]
+
+
+class CountingOracle:
+    """The oracle noise_fn, recording the times it is called at."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, x, t):
+        assert t.shape == (x.shape[0],) and t.dtype == x.dtype
+        assert torch.all(t == t[0])
+        self.times.append(t[0].item())
+        return oracle_eps(x, t)
+
+
+def test_singlestep_50_uses_16_third_order_and_one_second_order_step():
+    fn = CountingOracle()
+    _, path = sample(fn, exact(T_START, Z), steps=50, order=3, method="singlestep", return_intermediates=True)
+    assert len(fn.times) == 50
+    assert len(path) == 18  # x_T and 17 outer steps
+    lam_start, lam_end = lam(T_START), lam(T_END)
+    h = (lam_end - lam_start) / 17
+    expected = [lam_start + (i + r) * h for i in range(16) for r in (0, 1 / 3, 2 / 3)]
+    expected += [lam_start + (16 + r) * h for r in (0, 1 / 2)]
+    called = [lam(t) for t in fn.times]
+    assert called == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("steps,order", [(1, 3), (5, 3), (12, 2), (20, 3)])
+def test_multistep_calls_noise_fn_once_per_step(steps, order):
+    fn = CountingOracle()
+    sample(fn, exact(T_START, Z), steps=steps, order=order, method="multistep")
+    assert len(fn.times) == steps
+    assert fn.times[0] == T_START
+
+
+def test_grids():
+    grid = time_grid("logSNR", T_START, T_END, 7)
+    assert grid.dtype == torch.float64 and grid.shape == (8,)
+    assert grid[0].item() == T_START and grid[-1].item() == T_END
+    lams = [lam(t) for t in grid.tolist()]
+    steps = [b - a for a, b in zip(lams, lams[1:])]
+    assert steps == pytest.approx([(lam(T_END) - lam(T_START)) / 7] * 7, abs=1e-9)
+    grid = time_grid("time_uniform", 0.9, 1e-3, 4)
+    assert grid[0].item() == 0.9 and grid[-1].item() == 1e-3
+    torch.testing.assert_close(grid, torch.linspace(0.9, 1e-3, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method,order", [("multistep", 3), ("singlestep", 3), ("singlestep", 2)])
+def test_float32_state_stays_float32_with_bf16_network(method, order):
+    seen = []
+
+    def bf16_fn(x, t):
+        seen.append((x.dtype, t.dtype, tuple(t.shape)))
+        return oracle_eps(x.double(), t.double()).to(torch.bfloat16)
+
+    x_T = exact(T_START, torch.randn(6 * 3 * 4 * 4, dtype=torch.float64)).reshape(6, 3, 4, 4).float()
+    x = sample(bf16_fn, x_T, steps=9, order=order, method=method, algorithm="dpmsolver++")
+    assert x.dtype == torch.float32 and x.shape == (6, 3, 4, 4)
+    assert torch.isfinite(x).all()
+    assert set(seen) == {(torch.float32, torch.float32, (6,))}
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(method="ddim"), "method"),
+        (dict(algorithm="dpm"), "algorithm"),
+        (dict(skip_type="quadratic"), "skip_type"),
+        (dict(order=0), "order"),
+        (dict(order=4), "order"),
+        (dict(steps=0), "steps"),
+        (dict(t_end=1.0), "t_end"),
+        (dict(t_start=1.5), "t_start"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        sample(oracle_eps, torch.zeros(4, dtype=torch.float64), **{"steps": 10, "order": 2, **kwargs})
+
