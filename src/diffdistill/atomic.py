@@ -57,3 +57,16 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def publish(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Make ``target`` a copy of the finished file ``source``: a hard link when the file system
+    allows it (no extra space), else a copy; atomic either way."""
+    import shutil
+
+    with atomic_path(target) as tmp:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copy2(source, tmp)

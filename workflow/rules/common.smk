@@ -1,5 +1,6 @@
 # Paths and helpers shared by the rules. Every output path depends only on the config, so the whole
 # DAG (including every checkpoint to score) is known before any job runs.
+import hashlib
 import json
 from pathlib import Path
 
@@ -38,6 +39,13 @@ def pretrained_weights():
     return []
 
 
+def resume_dir(folder, cfg):
+    """Where a training job keeps its resumable checkpoints, outside Snakemake's outputs (which it
+    deletes before a rerun). Keyed by the settings, so a changed config starts afresh."""
+    settings = json.dumps([cfg, config["model"], config["pretrained"], config["seed"], DATASET], sort_keys=True)
+    return f"{OUT}/{folder}/.resume/{hashlib.sha1(settings.encode()).hexdigest()[:10]}"
+
+
 def training_args(cfg):
     """The trainer's command-line flags for one training config block."""
     return " ".join([
@@ -56,7 +64,8 @@ def launcher(cfg):
     processes = cfg.get("gpus", 0) or cfg.get("processes", 1)
     if processes <= 1:
         return "python"
-    return f"torchrun --standalone --nproc_per_node {processes}"
+    # "--" ends torchrun's own options: it would read the script's --log as one of them.
+    return f"torchrun --standalone --nproc_per_node {processes} --"
 
 
 def sampler_args(settings):

@@ -13,6 +13,7 @@ rule pretrain_unconditional:
         overrides=json.dumps(config["model"].get("overrides", {})),
         args=training_args(config["pretrained"].get("training", config["finetune"])),
         launcher=launcher(config["pretrained"].get("training", config["finetune"])),
+        resume_dir=resume_dir("pretrain", config["pretrained"].get("training", config["finetune"])),
         seed=config["seed"] + 1,
     log:
         f"{LOGS}/pretrain_unconditional.log",
@@ -28,7 +29,7 @@ rule pretrain_unconditional:
     shell:
         "{params.launcher} {params.script} --data {input.data} --preset {params.preset} "
         "--model-overrides '{params.overrides}' --num-classes 0 {params.args} "
-        "--checkpoints {output.checkpoints} --seed {params.seed} --device {params.device} "
+        "--checkpoints {output.checkpoints} --resume-dir {params.resume_dir} --seed {params.seed} --device {params.device} "
         "--sidecar {output.sidecar} --log {log}"
 
 
@@ -49,6 +50,7 @@ rule finetune:
         init=lambda wildcards, input: f"--init {input.init}" if input.init else "",
         args=training_args(config["finetune"]),
         launcher=launcher(config["finetune"]),
+        resume_dir=resume_dir("checkpoints", config["finetune"]),
         seed=config["seed"],
     log:
         f"{LOGS}/finetune.log",
@@ -64,5 +66,5 @@ rule finetune:
     shell:
         "{params.launcher} {params.script} --data {input.data} --preset {params.preset} "
         "--model-overrides '{params.overrides}' {params.init} {params.args} "
-        "--checkpoints {output.checkpoints} --seed {params.seed} --device {params.device} "
+        "--checkpoints {output.checkpoints} --resume-dir {params.resume_dir} --seed {params.seed} --device {params.device} "
         "--sidecar {output.sidecar} --log {log}"

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from diffdistill import checkpoint, cli, training, uvit
+from diffdistill import atomic, checkpoint, cli, training, uvit
 from diffdistill.cli import run_main
 from diffdistill.data import load_images
 from diffdistill.errors import DiffdistillError
@@ -42,6 +42,8 @@ def parse_args(argv):
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="autocast on CUDA")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore existing checkpoints")
+    p.add_argument("--resume-dir", help="keep the resumable checkpoints here and copy them to the outputs at the "
+                   "end (Snakemake deletes a job's declared outputs before a rerun)")
     for flag, default in (("--device", "auto"), ("--sidecar", None), ("--log", None)):
         p.add_argument(flag, default=default)
     return p.parse_args(argv)
@@ -64,14 +66,19 @@ def main(argv=None) -> int:
                                   betas=args.betas, hflip=args.hflip, bf16=args.bf16,
                                   **{name: getattr(args, name) for name in CONFIG_FLAGS})
     paths = checkpoint_paths(args, config)
+    state = training.checkpoint_paths_in(args.resume_dir, config.checkpoint_steps) if args.resume_dir else paths
     data = load_images(args.data)
     num_classes = data.num_classes if args.num_classes is None else args.num_classes
     outputs = [paths[config.total_steps], args.sidecar] if rank == 0 else []  # keep what a rerun resumes from
+    if args.resume_dir:
+        outputs = [*paths.values(), args.sidecar] if rank == 0 else []
     with cli.cleanup_on_failure(outputs), training.distributed_context(device) as ctx:
         model = uvit.build(args.preset, **{**args.model_overrides, "num_classes": num_classes})
         report = checkpoint.load_pretrained(model, args.init) if args.init else None
-        summary = training.train(model, data, config, paths, device=ctx.device, resume=args.resume,
+        summary = training.train(model, data, config, state, device=ctx.device, resume=args.resume,
                                  init_report=report)
+        for step in paths if ctx.is_main and state is not paths else ():
+            atomic.publish(state[step], paths[step])
         if ctx.is_main and args.sidecar:
             settings = {**vars(args), "num_classes": num_classes, "training": config.to_dict(),
                         "model": model.config, "init_summary": report.summary() if report else None}
