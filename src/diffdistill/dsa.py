@@ -115,7 +115,7 @@ def draw_params(family: str, shape, generator: torch.Generator | None = None, de
 # ---- batched application: every line works on the whole batch ---------------------------------
 
 
-def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Sample x (N, C, H, W) through affine matrices theta (N, 2, 3), output -> input coordinates."""
     grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=True)  # (N, H, W, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
@@ -129,12 +129,12 @@ def _matrices(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor
 
 def _scale(x: torch.Tensor, drawn: Drawn, params: DSAParams) -> torch.Tensor:
     zero = torch.zeros_like(drawn["scale_x"])
-    return _warp(x, _matrices(drawn["scale_x"], zero, zero, drawn["scale_y"]))
+    return warp(x, _matrices(drawn["scale_x"], zero, zero, drawn["scale_y"]))
 
 
 def _rotate(x: torch.Tensor, drawn: Drawn, params: DSAParams) -> torch.Tensor:
     cos, sin = torch.cos(drawn["angle"]), torch.sin(drawn["angle"])  # (N,)
-    return _warp(x, _matrices(cos, -sin, sin, cos))
+    return warp(x, _matrices(cos, -sin, sin, cos))
 
 
 def _flip(x: torch.Tensor, drawn: Drawn, params: DSAParams) -> torch.Tensor:
@@ -177,13 +177,13 @@ def _color(x: torch.Tensor, drawn: Drawn, params: DSAParams) -> torch.Tensor:
 
 def _scale_one(xi: torch.Tensor, drawn: Drawn, i: int, params: DSAParams) -> torch.Tensor:
     theta = [[float(drawn["scale_x"][i]), 0.0, 0.0], [0.0, float(drawn["scale_y"][i]), 0.0]]
-    return _warp(xi[None], torch.tensor([theta], device=xi.device))[0]
+    return warp(xi[None], torch.tensor([theta], device=xi.device))[0]
 
 
 def _rotate_one(xi: torch.Tensor, drawn: Drawn, i: int, params: DSAParams) -> torch.Tensor:
     a = float(drawn["angle"][i])
     theta = [[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]]
-    return _warp(xi[None], torch.tensor([theta], device=xi.device))[0]
+    return warp(xi[None], torch.tensor([theta], device=xi.device))[0]
 
 
 def _flip_one(xi: torch.Tensor, drawn: Drawn, i: int, params: DSAParams) -> torch.Tensor:

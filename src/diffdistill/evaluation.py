@@ -1,0 +1,226 @@
+"""The challenge's train/test protocol: a ConvNet trained on a (synthetic) set, tested on real data.
+
+Follows the challenge's ``evaluate.py`` / ``utils.evaluate_synset`` (facts.md section 5): SGD with
+lr 0.01, momentum 0.9, weight decay 5e-4, shuffled batches of 256 (the last one partial),
+cross-entropy on hard labels, DSA mode 'S' on every training batch. ``epochs`` is the reference's
+``Epoch`` argument: it runs the passes 0..epochs (1001 for the default 1000) and after pass
+``epochs // 2 + 1`` (501) the learning rate is multiplied by 0.1 by building a *new* SGD optimizer,
+as the reference does, which also drops the momentum buffers. The model is then tested on the whole
+test set in eval mode; each round starts from a fresh ConvNet and the mean and std (population,
+``np.std``) of the rounds' test accuracies (fractions in [0, 1]) are reported.
+
+Four cases use it: the packaged file (labels by position, class-major blocks), the full synthetic
+pool (explicit labels), a random real subset at the same IPC and the full real training set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .convnet import ConvNet
+from .data import LabeledImages
+from .dsa import DSAParams, augment
+from .errors import DiffdistillError
+from .normalize import CHALLENGE_STATS, stats_for
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[dict], None]
+
+
+def labels_by_position(n: int, num_classes: int, ipc: int) -> torch.Tensor:
+    """Labels of a packaged file: class i owns rows i*ipc .. (i+1)*ipc - 1. (n,) int64."""
+    if ipc < 1 or n != num_classes * ipc:
+        raise DiffdistillError(f"package has {n} images; expected ipc * classes = {ipc} * {num_classes} "
+                               f"= {ipc * num_classes}")
+    return torch.arange(num_classes).repeat_interleave(ipc)  # (n,)
+
+
+def random_real_subset(real: LabeledImages, ipc: int, generator: torch.Generator | None = None) -> LabeledImages:
+    """``ipc`` images per class drawn without replacement, in class-major order (the random baseline)."""
+    picks = []
+    for c in range(real.num_classes):
+        members = (real.labels == c).nonzero().flatten()  # (n_c,)
+        if len(members) < ipc:
+            raise DiffdistillError(f"{real.name or 'real data'}: class {c} ({real.classes[c]}) has "
+                                   f"{len(members)} images; expected at least ipc = {ipc}")
+        picks.append(members[torch.randperm(len(members), generator=generator)[:ipc]])
+    return real.subset(torch.cat(picks))
+
+
+def normalization_stats(dataset: str, real_train: LabeledImages | None):
+    """The challenge constants, else the real training split's own (which must then be given)."""
+    if dataset not in CHALLENGE_STATS and real_train is None:
+        raise DiffdistillError(f"data set {dataset!r} has no challenge constants: give the real training "
+                               f"split (--real-train) for its normalisation statistics")
+    return stats_for(dataset, None if real_train is None else real_train.images)
+
+
+def load_package(path: str | os.PathLike, num_classes: int, ipc: int, image_shape: Sequence[int]):
+    """A submission file: a bare float tensor (N, C, H, W), pre-normalised. Returns (x, labels)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DiffdistillError(f"{path}: no such file (expected a package tensor N x C x H x W)")
+    try:
+        x = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt files
+        raise DiffdistillError(f"{path}: cannot be read as a torch file ({type(err).__name__}: {err})") from err
+    if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
+        raise DiffdistillError(f"{path}: expected a bare float tensor (N, C, H, W), got "
+                               f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+    if tuple(x.shape[1:]) != tuple(image_shape):
+        raise DiffdistillError(f"{path}: images are {tuple(x.shape[1:])}; expected {tuple(image_shape)} like the test set")
+    if not torch.isfinite(x).all():
+        raise DiffdistillError(f"{path}: contains NaN or infinite values")
+    try:
+        labels = labels_by_position(x.shape[0], num_classes, ipc)
+    except DiffdistillError as err:
+        raise DiffdistillError(f"{path}: {err}") from err
+    return x.float(), labels
+
+
+def _check_split(name: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, shape: tuple) -> None:
+    if not torch.is_tensor(x) or not x.is_floating_point() or tuple(x.shape[1:]) != shape or len(x) == 0:
+        raise DiffdistillError(f"{name} images: expected a non-empty float tensor (N, {', '.join(map(str, shape))}), "
+                               f"got {getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+    if y.shape != (x.shape[0],) or y.is_floating_point():
+        raise DiffdistillError(f"{name} labels: expected {x.shape[0]} integer labels, got {y.dtype} {tuple(y.shape)}")
+    if int(y.min()) < 0 or int(y.max()) >= num_classes:
+        raise DiffdistillError(f"{name} labels: expected values in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
+
+
+def lr_drop_epoch(epochs: int) -> int:
+    """The pass after which the reference multiplies the lr by 0.1 (501 for 1000 epochs)."""
+    return epochs // 2 + 1
+
+
+def _new_model(num_classes, channel, im_size, net_width, net_depth, init_seed) -> ConvNet:
+    """Default PyTorch initialisation, from the global RNG or, with a seed, from a private one."""
+    if init_seed is None:
+        return ConvNet(channel, num_classes, net_width, net_depth, im_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        return ConvNet(channel, num_classes, net_width, net_depth, im_size)
+
+
+def _sgd(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def _train_epoch(model, optimizer, x, y, batch_size, use_dsa, dsa_params, generator) -> tuple[float, float]:
+    """One shuffled pass (last batch partial), DSA on each batch. Returns (mean loss, train accuracy)."""
+    model.train()
+    source = generator.device if generator is not None else x.device
+    order = torch.randperm(len(x), generator=generator, device=source).to(x.device)  # (N,)
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device)
+    for start in range(0, len(x), batch_size):
+        index = order[start:start + batch_size]  # (B,)
+        images, labels = x[index], y[index]  # (B, C, H, W), (B,)
+        if use_dsa:
+            images = augment(images, generator, dsa_params)
+        logits = model(images)  # (B, classes)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        # Summed on the device so the loop never waits for the GPU.
+        loss_sum += loss.detach() * len(index)
+        correct += (logits.argmax(1) == labels).sum()
+    return float(loss_sum) / len(x), float(correct) / len(x)
+
+
+def train_convnet(train_x: torch.Tensor, train_y: torch.Tensor, *, num_classes: int, channel: int,
+                  im_size: Sequence[int], epochs: int = 1000, lr: float = 0.01, momentum: float = 0.9,
+                  weight_decay: float = 5e-4, batch_size: int = 256, dsa: bool = True, device,
+                  generator: torch.Generator | None = None, init_seed: int | None = None,
+                  net_width: int = 128, net_depth: int = 3, dsa_params: DSAParams = DSAParams(),
+                  on_epoch: EpochCallback | None = None, log_every: int = 50, log_prefix: str = "") -> ConvNet:
+    """Train a fresh challenge ConvNet on normalised images with the reference schedule; returns it.
+
+    ``generator`` (CPU or on ``device``) drives shuffling and DSA; ``init_seed`` the initial weights;
+    both default to the global RNGs (the reference uses no seeds). ``on_epoch`` gets a dict per pass:
+    epoch, lr, loss, acc, seconds, optimizer, model.
+    """
+    shape = (channel, int(im_size[0]), int(im_size[1]))
+    _check_split("training", train_x, train_y, num_classes, shape)
+    model = _new_model(num_classes, channel, im_size, net_width, net_depth, init_seed).to(device)
+    x = train_x.to(device=device, dtype=torch.float32)  # (N, C, H, W)
+    y = train_y.to(device=device, dtype=torch.long)  # (N,)
+    optimizer = _sgd(model, lr, momentum, weight_decay)
+    began = time.perf_counter()
+    for epoch in range(epochs + 1):
+        loss, acc = _train_epoch(model, optimizer, x, y, batch_size, dsa, dsa_params, generator)
+        seconds = time.perf_counter() - began
+        info = dict(epoch=epoch, lr=optimizer.param_groups[0]["lr"], loss=loss, acc=acc, seconds=seconds)
+        if on_epoch is not None:
+            on_epoch({**info, "optimizer": optimizer, "model": model})
+        if log_every and (epoch % log_every == 0 or epoch == epochs):
+            eta = seconds / (epoch + 1) * (epochs - epoch)
+            log.info("%sepoch %d/%d lr %.4g loss %.4f train acc %.4f (%.0f s, ETA %.0f s)",
+                     log_prefix, epoch, epochs, info["lr"], loss, acc, seconds, eta)
+        if epoch == lr_drop_epoch(epochs):
+            lr *= 0.1
+            optimizer = _sgd(model, lr, momentum, weight_decay)  # re-created, as the reference does
+    return model
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device,
+                      batch_size: int = 1024) -> float:
+    """Top-1 accuracy (fraction) on the whole set, in eval mode, batch by batch."""
+    model.eval()
+    correct = torch.zeros((), device=device)
+    for start in range(0, len(x), batch_size):
+        images = x[start:start + batch_size].to(device=device, dtype=torch.float32)  # (B, C, H, W)
+        labels = y[start:start + batch_size].to(device)  # (B,)
+        correct += (model(images).argmax(1) == labels).sum()
+    return float(correct) / len(x)
+
+
+def _round_seeds(seed: int | None, rounds: int) -> list[tuple[int | None, torch.Generator | None]]:
+    """Per round: (init seed, generator for shuffling and DSA), independent streams; none without a seed."""
+    if seed is None:
+        return [(None, None)] * rounds
+    states = [child.generate_state(2) for child in np.random.SeedSequence(seed).spawn(rounds)]
+    return [(int(init), torch.Generator().manual_seed(int(data))) for init, data in states]
+
+
+def train_and_evaluate(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                       *, num_classes: int, channel: int, im_size: Sequence[int], epochs: int = 1000,
+                       rounds: int = 3, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
+                       batch_size: int = 256, dsa: bool = True, device, seed: int | None = None,
+                       log_every: int = 50, on_epoch: EpochCallback | None = None, **net_kwargs) -> dict:
+    """``rounds`` fresh ConvNets trained on (train_x, train_y), each tested on the whole test set.
+
+    Returns mean, std, accuracies (fractions), epochs, rounds, train_size, seconds (and per round).
+    ``net_kwargs`` go to :func:`train_convnet` (net_width, net_depth, dsa_params). ``on_epoch`` also
+    gets the round index.
+    """
+    _check_split("test", test_x, test_y, num_classes, (channel, int(im_size[0]), int(im_size[1])))
+    if rounds < 1 or epochs < 0:
+        raise DiffdistillError(f"rounds must be >= 1 and epochs >= 0, got rounds={rounds}, epochs={epochs}")
+    accuracies, times = [], []
+    for r, (init_seed, generator) in enumerate(_round_seeds(seed, rounds)):
+        began = time.perf_counter()
+        callback = None if on_epoch is None else (lambda info, r=r: on_epoch({**info, "round": r}))
+        model = train_convnet(train_x, train_y, num_classes=num_classes, channel=channel, im_size=im_size,
+                              epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                              batch_size=batch_size, dsa=dsa, device=device, generator=generator,
+                              init_seed=init_seed, on_epoch=callback, log_every=log_every,
+                              log_prefix=f"round {r + 1}/{rounds} ", **net_kwargs)
+        accuracies.append(evaluate_accuracy(model, test_x, test_y, device))
+        times.append(time.perf_counter() - began)
+        log.info("round %d/%d: test accuracy %.4f (%.0f s; ETA %.0f s)", r + 1, rounds, accuracies[-1],
+                 times[-1], np.mean(times) * (rounds - r - 1))
+    return dict(mean=float(np.mean(accuracies)), std=float(np.std(accuracies)), accuracies=accuracies,
+                epochs=epochs, rounds=rounds, train_size=len(train_x), seconds=float(sum(times)),
+                seconds_per_round=times)

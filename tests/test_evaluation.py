@@ -1,0 +1,263 @@
+"""The challenge train/test protocol (facts.md section 5) and the evaluate stage, on tiny problems."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffdistill import evaluation
+from diffdistill.cli import run_main
+from diffdistill.data import LabeledImages, save_images
+from diffdistill.errors import DiffdistillError
+from diffdistill.normalize import CHALLENGE_STATS, channel_stats, normalize
+
+SCRIPT = Path(__file__).resolve().parents[1] / "workflow" / "scripts" / "evaluate.py"
+SMALL = dict(net_width=16)  # the protocol at a fraction of the width, to keep CPU tests fast
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convolutions run far faster on one thread, above all on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def stripes(n_per_class: int, num_classes: int = 3, seed: int = 0, side: int = 8):
+    """uint8 (N, 1, side, side): class 0 horizontal stripes, 1 vertical, 2 a checkerboard, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    r, c = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    patterns = torch.stack([r % 2, c % 2, (r + c) % 2])[:num_classes].float() * 180 + 40  # (K, side, side)
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    images = patterns[labels][:, None] + 25 * torch.randn(len(labels), 1, side, side, generator=g)
+    return images.round().clamp(0, 255).to(torch.uint8), labels
+
+
+def labeled(n_per_class, seed, split, num_classes=3):
+    images, labels = stripes(n_per_class, num_classes, seed)
+    return LabeledImages(images, labels, [f"c{k}" for k in range(num_classes)], "stripes", split)
+
+
+def as_float(data: LabeledImages):
+    mean, std = channel_stats(data.images)
+    return normalize(data.images, mean, std), data.labels
+
+
+# --- helpers for the four cases ------------------------------------------------------------------
+
+
+def test_labels_by_position_are_class_major_blocks():
+    labels = evaluation.labels_by_position(12, 3, 4)
+    assert labels.dtype == torch.int64
+    assert labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    # Track 1 CIFAR-100: 1000 rows, class i in rows 10 i .. 10 i + 9.
+    cifar = evaluation.labels_by_position(1000, 100, 10)
+    assert cifar[0] == 0 and cifar[9] == 0 and cifar[10] == 1 and cifar[999] == 99
+    with pytest.raises(DiffdistillError, match="expected ipc"):
+        evaluation.labels_by_position(999, 100, 10)
+
+
+def test_random_real_subset():
+    real = labeled(7, 0, "train")
+    sub = evaluation.random_real_subset(real, 3, torch.Generator().manual_seed(0))
+    assert sub.counts() == [3, 3, 3] and sub.labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
+    for image, label in zip(sub.images, sub.labels):  # every pick is a real image of its class
+        assert any(torch.equal(image, other) for other in real.images[real.labels == label])
+    assert len({img.numpy().tobytes() for img in sub.images}) == 9  # without replacement
+    again = evaluation.random_real_subset(real, 3, torch.Generator().manual_seed(0))
+    other = evaluation.random_real_subset(real, 3, torch.Generator().manual_seed(1))
+    assert torch.equal(again.images, sub.images) and not torch.equal(other.images, sub.images)
+    with pytest.raises(DiffdistillError, match="at least ipc = 8"):
+        evaluation.random_real_subset(real, 8)
+
+
+def test_normalization_stats():
+    real = labeled(4, 0, "train")
+    assert evaluation.normalization_stats("cifar100", None) == CHALLENGE_STATS["cifar100"]
+    assert evaluation.normalization_stats("stripes", real) == channel_stats(real.images)
+    with pytest.raises(DiffdistillError, match="--real-train"):
+        evaluation.normalization_stats("stripes", None)
+
+
+def test_load_package_checks(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(torch.randn(6, 1, 8, 8), good)
+    x, y = evaluation.load_package(good, 3, 2, (1, 8, 8))
+    assert x.shape == (6, 1, 8, 8) and y.tolist() == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(DiffdistillError, match="expected ipc"):
+        evaluation.load_package(good, 3, 3, (1, 8, 8))
+    with pytest.raises(DiffdistillError, match="like the test set"):
+        evaluation.load_package(good, 3, 2, (3, 8, 8))
+    torch.save({"images": torch.randn(6, 1, 8, 8)}, tmp_path / "dict.pt")
+    with pytest.raises(DiffdistillError, match="bare float tensor"):
+        evaluation.load_package(tmp_path / "dict.pt", 3, 2, (1, 8, 8))
+    with pytest.raises(DiffdistillError, match="no such file"):
+        evaluation.load_package(tmp_path / "missing.pt", 3, 2, (1, 8, 8))
+
+
+# --- the protocol --------------------------------------------------------------------------------
+
+
+def test_lr_drops_after_the_midpoint_with_a_new_optimizer():
+    assert evaluation.lr_drop_epoch(1000) == 501  # facts: 1001 passes, lr x 0.1 after pass 501
+    x, y = as_float(labeled(3, 0, "train"))
+    seen = []
+    evaluation.train_convnet(x, y, num_classes=3, channel=1, im_size=(8, 8), epochs=6, batch_size=4,
+                             device="cpu", on_epoch=seen.append, log_every=0, **SMALL)
+    assert [s["epoch"] for s in seen] == list(range(7))  # passes 0..epochs
+    assert [s["lr"] for s in seen] == pytest.approx([0.01] * 5 + [0.001] * 2)  # drop after pass 6 // 2 + 1 = 4
+    optimizers = [s["optimizer"] for s in seen]
+    assert all(o is optimizers[0] for o in optimizers[:5]) and optimizers[5] is not optimizers[0]
+    group = optimizers[5].param_groups[0]
+    assert (group["momentum"], group["weight_decay"]) == (0.9, 5e-4) and type(optimizers[5]) is torch.optim.SGD
+
+
+def test_batches_are_shuffled_with_a_partial_last_batch(monkeypatch):
+    x, y = as_float(labeled(5, 0, "train"))  # 15 images, batch 4: 4 + 4 + 4 + 3
+    sizes, firsts = [], []
+    real_augment = evaluation.augment
+
+    def spy(images, generator, params):
+        sizes.append(len(images))
+        firsts.append(images[0].clone())
+        return real_augment(images, generator, params)
+
+    monkeypatch.setattr(evaluation, "augment", spy)
+    evaluation.train_convnet(x, y, num_classes=3, channel=1, im_size=(8, 8), epochs=1, batch_size=4,
+                             device="cpu", generator=torch.Generator().manual_seed(0), log_every=0, **SMALL)
+    assert sizes == [4, 4, 4, 3] * 2  # DSA on every training batch
+    assert not torch.equal(firsts[0], firsts[4])  # a new order each pass
+
+
+def test_rounds_start_from_fresh_initialisations(monkeypatch):
+    inits, finals = [], []
+
+    class Recording(evaluation.ConvNet):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            inits.append({k: v.clone() for k, v in self.state_dict().items()})
+
+    monkeypatch.setattr(evaluation, "ConvNet", Recording)
+    x, y = as_float(labeled(3, 0, "train"))
+    last = lambda info: finals.append(info["model"].classifier.weight.detach().clone())  # noqa: E731
+    result = evaluation.train_and_evaluate(x, y, x, y, num_classes=3, channel=1, im_size=(8, 8), epochs=0,
+                                           rounds=3, device="cpu", log_every=0, on_epoch=last, **SMALL)
+    assert len(inits) == 3 and result["rounds"] == 3 and len(result["accuracies"]) == 3
+    w = [i["classifier.weight"] for i in inits]
+    assert not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])
+    assert not torch.equal(w[1], finals[0])  # round 2 does not continue from round 1's weights
+
+
+def test_seeded_runs_repeat_and_unseeded_differ():
+    x, y = as_float(labeled(4, 0, "train"))
+    kw = dict(num_classes=3, channel=1, im_size=(8, 8), epochs=1, rounds=2, batch_size=4, device="cpu",
+              log_every=0, **SMALL)
+    a = evaluation.train_and_evaluate(x, y, x, y, seed=3, **kw)
+    b = evaluation.train_and_evaluate(x, y, x, y, seed=3, **kw)
+    assert a["accuracies"] == b["accuracies"]
+    assert a["mean"] == pytest.approx(np.mean(a["accuracies"])) and a["std"] == pytest.approx(np.std(a["accuracies"]))
+    assert a["train_size"] == 12 and a["epochs"] == 1 and a["seconds"] > 0
+
+
+def test_separable_problem_is_learnt_in_a_few_epochs():
+    train, test = labeled(20, 0, "train"), labeled(30, 1, "test")
+    mean, std = channel_stats(train.images)
+    result = evaluation.train_and_evaluate(
+        normalize(train.images, mean, std), train.labels, normalize(test.images, mean, std), test.labels,
+        num_classes=3, channel=1, im_size=(8, 8), epochs=8, rounds=1, batch_size=8, device="cpu", seed=0,
+        log_every=0)  # the full-width ConvNet; only the batch is smaller, for more steps per pass
+    assert result["mean"] >= 0.9, result
+
+
+def test_evaluate_accuracy_counts_the_whole_set_in_eval_mode():
+    class Constant(torch.nn.Module):
+        def forward(self, x):
+            assert not self.training
+            return torch.tensor([[0.0, 1.0, 0.0]]).expand(len(x), 3)  # always class 1
+
+    y = torch.tensor([1] * 7 + [0] * 3 + [2] * 2500)
+    acc = evaluation.evaluate_accuracy(Constant(), torch.zeros(len(y), 1, 2, 2), y, "cpu")
+    assert acc == pytest.approx(7 / len(y))
+
+
+def test_bad_training_input():
+    x, y = as_float(labeled(2, 0, "train"))
+    kw = dict(num_classes=3, channel=1, im_size=(8, 8), epochs=0, device="cpu")
+    with pytest.raises(DiffdistillError, match="labels"):
+        evaluation.train_convnet(x, y + 1, **kw)
+    with pytest.raises(DiffdistillError, match="training images"):
+        evaluation.train_convnet(x[:, :, :4], y, **kw)
+    with pytest.raises(DiffdistillError, match="rounds"):
+        evaluation.train_and_evaluate(x, y, x, y, rounds=0, **kw)
+
+
+# --- the evaluate stage ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def files(tmp_path):
+    real, test, pool = labeled(6, 0, "train"), labeled(4, 1, "test"), labeled(5, 2, "pool")
+    for name, data in [("real", real), ("test", test), ("pool", pool)]:
+        save_images(data, tmp_path / f"{name}.pt")
+    mean, std = channel_stats(real.images)
+    package = normalize(pool.images[pool.labels.argsort(stable=True)].view(3, 5, 1, 8, 8)[:, :2].reshape(6, 1, 8, 8),
+                        mean, std)  # ipc 2, class-major
+    torch.save(package, tmp_path / "package.pt")
+    return tmp_path
+
+
+def run(script, files, *args):
+    common = ["--test", str(files / "test.pt"), "--dataset", "stripes", "--real-train", str(files / "real.pt"),
+              "--epochs", "1", "--rounds", "2", "--device", "cpu", "--seed", "0", "--out", str(files / "out.json"),
+              "--log", str(files / "log.txt")]
+    return run_main(script.main, [*args, *common])
+
+
+@pytest.mark.parametrize("case,args,size", [
+    ("package", ["--train", "package.pt", "--train-format", "package", "--ipc", "2"], 6),
+    ("pool", ["--train", "pool.pt", "--train-format", "images"], 15),
+    ("random", ["--train", "real.pt", "--train-format", "images", "--random-ipc", "3"], 9),
+    ("full real", ["--train", "real.pt", "--train-format", "images"], 18),
+])
+def test_script_end_to_end(script, files, case, args, size):
+    args = [str(files / a) if a.endswith(".pt") else a for a in args]
+    assert run(script, files, *args) == 0
+    doc = json.loads((files / "out.json").read_text())
+    assert doc["train_size"] == size and doc["rounds"] == 2 and doc["epochs"] == 1
+    assert len(doc["accuracies"]) == 2 and all(0 <= a <= 1 for a in doc["accuracies"])
+    assert doc["mean"] == pytest.approx(np.mean(doc["accuracies"]))
+    assert doc["settings"]["dataset"] == "stripes" and len(doc["timings_s"]["per_round"]) == 2
+    assert "test accuracy" in (files / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("args", [
+    ["--train", "package.pt", "--train-format", "package", "--ipc", "3"],  # 6 rows != 3 x 3
+    ["--train", "package.pt", "--train-format", "package"],  # no --ipc
+    ["--train", "missing.pt", "--train-format", "images"],
+    ["--train", "real.pt", "--train-format", "images", "--random-ipc", "7"],  # only 6 per class
+    ["--train", "test.pt", "--train-format", "package", "--ipc", "4"],  # a dict, not a bare tensor
+])
+def test_script_bad_input_exits_2_without_output(script, files, args):
+    args = [str(files / a) if a.endswith(".pt") else a for a in args]
+    assert run(script, files, *args) == 2
+    assert not (files / "out.json").exists()
+
+
+def test_script_needs_real_train_for_other_data_sets(script, files):
+    argv = ["--train", str(files / "pool.pt"), "--train-format", "images", "--test", str(files / "test.pt"),
+            "--dataset", "stripes", "--epochs", "0", "--rounds", "1", "--device", "cpu", "--out", str(files / "o.json")]
+    assert run_main(script.main, argv) == 2 and not (files / "o.json").exists()

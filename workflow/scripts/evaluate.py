@@ -1,0 +1,79 @@
+"""Evaluate a training set with the challenge protocol: ConvNet + DSA, tested on the real test split.
+
+Training sets: a package (``--train-format package``: bare pre-normalised float tensor, labels by
+position, ``--ipc``), or a labelled image file (``--train-format images``: the synthetic pool, the
+full real train split, or with ``--random-ipc K`` a random real subset of it). The JSON written to
+``--out`` is the result: mean, std, accuracies (fractions), settings, timings.
+"""
+
+import argparse
+import sys
+
+import torch
+
+from diffdistill import cli, evaluation
+from diffdistill.data import load_images
+from diffdistill.errors import DiffdistillError
+from diffdistill.normalize import normalize
+
+
+def parse(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--train", required=True, help="package tensor or labelled image file")
+    p.add_argument("--train-format", required=True, choices=["images", "package"])
+    p.add_argument("--ipc", type=int, help="images per class of a package (labels by position)")
+    p.add_argument("--random-ipc", type=int, help="train on K random images per class of --train")
+    p.add_argument("--test", required=True, help="real test split (labelled image file)")
+    p.add_argument("--dataset", required=True, help="data set name (cifar100/tinyimagenet use fixed stats)")
+    p.add_argument("--real-train", help="real train split, for the normalisation stats of other data sets")
+    p.add_argument("--epochs", type=int, default=1000)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", required=True, help="result JSON")
+    p.add_argument("--log")
+    return p.parse_args(argv)
+
+
+def load_train(args, test, mean, std):
+    """(x, y, what) for the chosen training set, normalised like the test split."""
+    if args.train_format == "package":
+        if args.ipc is None or args.random_ipc is not None:
+            raise DiffdistillError("--train-format package needs --ipc (and takes no --random-ipc)")
+        x, y = evaluation.load_package(args.train, test.num_classes, args.ipc, test.images.shape[1:])
+        return x, y, f"package ipc {args.ipc}"
+    train = load_images(args.train)
+    if train.classes != test.classes or train.images.shape[1:] != test.images.shape[1:]:
+        raise DiffdistillError(f"{args.train}: classes or image shape differ from the test split {args.test}")
+    if args.random_ipc is not None:
+        generator = None if args.seed is None else torch.Generator().manual_seed(args.seed)
+        train = evaluation.random_real_subset(train, args.random_ipc, generator)
+    what = f"random real ipc {args.random_ipc}" if args.random_ipc else f"images ({len(train)})"
+    return normalize(train.images, mean, std), train.labels, what
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    device = cli.start("evaluate.py", sys.argv[1:] if argv is None else argv, args.log, args.device, args.seed)
+    with cli.cleanup_on_failure([args.out]):
+        with cli.Timer() as loading:
+            test = load_images(args.test)
+            real = load_images(args.real_train) if args.real_train else None
+            mean, std = evaluation.normalization_stats(args.dataset, real)
+            x, y, what = load_train(args, test, mean, std)
+        _, channel, height, width = test.images.shape
+        result = evaluation.train_and_evaluate(
+            x, y, normalize(test.images, mean, std), test.labels, num_classes=test.num_classes, channel=channel,
+            im_size=(height, width), epochs=args.epochs, rounds=args.rounds, device=device, seed=args.seed,
+            log_every=args.log_every)
+        cli.log.info("%s: test accuracy %.4f +- %.4f over %d rounds", what, result["mean"], result["std"], args.rounds)
+        settings = {**vars(args), "train_set": what, "mean_std": [mean, std], "num_classes": test.num_classes}
+        timings = {"load": loading.seconds, "train_and_test": result.pop("seconds"),
+                   "per_round": result.pop("seconds_per_round")}
+        cli.write_sidecar(args.out, settings=settings, timings=timings, device=device, **result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_main(main))
