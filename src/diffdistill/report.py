@@ -110,8 +110,8 @@ def render_markdown(summary: dict, *, ipc: int, scores: list[dict], pool_meta: d
 
 
 def _solver_text(meta: dict) -> str:
-    solver = meta.get("solver", {})
-    if not solver:
+    solver = meta.get("settings", {})
+    if "steps" not in solver:
         return "solver settings in the sampling metadata"
     return (f"DPM-Solver {solver.get('method', '?')} {solver.get('algorithm', '?')} order {solver.get('order', '?')}, "
             f"{solver.get('steps', '?')} steps, guidance w={solver.get('guidance_scale', '?')}, "
