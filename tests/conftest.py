@@ -1,9 +1,11 @@
-"""Shared test settings: small thread counts (CI has 2 cores) and the GPU marker."""
+"""Shared test settings: one torch thread (CI has 2 cores), the GPU marker, miniature data sets."""
 
 import pytest
 import torch
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread per test process: tiny models gain nothing from more, and on a loaded 2-core machine
+# two threads made small training loops many times slower (thread contention).
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

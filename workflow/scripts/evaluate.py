@@ -28,6 +28,7 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--real-train", help="real train split, for the normalisation stats of other data sets")
     p.add_argument("--epochs", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=256, help="SGD batch (the challenge uses 256)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int)
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
         result = evaluation.train_and_evaluate(
             x, y, normalize(test.images, mean, std), test.labels, num_classes=test.num_classes, channel=channel,
             im_size=(height, width), epochs=args.epochs, rounds=args.rounds, device=device, seed=args.seed,
-            log_every=args.log_every)
+            batch_size=args.batch_size, log_every=args.log_every)
         cli.log.info("%s: test accuracy %.4f +- %.4f over %d rounds", what, result["mean"], result["std"], args.rounds)
         settings = {**vars(args), "train_set": what, "mean_std": [mean, std], "num_classes": test.num_classes}
         timings = {"load": loading.seconds, "train_and_test": result.pop("seconds"),
