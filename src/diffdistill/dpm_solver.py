@@ -3,8 +3,8 @@
 The probability-flow ODE, written in lambda = log(alpha / sigma) (half the log-SNR), has an exact
 linear part, so from time s to time t with h = lambda_t - lambda_s:
 
-  noise prediction (``"dpmsolver"``):  x_t = (alpha_t/alpha_s) x_s - sigma_t int_0^h e^(h-u) eps(lambda_s+u) du
-  data prediction (``"dpmsolver++"``): x_t = (sigma_t/sigma_s) x_s + alpha_t int_0^h e^(u-h) x0(lambda_s+u) du
+  noise prediction ("dpmsolver"):  x_t = (alpha_t/alpha_s) x_s - sigma_t int_0^h e^(h-u) eps(lambda_s+u) du
+  data prediction ("dpmsolver++"): x_t = (sigma_t/sigma_s) x_s + alpha_t int_0^h e^(u-h) x0(lambda_s+u) du
 
 with x0 = (x - sigma eps) / alpha. Expanding the prediction m in a Taylor series in lambda,
 m = m0 + u m' + u^2/2 m'', integrates exactly to
@@ -65,14 +65,17 @@ def _validate(steps, order, method, algorithm, skip_type, t_start, t_end) -> Non
         raise ValueError(f"need 0 < t_end < t_start <= 1, got t_start={t_start!r}, t_end={t_end!r}")
 
 
-def time_grid(skip_type: str, t_start: float, t_end: float, n: int, schedule: VPSchedule = VPSchedule()) -> torch.Tensor:
+def time_grid(
+    skip_type: str, t_start: float, t_end: float, n: int, schedule: VPSchedule = VPSchedule()
+) -> torch.Tensor:
     """n + 1 float64 times from t_start down to t_end, uniform in lambda ("logSNR") or in t."""
     if skip_type not in SKIP_TYPES:
         raise ValueError(f"skip_type must be one of {SKIP_TYPES}, got {skip_type!r}")
     ends = torch.tensor([t_start, t_end], dtype=torch.float64)
     if skip_type == "logSNR":
         lam = schedule.lambda_(ends)  # (2,)
-        grid = schedule.inverse_lambda(torch.linspace(lam[0].item(), lam[1].item(), n + 1, dtype=torch.float64))
+        lams = torch.linspace(lam[0].item(), lam[1].item(), n + 1, dtype=torch.float64)  # (n + 1,)
+        grid = schedule.inverse_lambda(lams)
     else:
         grid = torch.linspace(t_start, t_end, n + 1, dtype=torch.float64)
     # inverse_lambda(lambda(t)) is t only up to round-off; the ends are part of the contract.
@@ -158,7 +161,7 @@ class _Solver:
         return out
 
 
-def _multistep(solver: _Solver, x: torch.Tensor, ts: list[float], orders: list[int], keep: list | None) -> torch.Tensor:
+def _multistep(solver: _Solver, x: torch.Tensor, ts: list[float], orders: list[int], keep: list | None):
     """One evaluation per step; h m' and h^2 m'' from divided differences of past predictions."""
     lams = [solver.lam(t) for t in ts]
     history = [solver.model(x, ts[0])]  # predictions at ts[i], newest last

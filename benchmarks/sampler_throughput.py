@@ -1,0 +1,170 @@
+"""Sampler throughput: images/s of U-ViT + DPM-Solver over presets, batch sizes, precisions, compile,
+step counts and guidance, with achieved TFLOP/s against a roofline.
+
+    python benchmarks/sampler_throughput.py --presets uvit_tiny_test uvit_digits --batch-sizes 64 \
+        --precisions fp32 bf16 --steps 10 --guidance 1 2
+    python benchmarks/sampler_throughput.py --device cuda --presets uvit_small_2 uvit_mid_4 \
+        --batch-sizes 256 --precisions bf16 --compile off on --steps 50 --sampler ss3
+
+Random weights (speed does not depend on them), a conditional model with a null class, eval mode,
+torch.inference_mode. Guidance w > 1 runs the network at batch 2B (images/s counts B). ms/forward is
+the wall time of one sampler call over its network evaluations (solver arithmetic included).
+FLOPs per forward are counted once per preset with torch.utils.flop_counter (attention through the
+math backend so that it is counted on every device); facts.md section 6 gives 24.5 GFLOP for the
+conditional S/2 and 70.5 GFLOP for M/4. The roofline is --peak-tflops; by default 790 (bf16) / 67
+(fp32) TFLOP/s on CUDA (H100, facts.md section 6) and a quick matmul measurement on CPU.
+fp32 runs with TF32 off, so that the fp32 roofline holds. Nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import statistics
+import sys
+import time
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffdistill import dpm_solver, uvit
+from diffdistill.cli import resolve_device
+from diffdistill.guidance import guided_noise_fn
+
+SAMPLERS = {  # name -> dpm_solver.sample keyword arguments
+    "ms2": dict(method="multistep", algorithm="dpmsolver++", order=2),  # strong guidance (facts section 3)
+    "ss3": dict(method="singlestep", algorithm="dpmsolver", order=3),  # U-ViT's own 50-NFE sampler
+}
+CUDA_PEAK_TFLOPS = {"bf16": 790.0, "fp32": 67.0}  # H100, facts.md section 6
+COLUMNS = ["preset", "device", "batch", "precision", "compile", "steps", "guidance", "images/s",
+           "ms/forward", "GFLOP/img-fwd", "TFLOP/s", "%roofline"]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    presets = list(uvit.PRESETS)
+    p.add_argument("--presets", nargs="+", choices=presets, default=["uvit_tiny_test", "uvit_digits"])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[64])
+    p.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    p.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"])
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. max-autotune")
+    p.add_argument("--steps", nargs="+", type=int, default=[10])
+    p.add_argument("--guidance", nargs="+", type=float, default=[1.0], help="w; w > 1 doubles the batch")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="ms2")
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=3, help="timed sampler calls after one warm-up call")
+    p.add_argument("--peak-tflops", type=float, default=None, help="roofline; default see module doc")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-tsv", default=None)
+    return p.parse_args(argv)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def flops_per_image(model: uvit.UViT, device: torch.device) -> float:
+    """Network FLOPs of one conditional forward at batch 1 (matmuls, convs and attention)."""
+    cfg = model.config
+    x = torch.randn(1, cfg["in_chans"], cfg["img_size"], cfg["img_size"], device=device)
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel([SDPBackend.MATH]):
+        model(x, torch.full((1,), 500.0, device=device), torch.zeros(1, dtype=torch.long, device=device))
+    return float(counter.get_total_flops())
+
+
+def cpu_peak_tflops(precision: str, n: int = 1024, seconds: float = 0.5) -> float:
+    """Dense matmul rate of this CPU in the run's precision: the CPU roofline."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        calls += 1
+    return 2 * n**3 * calls / (time.perf_counter() - start) / 1e12
+
+
+def time_sampler(net, model, args, device, batch, precision, steps, w) -> float:
+    """Median seconds of one sampler call with ``net`` (``model``, maybe compiled) after a warm-up call."""
+    cfg = model.config
+    y = torch.randint(0, args.num_classes, (batch,), device=device)
+    dtype = torch.bfloat16 if precision == "bf16" else None  # autocast on the network only
+    noise_fn = guided_noise_fn(net, y, w, null_label=model.null_label, autocast_dtype=dtype)
+    x_T = torch.randn(batch, cfg["in_chans"], cfg["img_size"], cfg["img_size"], device=device)  # (B, C, H, W)
+    t_end = 1e-4 if steps > 15 else 1e-3  # facts.md section 3
+    times = []
+    for _ in range(1 + args.repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        dpm_solver.sample(noise_fn, x_T, steps=steps, t_end=t_end, **SAMPLERS[args.sampler])
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def peak_for(args, device, precision, cache) -> float:
+    if args.peak_tflops is not None:
+        return args.peak_tflops
+    if device.type == "cuda":
+        return CUDA_PEAK_TFLOPS[precision]
+    if precision not in cache:
+        cache[precision] = cpu_peak_tflops(precision)
+    return cache[precision]
+
+
+def run(args, device):
+    """Yield one result row per configuration."""
+    peaks = {}
+    for preset in args.presets:
+        model = uvit.build(preset, num_classes=args.num_classes, null_class=True).to(device).eval()
+        gflop = flops_per_image(model, device) / 1e9
+        for batch, precision, comp, steps, w in itertools.product(
+            args.batch_sizes, args.precisions, args.compile, args.steps, args.guidance
+        ):
+            net = model
+            if comp == "on":
+                torch._dynamo.reset()  # a fresh compile per fixed batch shape, no dynamic-shape fallback
+                net = torch.compile(model, mode=args.compile_mode, dynamic=False)
+            seconds = time_sampler(net, model, args, device, batch, precision, steps, w)
+            forward_batch = batch * (2 if w not in (0.0, 1.0) else 1)
+            tflops = gflop * forward_batch * steps / seconds / 1e3
+            peak = peak_for(args, device, precision, peaks)
+            yield [preset, device.type, batch, precision, comp, steps, w, batch / seconds,
+                   1e3 * seconds / steps, gflop, tflops, 100 * tflops / peak]
+
+
+def format_row(row) -> str:
+    cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row]
+    return "\t".join(cells)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: the 67 TFLOP/s roofline
+        torch.backends.cudnn.allow_tf32 = False
+    print(f"# sampler {args.sampler} {SAMPLERS[args.sampler]}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, device {device}")
+    print("\t".join(COLUMNS), flush=True)
+    rows = []
+    with torch.inference_mode():
+        for row in run(args, device):
+            rows.append(row)
+            print(format_row(row), flush=True)
+    if args.out_tsv:
+        with open(args.out_tsv, "w", newline="") as handle:
+            writer = csv.writer(handle, delimiter="\t")
+            writer.writerow(COLUMNS)
+            writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
