@@ -85,3 +85,111 @@ def test_bad_config_fails_naming_the_key(tmp_path, override, expected):
                        cwd=tmp_path)
     assert result.returncode != 0
     assert expected in result.stdout + result.stderr
+
+
+# --- the whole DAG on the tiny config ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Run the whole workflow once on tests/configs/tiny.yaml; yields the working folder."""
+    workdir = tmp_path_factory.mktemp("tiny_workflow")
+    result = snakemake("--cores", "2", "--configfile", str(REPO / "config" / "config.yaml"), str(TINY),
+                       cwd=workdir, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+    return workdir
+
+
+def tiny_snakemake(workdir, *args):
+    return snakemake(*args, "--cores", "2", "--configfile", str(REPO / "config" / "config.yaml"), str(TINY),
+                     cwd=workdir, check=True)
+
+
+def test_tiny_run_outputs_meet_their_contracts(tiny_run):
+    from diffdistill import checkpoint, data, submission
+
+    out = tiny_run / "results" / "digits"
+    train, test = data.load_images(out / "data" / "train.pt"), data.load_images(out / "data" / "test.pt")
+    assert (len(train), len(test)) == (1257, 540) and train.classes == [str(i) for i in range(10)]
+    for step in (3, 6):
+        ckpt = checkpoint.load_checkpoint(out / "checkpoints" / f"step_{step:07d}.pt")
+        assert ckpt["step"] == step and ckpt["config"]["model"]["num_classes"] == 10 and ckpt["ema"] is not None
+    pretrained = checkpoint.load_checkpoint(out / "pretrain" / "step_0000004.pt")
+    assert pretrained["config"]["model"]["num_classes"] == 0  # the unconditional stand-in
+
+    scores = pd_read(out / "scoring" / "scores.csv")
+    assert list(scores["step"]) == [3, 6] and set(scores["score_kind"]) == {"FD-ConvNet"}
+    best = json.loads((out / "scoring" / "best.json").read_text())
+    assert best["score"] == scores["score"].min() and Path(tiny_run / best["checkpoint"]).is_file()
+    assert (out / "scoring" / "score_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    pool = data.load_images(out / "samples" / "pool.pt")
+    meta = json.loads((out / "samples" / "pool.json").read_text())
+    assert len(pool) == meta["images"] > 0 and max(pool.counts()) - min(pool.counts()) <= 1
+    assert meta["budget_s"] == 2 and meta["images_per_s"] > 0 and meta["settings"]["steps"] == 3
+
+    package = out / "package" / "digits.pt"
+    checks = submission.validate(package, "digits", num_classes=10, ipc=2, image_shape=(1, 8, 8),
+                                 mean=json.loads((out / "package" / "package.json").read_text())["mean"],
+                                 std=json.loads((out / "package" / "package.json").read_text())["std"])
+    assert all(check["status"] != "fail" for check in checks)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"dataset", "best_step", "best_score", "score_kind", "pool_images",
+                            "sampling_images_per_s", "budget_s", "accuracy"}
+    assert summary["best_step"] == best["step"] and summary["pool_images"] == len(pool)
+    for kind in ("synthetic_ipc", "synthetic_pool", "real_ipc", "real_full"):
+        evaluation = json.loads((out / "evaluation" / f"{kind}.json").read_text())
+        assert summary["accuracy"][kind] == {"mean": evaluation["mean"], "std": evaluation["std"]}
+        assert 0.0 <= evaluation["mean"] <= 1.0
+    report = (out / "report.md").read_text()
+    for needle in ("Checkpoint selection", "score_curve.png", "sample_grid.png", "images/s", "IPC-2 package"):
+        assert needle in report
+    assert (out / "sample_grid.png").is_file()
+    assert (tiny_run / "logs" / "digits" / "finetune.log").read_text().count("step 6/6") == 1
+
+
+def pd_read(path):
+    import pandas as pd
+
+    return pd.read_csv(path)
+
+
+def test_forcerun_of_one_stage_reruns_it_and_only_what_depends_on_it(tiny_run):
+    jobs = planned_jobs(tiny_snakemake(tiny_run, "-n", "--forcerun", "sample_budget").stdout)
+    assert jobs == {"sample_budget": 1, "package": 1, "evaluate": 2, "report": 1, "all": 1}
+    # -f RULE makes the rule itself the target: just that stage, nothing upstream or downstream.
+    assert planned_jobs(tiny_snakemake(tiny_run, "-n", "-f", "sample_budget").stdout) == {"sample_budget": 1}
+
+
+def test_a_target_file_makes_just_what_it_needs(tiny_run):
+    (tiny_run / "results" / "digits" / "scoring" / "step_0000003.json").unlink()
+    target = "results/digits/scoring/step_0000003.json"
+    assert planned_jobs(tiny_snakemake(tiny_run, "-n", target).stdout) == {"score_checkpoint": 1}
+    tiny_snakemake(tiny_run, target)
+    assert (tiny_run / target).is_file()
+
+
+def test_rerun_of_finetuning_resumes_from_the_newest_kept_checkpoint(tiny_run):
+    out = tiny_run / "results" / "digits" / "checkpoints"
+    before = checkpoint_state(out / "step_0000006.pt")
+    (resume,) = (out / ".resume").iterdir()
+    (resume / "step_0000006.pt").unlink()  # as if the job died between step 3 and step 6
+    tiny_snakemake(tiny_run, "-f", "finetune", "--until", "finetune")
+    sidecar = json.loads((out / "train.json").read_text())
+    assert sidecar["start_step"] == 3 and sidecar["final_step"] == 6
+    after = checkpoint_state(out / "step_0000006.pt")
+    for key in before:
+        assert torch_allclose(before[key], after[key]), key
+
+
+def checkpoint_state(path):
+    from diffdistill import checkpoint
+
+    return checkpoint.load_checkpoint(path)["ema"]
+
+
+def torch_allclose(a, b):
+    import torch
+
+    return torch.allclose(a, b, atol=1e-6, rtol=0)
