@@ -24,6 +24,7 @@ include: "workflow/rules/report.smk"
 localrules:
     all,
     select_checkpoint,
+    merge_samples,
     report,
 
 

@@ -136,7 +136,7 @@ def test_tiny_run_outputs_meet_their_contracts(tiny_run):
 
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"dataset", "best_step", "best_score", "score_kind", "pool_images",
-                            "sampling_images_per_s", "budget_s", "accuracy"}
+                            "sampling_images_per_s", "sampling_images_per_s_per_shard", "budget_s", "accuracy"}
     assert summary["best_step"] == best["step"] and summary["pool_images"] == len(pool)
     for kind in ("synthetic_ipc", "synthetic_pool", "real_ipc", "real_full"):
         evaluation = json.loads((out / "evaluation" / f"{kind}.json").read_text())

@@ -418,3 +418,16 @@ def _require_download_root(root) -> Path:
     if root is None:
         raise DiffdistillError("--download needs a data root (the folder to download into)")
     return Path(root)
+
+
+def concat_images(parts: list[LabeledImages], *, split: str | None = None) -> LabeledImages:
+    """Join image sets of the same classes and image shape (e.g. sampling shards), in order."""
+    if not parts:
+        raise DiffdistillError("nothing to concatenate")
+    first = parts[0]
+    for i, part in enumerate(parts[1:], 1):
+        if part.classes != first.classes or part.images.shape[1:] != first.images.shape[1:]:
+            raise DiffdistillError(f"part {i}: classes or image shape {tuple(part.images.shape[1:])} differ from "
+                                   f"part 0 {tuple(first.images.shape[1:])}")
+    return LabeledImages(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]),
+                         list(first.classes), first.name, first.split if split is None else split)

@@ -1,7 +1,8 @@
 """The last stage: a sample grid, ``summary.json`` (plain numbers) and ``report.md`` (for people).
 
 The summary keys are a contract other tools read: ``dataset``, ``best_step``, ``best_score``,
-``score_kind``, ``pool_images``, ``sampling_images_per_s``, ``budget_s`` and ``accuracy`` ->
+``score_kind``, ``pool_images``, ``sampling_images_per_s`` (all shards together),
+``sampling_images_per_s_per_shard``, ``budget_s`` and ``accuracy`` ->
 {``synthetic_ipc``, ``synthetic_pool``, ``real_ipc``, ``real_full``} -> {``mean``, ``std``}.
 """
 
@@ -57,6 +58,8 @@ def build_summary(*, dataset: str, best: dict, pool_meta: dict, accuracy: dict[s
         "score_kind": best["score_kind"],
         "pool_images": int(pool_meta["images"]),
         "sampling_images_per_s": float(pool_meta["images_per_s"]),
+        "sampling_images_per_s_per_shard": [float(shard["images_per_s"])
+                                            for shard in pool_meta.get("per_shard", [pool_meta])],
         "budget_s": float(pool_meta["budget_s"]),
         "accuracy": {key: {"mean": float(accuracy[key]["mean"]), "std": float(accuracy[key]["std"])}
                      for key in ACCURACY_ROWS},
@@ -86,7 +89,7 @@ def render_markdown(summary: dict, *, ipc: int, scores: list[dict], pool_meta: d
         "## Budgeted sampling",
         "",
         f"{summary['pool_images']} labelled images in {pool_meta.get('sampling_s', float('nan')):.1f} s of a "
-        f"{summary['budget_s']:.0f} s budget: **{summary['sampling_images_per_s']:.1f} images/s** on "
+        f"{summary['budget_s']:.0f} s budget{_shard_text(summary)}: **{summary['sampling_images_per_s']:.1f} images/s** on "
         f"{pool_meta.get('device_name', 'unknown device')} ({_solver_text(pool_meta)}). Model loading took "
         f"{pool_meta.get('load_s', float('nan')):.1f} s and is not part of the budget.",
         "",
@@ -107,6 +110,13 @@ def render_markdown(summary: dict, *, ipc: int, scores: list[dict], pool_meta: d
                      f"{info.get('rounds', '')} | {info.get('epochs', '')} |")
     lines += ["", "Plain numbers: `summary.json`.", ""]
     return "\n".join(lines)
+
+
+def _shard_text(summary: dict) -> str:
+    per_shard = summary["sampling_images_per_s_per_shard"]
+    if len(per_shard) < 2:
+        return ""
+    return f" in each of {len(per_shard)} parallel shards ({', '.join(f'{r:.1f}' for r in per_shard)} images/s)"
 
 
 def _solver_text(meta: dict) -> str:

@@ -134,6 +134,7 @@ class BudgetResult:
     sampling_s: float
     batches: list[dict] = field(default_factory=list)  # {"size", "seconds"} per finished batch
     batch_size_final: int = 0
+    dropped_images: int = 0  # made after the budget ran out, not kept
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -143,7 +144,8 @@ class BudgetResult:
         return {
             "images": len(self), "counts": self.counts, "images_per_s": self.images_per_s,
             "sampling_s": self.sampling_s, "num_batches": len(self.batches),
-            "batch_size_final": self.batch_size_final, "batches": self.batches,
+            "batch_size_final": self.batch_size_final, "dropped_images": self.dropped_images,
+            "batches": self.batches,
         }
 
 
@@ -204,35 +206,50 @@ def sample_budgeted(
     seed: int,
     clock: Callable[[], float] = time.perf_counter,
     max_images: int | None = None,
+    label_offset: int = 0,
     on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> BudgetResult:
     """Class-balanced batches until the next one would overrun ``budget_s`` (or ``max_images``).
 
     ``clock`` is read at the first batch (the budget starts there) and after every batch; tests pass
     a fake clock. ``on_batch(images, labels)`` sees each finished batch (e.g. to save progress).
+    ``label_offset`` shifts the class cycle (shards start at different classes). A batch that ends
+    past the budget (only possible when the estimate was wrong, e.g. the first batch) was not made
+    within it: it is dropped and counted in ``dropped_images``.
     """
     _check_budget_args(budget_s, batch_size, max_images)
     generator = torch.Generator(device=torch.device(device)).manual_seed(int(seed))
     images, labels, batches = [], [], []
-    done = 0
+    done, dropped, kept_until = 0, 0, 0.0
     start = clock()
     while max_images is None or done < max_images:
         size = batch_size if max_images is None else min(batch_size, max_images - done)
         elapsed = clock() - start
         if batches and elapsed + estimate_batch_s(batches, size) > budget_s:
             break
-        batch_labels = balanced_labels(num_classes, size, offset=done)  # (size,)
+        batch_labels = balanced_labels(num_classes, size, offset=done + label_offset)  # (size,)
         t0 = clock()
         batch_images, batch_size = generate_halving(model, batch_labels, settings, device=device,
                                                     generator=generator, batch_size=batch_size)
-        batches.append({"size": size, "seconds": clock() - t0})
+        end = clock()
+        batches.append({"size": size, "seconds": end - t0})
+        if end - start > budget_s:
+            dropped = size
+            log.warning("a batch of %d images ended %.1f s past the %.1f s budget: dropped", size,
+                        end - start - budget_s, budget_s)
+            break
         images.append(batch_images)
         labels.append(batch_labels)
-        done += size
+        done, kept_until = done + size, end - start
         if on_batch is not None:
             on_batch(batch_images, batch_labels)
-        _log_progress(done, clock() - start, budget_s)
-    return _result(images, labels, batches, num_classes, clock() - start, batch_size)
+        _log_progress(done, kept_until, budget_s)
+    if not images:
+        raise DiffdistillError(f"no batch finished within the {budget_s} s budget (the first took "
+                               f"{batches[0]['seconds']:.1f} s): lower the batch size or raise the budget")
+    result = _result(images, labels, batches, num_classes, kept_until, batch_size)
+    result.dropped_images = dropped
+    return result
 
 
 def _check_budget_args(budget_s: float, batch_size: int, max_images: int | None) -> None:
@@ -260,3 +277,35 @@ def _result(images, labels, batches, num_classes, sampling_s, batch_size) -> Bud
         batches=batches,
         batch_size_final=batch_size,
     )
+
+
+def shard_label_offset(shard: int, num_shards: int, num_classes: int) -> int:
+    """Where shard ``shard`` starts the class cycle, spreading the shards' starts over the classes so
+    that the merged pool stays balanced (each shard is balanced on its own)."""
+    return (shard * num_classes) // max(num_shards, 1)
+
+
+def merge_shard_meta(metas: list[dict]) -> dict:
+    """One sampling summary from per-shard sidecars: shards run in parallel on their own devices, so
+    images add up, throughput adds up, and the wall time is the slowest shard's."""
+    if not metas:
+        raise DiffdistillError("no shard metadata to merge")
+    budgets = {m["budget_s"] for m in metas}
+    if len(budgets) != 1:
+        raise DiffdistillError(f"shards were sampled with different budgets {sorted(budgets)}")
+    counts = [sum(column) for column in zip(*(m["counts"] for m in metas))]
+    return {
+        "images": sum(m["images"] for m in metas),
+        "counts": counts,
+        "images_per_s": sum(m["images_per_s"] for m in metas),
+        "sampling_s": max(m["sampling_s"] for m in metas),
+        "load_s": max(m.get("load_s", 0.0) for m in metas),
+        "budget_s": metas[0]["budget_s"],
+        "shards": len(metas),
+        "per_shard": [{"images": m["images"], "images_per_s": m["images_per_s"], "sampling_s": m["sampling_s"],
+                       "device_name": m.get("device_name"), "seed": m.get("settings", {}).get("seed")}
+                      for m in metas],
+        "dropped_images": sum(m.get("dropped_images", 0) for m in metas),
+        "device_name": ", ".join(sorted({str(m.get("device_name")) for m in metas})),
+        "settings": metas[0].get("settings", {}),
+    }

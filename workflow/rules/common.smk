@@ -13,6 +13,7 @@ SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
 wildcard_constraints:
     step=r"\d{7}",
     kind=r"synthetic_ipc|synthetic_pool|real_ipc|real_full",
+    shard=r"\d+",
 
 
 def training_steps(cfg):
@@ -25,6 +26,14 @@ def checkpoint_files(folder, cfg):
 
 
 FINETUNE_CHECKPOINTS = checkpoint_files("checkpoints", config["finetune"])
+SHARDS = config["sampling"].get("shards", 1)
+
+
+def sampling_output(extension):
+    """The pool itself with one sampling job; one file per shard (merged later) with several."""
+    if SHARDS > 1:
+        return f"{OUT}/samples/shards/shard_{{shard}}.{extension}"
+    return f"{OUT}/samples/pool.{extension}"
 
 
 def pretrained_weights():

@@ -5,8 +5,8 @@ rule report:
         best=rules.select_checkpoint.output.best,
         scores=rules.select_checkpoint.output.csv,
         curve=rules.select_checkpoint.output.plot,
-        pool=rules.sample_budget.output.pool,
-        pool_meta=rules.sample_budget.output.meta,
+        pool=f"{OUT}/samples/pool.pt",
+        pool_meta=f"{OUT}/samples/pool.json",
         evaluations=expand(f"{OUT}/evaluation/{{kind}}.json", kind=ACCURACY_KINDS),
     output:
         report=f"{OUT}/report.md",

@@ -5,8 +5,8 @@ rule sample_budget:
         best=rules.select_checkpoint.output.best,
         checkpoints=FINETUNE_CHECKPOINTS,
     output:
-        pool=f"{OUT}/samples/pool.pt",
-        meta=f"{OUT}/samples/pool.json",
+        pool=sampling_output("pt"),
+        meta=sampling_output("json"),
     params:
         script=f"{SCRIPTS}/sample_budget.py",
         device=config["device"],
@@ -17,10 +17,11 @@ rule sample_budget:
         ),
         sampler=sampler_args(config["sampler"]),
         seed=config["seed"] + 4,
+        shard=lambda wildcards: f"--shard {wildcards.shard} --num-shards {SHARDS}" if SHARDS > 1 else "",
     log:
-        f"{LOGS}/sample_budget.log",
+        f"{LOGS}/sample_budget{'_{shard}' if SHARDS > 1 else ''}.log",
     benchmark:
-        f"{OUT}/benchmarks/sample_budget.tsv"
+        f"{OUT}/benchmarks/sample_budget{'_{shard}' if SHARDS > 1 else ''}.tsv"
     threads: workflow.cores
     resources:
         gpu=gpu_count(),
@@ -31,13 +32,34 @@ rule sample_budget:
     shell:
         "python {params.script} --best {input.best} --out {output.pool} --meta {output.meta} "
         "--budget-s {params.budget} --batch-size {params.batch_size} {params.max_images} {params.sampler} "
-        "--device {params.device} --seed {params.seed} --log {log}"
+        "{params.shard} --device {params.device} --seed {params.seed} --log {log}"
+
+
+if SHARDS > 1:
+
+    rule merge_samples:
+        """Join the shards' pools; the summary adds up images and images/s and keeps each shard's."""
+        input:
+            pools=expand(f"{OUT}/samples/shards/shard_{{shard}}.pt", shard=range(SHARDS)),
+            metas=expand(f"{OUT}/samples/shards/shard_{{shard}}.json", shard=range(SHARDS)),
+        output:
+            pool=f"{OUT}/samples/pool.pt",
+            meta=f"{OUT}/samples/pool.json",
+        params:
+            script=f"{SCRIPTS}/merge_samples.py",
+        log:
+            f"{LOGS}/merge_samples.log",
+        conda:
+            "../../envs/diffdistill.yaml"
+        shell:
+            "python {params.script} --shards {input.pools} --metas {input.metas} --out {output.pool} "
+            "--meta {output.meta} --log {log}"
 
 
 rule package:
     """The challenge submission: class-major IPC blocks, normalised, validated; plus the whole pool."""
     input:
-        pool=rules.sample_budget.output.pool,
+        pool=f"{OUT}/samples/pool.pt",
         train=f"{OUT}/data/train.pt",
     output:
         package=f"{OUT}/package/{DATASET}.pt",

@@ -29,6 +29,8 @@ def parse(argv):
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard", type=int, default=0, help="this job's shard index (seed + shard, classes shifted)")
+    p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--log")
     return p.parse_args(argv)
 
@@ -61,13 +63,15 @@ def main(argv=None) -> int:
                                    f"config['data']['classes'] of its {model.num_classes} classes")
         result = sampling.sample_budgeted(
             model, model.num_classes, settings, budget_s=args.budget_s, batch_size=args.batch_size,
-            device=device, seed=args.seed, max_images=args.max_images)
+            device=device, seed=args.seed + args.shard, max_images=args.max_images,
+            label_offset=sampling.shard_label_offset(args.shard, args.num_shards, model.num_classes))
         save_images(LabeledImages(result.images, result.labels, classes, str(data_config.get("name", "")),
                                   "synthetic"), args.out)
         summary = result.summary()
         cli.write_sidecar(
             args.meta, settings={**settings.to_dict(), "budget_s": args.budget_s, "batch_size": args.batch_size,
-                                 "max_images": args.max_images, "weights": args.weights, "seed": args.seed,
+                                 "max_images": args.max_images, "weights": args.weights, "seed": args.seed + args.shard,
+                                 "shard": args.shard, "num_shards": args.num_shards,
                                  "checkpoint": args.checkpoint},
             timings={"load_s": load.seconds, "sampling_s": result.sampling_s}, device=device,
             device_name=cli.device_name(device), budget_s=args.budget_s, load_s=load.seconds,

@@ -1,0 +1,53 @@
+"""Merge the pools of parallel sampling shards into one pool and one summary.
+
+    python workflow/scripts/merge_samples.py --shards s0.pt s1.pt --metas s0.json s1.json \\
+        --out results/digits/samples/pool.pt --meta results/digits/samples/pool.json
+
+Each shard sampled on its own device against the same budget; the merged summary adds up images and
+images/s and keeps each shard's figures under ``per_shard``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from diffdistill import atomic, cli, sampling
+from diffdistill.data import concat_images, load_images, save_images
+from diffdistill.errors import DiffdistillError
+
+
+def read_meta(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise DiffdistillError(f"{path}: cannot read the shard's sampling JSON ({err})") from err
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", nargs="+", required=True, help="pool files of the shards")
+    p.add_argument("--metas", nargs="+", required=True, help="their JSON sidecars, in the same order")
+    p.add_argument("--out", required=True)
+    p.add_argument("--meta", required=True)
+    p.add_argument("--log")
+    args = p.parse_args(argv)
+    cli.start("merge_samples", sys.argv[1:] if argv is None else argv, args.log, device="cpu")
+    if len(args.shards) != len(args.metas):
+        raise DiffdistillError(f"{len(args.shards)} shard files but {len(args.metas)} JSON files")
+    with cli.cleanup_on_failure([args.out, args.meta]):
+        pool = concat_images([load_images(path) for path in args.shards], split="synthetic")
+        summary = sampling.merge_shard_meta([read_meta(path) for path in args.metas])
+        if summary["images"] != len(pool):
+            raise DiffdistillError(f"the shard JSONs count {summary['images']} images, the files hold {len(pool)}")
+        save_images(pool, args.out)
+        atomic.write_json(args.meta, {**summary, "shard_files": args.shards, "environment": cli.environment()})
+    cli.log.info("merged %d shards: %d images, %.1f images/s in total", summary["shards"], len(pool),
+                 summary["images_per_s"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_main(main))
