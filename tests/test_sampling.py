@@ -158,6 +158,55 @@ def test_budget_exactly_filled_and_warmup_batch_left_out_of_the_estimate(monkeyp
     assert result.counts == [8] * 5
 
 
+def test_a_batch_ending_past_the_budget_is_dropped_not_kept(monkeypatch):
+    clock = FakeClock()
+    # The estimate from warm batches (1 s) lets a 4th batch start at 3 s; it takes 2 s and ends at
+    # 5 s > 4.5 s: its images were not made within the budget.
+    run, calls = fake_generate(clock, [1.0, 1.0, 1.0, 2.0])
+    monkeypatch.setattr(sampling, "generate", run)
+    result = sample_budgeted(object(), 3, SamplerSettings(), budget_s=4.5, batch_size=3, device="cpu", seed=0,
+                             clock=clock)
+    assert len(calls) == 4 and len(result) == 9 and result.dropped_images == 3
+    assert result.sampling_s == pytest.approx(3.0) and result.summary()["dropped_images"] == 3
+
+
+def test_a_first_batch_longer_than_the_budget_is_an_error(monkeypatch):
+    clock = FakeClock()
+    run, _ = fake_generate(clock, [10.0])
+    monkeypatch.setattr(sampling, "generate", run)
+    with pytest.raises(DiffdistillError, match="no batch finished within"):
+        sample_budgeted(object(), 3, SamplerSettings(), budget_s=5.0, batch_size=3, device="cpu", seed=0,
+                        clock=clock)
+
+
+def test_shards_start_their_class_cycles_apart_and_merge_balanced(monkeypatch):
+    clock = FakeClock()
+    run, _ = fake_generate(clock, [1.0])
+    monkeypatch.setattr(sampling, "generate", run)
+    counts = torch.zeros(10, dtype=torch.long)
+    for shard in range(3):
+        offset = sampling.shard_label_offset(shard, 3, 10)
+        result = sample_budgeted(object(), 10, SamplerSettings(), budget_s=1.5, batch_size=4, device="cpu",
+                                 seed=shard, clock=clock, label_offset=offset)
+        assert result.labels.tolist() == [(offset + i) % 10 for i in range(4)]
+        counts += torch.bincount(result.labels, minlength=10)
+    assert counts.max() - counts.min() <= 1  # 12 images over 10 classes: 2 classes twice
+
+
+def test_merge_shard_meta_adds_up_images_and_throughput():
+    metas = [{"images": 40, "counts": [20, 20], "images_per_s": 4.0, "sampling_s": 10.0, "budget_s": 10.0,
+              "device_name": "gpu0", "settings": {"seed": s}} for s in (4, 5)]
+    metas[1].update(images=30, counts=[15, 15], images_per_s=3.0, sampling_s=9.5, device_name="gpu1")
+    merged = sampling.merge_shard_meta(metas)
+    assert (merged["images"], merged["counts"], merged["images_per_s"]) == (70, [35, 35], 7.0)
+    assert merged["sampling_s"] == 10.0 and merged["shards"] == 2
+    assert [s["images_per_s"] for s in merged["per_shard"]] == [4.0, 3.0]
+    assert [s["seed"] for s in merged["per_shard"]] == [4, 5]
+    metas[1]["budget_s"] = 20.0
+    with pytest.raises(DiffdistillError, match="different budgets"):
+        sampling.merge_shard_meta(metas)
+
+
 def test_budget_zero_or_negative_samples_nothing(monkeypatch):
     clock = FakeClock()
     run, calls = fake_generate(clock, [1.0])

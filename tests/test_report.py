@@ -1,0 +1,133 @@
+"""Report stage (grid, summary contract, markdown), shard merging script and small helpers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from diffdistill import atomic, data, report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "workflow" / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def labelled(n_per_class=3, classes=4, channels=1, side=8, offset=0):
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    images = (labels * 40 + offset).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, channels, side, side).clone()
+    return data.LabeledImages(images, labels, [str(i) for i in range(classes)], "toy", "synthetic")
+
+
+def test_sample_grid_has_one_row_per_class_with_that_class_images():
+    grid = report.sample_grid(labelled(), per_class=3)
+    assert grid.size == (3 * 9, 4 * 9)  # (width, height): 8 px + 1 px separator per cell
+    pixels = torch.from_numpy(np.asarray(grid)).view(grid.height, grid.width)
+    for label in range(4):
+        assert (pixels[label * 9 : label * 9 + 8, 0:8] == label * 40).all()
+    assert report.grid_scale(8) == 4 and report.grid_scale(32) == 1
+
+
+def accuracy(mean):
+    return {"mean": mean, "std": 0.01}
+
+
+def test_summary_has_the_contract_keys_and_markdown_shows_the_figures():
+    best = {"step": 1000, "score": 1.25, "score_kind": "FD-ConvNet"}
+    meta = {"images": 500, "images_per_s": 50.0, "budget_s": 10.0, "sampling_s": 9.8, "load_s": 0.5,
+            "device_name": "cpu", "settings": {"steps": 20, "method": "multistep", "algorithm": "dpmsolver++",
+                                                "order": 2, "guidance_scale": 2.0, "precision": "fp32"}}
+    acc = {k: accuracy(v) for k, v in zip(report.ACCURACY_ROWS, (0.9, 0.92, 0.95, 0.99))}
+    summary = report.build_summary(dataset="digits", best=best, pool_meta=meta, accuracy=acc)
+    assert summary["best_step"] == 1000 and summary["pool_images"] == 500
+    assert summary["sampling_images_per_s_per_shard"] == [50.0]
+    assert summary["accuracy"]["real_ipc"] == {"mean": 0.95, "std": 0.01}
+    text = report.render_markdown(summary, ipc=10, scores=[{"step": 500, "score": 2.0}, {"step": 1000, "score": 1.25}],
+                                  pool_meta=meta, figures={"curve": "c.png", "grid": "g.png"})
+    assert "| 1000 | 1.250 ← |" in text and "50.0 images/s" in text and "90.00 ± 1.00" in text
+    assert "synthetic, IPC-10 package" in text and "![score curve](c.png)" in text
+    with pytest.raises(ValueError, match="real_full"):
+        report.build_summary(dataset="digits", best=best, pool_meta=meta,
+                             accuracy={k: v for k, v in acc.items() if k != "real_full"})
+
+
+def test_merge_samples_script_joins_shards(tmp_path):
+    merge = load_script("merge_samples")
+    paths = []
+    for shard in range(2):
+        pool = labelled(n_per_class=shard + 1, offset=shard)
+        data.save_images(pool, tmp_path / f"s{shard}.pt")
+        (tmp_path / f"s{shard}.json").write_text(json.dumps(
+            {"images": len(pool), "counts": pool.counts(), "images_per_s": 2.0 + shard, "sampling_s": 5.0,
+             "budget_s": 5.0, "settings": {"seed": shard}}))
+        paths.append(shard)
+    out, meta = tmp_path / "pool.pt", tmp_path / "pool.json"
+    args = ["--shards", *(str(tmp_path / f"s{i}.pt") for i in paths),
+            "--metas", *(str(tmp_path / f"s{i}.json") for i in paths), "--out", str(out), "--meta", str(meta)]
+    assert merge.main(args) == 0
+    merged = data.load_images(out)
+    assert len(merged) == 12 and merged.counts() == [3, 3, 3, 3]
+    summary = json.loads(meta.read_text())
+    assert summary["images_per_s"] == 5.0 and summary["shards"] == 2
+    (tmp_path / "s1.json").write_text(json.dumps({"images": 99, "counts": [0] * 4, "images_per_s": 1.0,
+                                                  "sampling_s": 1.0, "budget_s": 5.0}))
+    out.unlink(), meta.unlink()
+    assert merge_fails(merge, args)
+    assert not out.exists() and not meta.exists()
+
+
+def merge_fails(merge, args) -> bool:
+    from diffdistill.cli import run_main
+
+    return run_main(merge.main, args) == 2
+
+
+def test_report_script_end_to_end(tmp_path):
+    script = load_script("report")
+    pool = labelled()
+    data.save_images(pool, tmp_path / "pool.pt")
+    (tmp_path / "pool.json").write_text(json.dumps({"images": 12, "images_per_s": 3.0, "budget_s": 4.0,
+                                                    "sampling_s": 4.0, "settings": {}}))
+    (tmp_path / "best.json").write_text(json.dumps({"step": 6, "score": 0.5, "score_kind": "FID",
+                                                    "checkpoint": "x.pt"}))
+    pd.DataFrame([{"step": 3, "score": 0.7}, {"step": 6, "score": 0.5}]).to_csv(tmp_path / "scores.csv", index=False)
+    evals = []
+    for kind in report.ACCURACY_ROWS:
+        path = tmp_path / f"{kind}.json"
+        path.write_text(json.dumps({"mean": 0.5, "std": 0.1, "rounds": 2, "epochs": 3}))
+        evals.append(str(path))
+    out = {name: tmp_path / "out" / name for name in ("report.md", "summary.json", "grid.png")}
+    args = ["--dataset", "digits", "--best", str(tmp_path / "best.json"), "--scores", str(tmp_path / "scores.csv"),
+            "--curve", str(tmp_path / "curve.png"), "--pool", str(tmp_path / "pool.pt"),
+            "--pool-meta", str(tmp_path / "pool.json"), "--evaluations", *evals, "--ipc", "3",
+            "--report", str(out["report.md"]), "--summary", str(out["summary.json"]), "--grid", str(out["grid.png"])]
+    assert script.main(args) == 0
+    assert json.loads(out["summary.json"].read_text())["accuracy"]["real_full"] == {"mean": 0.5, "std": 0.1}
+    assert "](../curve.png)" in out["report.md"].read_text()
+    assert Image.open(out["grid.png"]).size == (10 * 9 * 4, 4 * 9 * 4)
+
+
+def test_publish_links_or_copies_atomically(tmp_path):
+    source = tmp_path / "a.bin"
+    source.write_bytes(b"checkpoint")
+    atomic.publish(source, tmp_path / "sub" / "b.bin")
+    assert (tmp_path / "sub" / "b.bin").read_bytes() == b"checkpoint"
+    assert not list((tmp_path / "sub").glob(".*tmp"))
+
+
+def test_concat_images_refuses_different_classes():
+    a, b = labelled(), labelled(classes=3)
+    with pytest.raises(Exception, match="classes or image shape"):
+        data.concat_images([a, b])
+    assert len(data.concat_images([a, a])) == 2 * len(a)
