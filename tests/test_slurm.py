@@ -1,0 +1,273 @@
+"""The workflow on a real one-node SLURM cluster (tests/slurm/cluster.py), run through
+``--profile profiles/slurm`` exactly as users get it, with only test-speed flags layered on top.
+
+The cluster (munged, MariaDB, slurmdbd, slurmctld, slurmd, one fake GPU) starts once per session and
+every daemon is stopped by PID at the end, also when a test fails. Without root or apt the tests
+skip with the reason; on CI (``CI`` set) that is a failure instead, because there they must run.
+Contracts checked: every non-local job goes through sbatch and ends COMPLETED in ``sacct``; a
+failing job makes snakemake exit non-zero promptly, is attempted the profile's ``retries`` + 1 times,
+and the outputs made before it are kept.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slurm.cluster import ClusterUnavailable, SlurmCluster, ensure_packages, tail, wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILE = REPO / "profiles" / "slurm"
+PROFILE_SETTINGS = yaml.safe_load((PROFILE / "config.yaml").read_text())
+# Layered over the profile, for test speed only: first status check after 1 s instead of 40, no
+# account guessing (the test cluster has none), and a short wait for outputs on a local disk.
+TEST_SPEED = ["--slurm-init-seconds-before-status-checks", "1", "--slurm-no-account", "--latency-wait", "5"]
+
+TOY_SNAKEFILE = """
+localrules: all
+
+rule all:
+    input: "cpu.txt", "gpu.txt"
+
+rule cpu:
+    output: "cpu.txt"
+    resources: gpu=0
+    shell: "echo ${{SLURM_JOB_ID:-none}} > {output}"
+
+rule gpu:
+    input: "cpu.txt"
+    output: "gpu.txt"
+    resources: gpu=1
+    shell: "echo ${{SLURM_JOB_ID:-none}} ${{CUDA_VISIBLE_DEVICES:-none}} > {output}"
+
+rule fail:
+    input: "cpu.txt"
+    output: "never.txt"
+    shell: "echo bad input >&2; exit 3"
+"""
+
+
+def _unavailable(reason: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"the SLURM tests must run on CI, but: {reason}")
+    pytest.skip(reason)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")  # so that a killed test run still stops the daemons
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A started one-node cluster with accounting and one fake GPU; stopped by PID at the end."""
+    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+        _unavailable("snakemake-executor-plugin-slurm is not installed (pip install -e .[test])")
+    try:
+        ensure_packages()
+    except ClusterUnavailable as exc:
+        _unavailable(str(exc))
+    # Not under pytest's tmp folder: munge and mysql must traverse the path, and root-only 0700
+    # folders stop them.
+    root = Path(tempfile.mkdtemp(prefix="diffdistill-slurm-", dir="/tmp"))
+    cluster = SlurmCluster(root)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        try:
+            cluster.start()
+        except ClusterUnavailable as exc:
+            _unavailable(str(exc))
+        yield cluster
+    finally:
+        problems = cluster.stop()
+        signal.signal(signal.SIGTERM, previous)
+        if not os.environ.get("DIFFDISTILL_KEEP_SLURM"):  # set it to keep configs and daemon logs
+            shutil.rmtree(root, ignore_errors=True)
+    assert not problems, f"daemons still running after stop: {problems}"
+
+
+@dataclass
+class Run:
+    """One finished snakemake run: exit status, combined output, wall time in seconds."""
+
+    returncode: int
+    output: str
+    seconds: float
+
+
+def run_snakemake(cluster: SlurmCluster, workdir: Path, *args: str, timeout: float) -> Run:
+    """snakemake with the SLURM profile plus TEST_SPEED; killed (and its jobs cancelled) at timeout."""
+    argv = [sys.executable, "-m", "snakemake", "--directory", str(workdir), "--profile", str(PROFILE),
+            *TEST_SPEED, *args]
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster.env,
+                            cwd=workdir, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        output = _kill(proc)
+        cluster.cancel_all()
+        pytest.fail(f"snakemake did not finish within {timeout:g} s:\n{tail(output, 40)}")
+    except BaseException:  # interrupted: do not leave snakemake running in its own session
+        _kill(proc)
+        raise
+    return Run(proc.returncode, output, time.monotonic() - started)
+
+
+def _kill(proc: subprocess.Popen) -> str:
+    """SIGTERM the run's process group, SIGKILL after 15 s (a stuck snakemake ignores SIGTERM)."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=15)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.communicate()[0]
+
+
+def jobs_in(cluster: SlurmCluster, workdir: Path) -> list[dict[str, str]]:
+    """The accounting records of the jobs submitted from one working directory."""
+    return [job for job in cluster.jobs() if Path(job["WorkDir"]) == workdir.resolve()]
+
+
+def rule_of(job: dict[str, str]) -> str:
+    """The plugin writes ``rule_<name>`` (plus ``_wildcards_...``) into the job comment."""
+    match = re.match(r"rule_(\w+?)(?:_wildcards_.*)?$", job["Comment"])
+    assert match, f"job {job['JobID']} has no rule comment: {job}"
+    return match.group(1)
+
+
+def executed_rules(output: str) -> tuple[Counter, Counter]:
+    """Jobs a run started (or a dry run plans), from snakemake's job headers: (cluster rules, local
+    rules) -> counts."""
+    remote = Counter(re.findall(r"^rule (\w+):$", output, re.MULTILINE))
+    local = Counter(re.findall(r"^localrule (\w+):$", output, re.MULTILINE))
+    return remote, local
+
+
+@pytest.fixture
+def toy(tmp_path) -> Path:
+    (tmp_path / "Snakefile").write_text(TOY_SNAKEFILE)
+    return tmp_path
+
+
+# --- the cluster on its own, through a toy workflow -------------------------------------------------
+
+
+def test_cluster_is_idle_with_one_gpu_and_accounting(slurm_cluster):
+    node = slurm_cluster.slurm("scontrol", "show", "node").stdout
+    assert "State=IDLE" in node and "gres/gpu=1" in node
+    assert slurm_cluster.slurm("sacctmgr", "-n", "list", "cluster").returncode == 0
+    # The srun smoke test reaches the database a moment after it ends (accounting is asynchronous).
+    wait_until(lambda: any(job["State"] == "COMPLETED" for job in slurm_cluster.jobs()), 15, "smoke test in sacct")
+
+
+def test_toy_workflow_jobs_go_through_sbatch_with_gpu(slurm_cluster, toy):
+    run = run_snakemake(slurm_cluster, toy, "all", timeout=180)
+    assert run.returncode == 0, tail(run.output, 60)
+    cpu_job = (toy / "cpu.txt").read_text().split()
+    gpu_job, visible = (toy / "gpu.txt").read_text().split()
+    assert cpu_job != ["none"] and gpu_job != "none"  # ran inside SLURM jobs
+    assert visible == "0"  # the fake GRES GPU
+    jobs = {job["JobID"]: job for job in jobs_in(slurm_cluster, toy)}
+    assert sorted(rule_of(job) for job in jobs.values()) == ["cpu", "gpu"]  # `all` is a localrule
+    assert {job["State"] for job in jobs.values()} == {"COMPLETED"}
+    assert "gres/gpu=1" in jobs[gpu_job]["AllocTRES"] and "gres/gpu" not in jobs[cpu_job[0]]["AllocTRES"]
+    # The profile's resources reach sbatch: 2 CPUs and 8000 MB by default.
+    assert "cpu=2" in jobs[cpu_job[0]]["AllocTRES"] and "mem=8000M" in jobs[cpu_job[0]]["AllocTRES"]
+
+
+def test_toy_failing_job_is_reported_promptly(slurm_cluster, toy):
+    # One attempt: retrying a deterministic failure only costs time here (the profile's retries are
+    # exercised by the workflow's failure test).
+    run = run_snakemake(slurm_cluster, toy, "never.txt", "--retries", "0", timeout=180)
+    assert run.returncode != 0, tail(run.output, 60)
+    assert "Error in rule fail" in run.output
+    assert (toy / "cpu.txt").exists() and not (toy / "never.txt").exists()  # the earlier output is kept
+    attempts = [job for job in jobs_in(slurm_cluster, toy) if rule_of(job) == "fail"]
+    # The job's exit code is the job step's snakemake's (1), not the shell command's.
+    assert [job["State"] for job in attempts] == ["FAILED"] and attempts[0]["ExitCode"] != "0:0"
+    slurm_log = next((toy / ".snakemake" / "slurm_logs" / "rule_fail").glob("*.log")).read_text()
+    assert "bad input" in slurm_log  # the command's stderr reaches the job's log, which is kept
+    assert run.seconds < 90, f"took {run.seconds:.0f} s"  # measured: 35-50 s on 2 busy cores
+
+
+# --- the tiny workflow (tests/configs/tiny.yaml) ----------------------------------------------------
+
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
+# Jobs of the tiny config (one data set, unconditional pre-training, checkpoints at steps 3 and 6, four
+# accuracy rows) and the rules that must run on the cluster: everything that trains or samples.
+TINY_JOBS = Counter({"prepare_data": 1, "pretrain_unconditional": 1, "finetune": 1, "reference_stats": 1,
+                     "score_checkpoint": 2, "select_checkpoint": 1, "sample_budget": 1, "package": 1,
+                     "evaluate": 4, "report": 1, "all": 1})
+HEAVY_RULES = {"prepare_data", "pretrain_unconditional", "finetune", "reference_stats", "score_checkpoint",
+               "sample_budget", "evaluate"}
+ACCURACY_KINDS = ("synthetic_ipc", "synthetic_pool", "real_ipc", "real_full")
+
+
+def tiny_args(workdir: Path, *config: str) -> list[str]:
+    return ["-s", str(REPO / "Snakefile"), "--configfile", str(REPO / "config" / "config.yaml"), str(TINY),
+            "--config", f"results={workdir}/results", *config]
+
+
+@pytest.mark.slow
+def test_tiny_workflow_runs_every_cluster_job_through_slurm(slurm_cluster, tmp_path):
+    run = run_snakemake(slurm_cluster, tmp_path, *tiny_args(tmp_path), timeout=900)
+    assert run.returncode == 0, tail(run.output, 80)
+    remote, local = executed_rules(run.output)
+    assert remote + local == TINY_JOBS
+    assert HEAVY_RULES <= set(remote), f"ran locally: {HEAVY_RULES - set(remote)}"
+    jobs = jobs_in(slurm_cluster, tmp_path)
+    assert Counter(rule_of(job) for job in jobs) == remote  # each cluster job submitted once; no local one
+    assert {job["State"] for job in jobs} == {"COMPLETED"}
+
+    summary = json.loads((tmp_path / "results" / "digits" / "summary.json").read_text())
+    assert set(summary) == {"dataset", "best_step", "best_score", "score_kind", "pool_images",
+                            "sampling_images_per_s", "budget_s", "accuracy"}
+    assert summary["dataset"] == "digits" and summary["best_step"] in (3, 6)
+    assert summary["score_kind"] == "FD-ConvNet" and summary["best_score"] >= 0
+    assert summary["pool_images"] > 0 and summary["sampling_images_per_s"] > 0 and summary["budget_s"] == 2
+    assert set(summary["accuracy"]) == set(ACCURACY_KINDS)
+    for kind in ACCURACY_KINDS:
+        assert set(summary["accuracy"][kind]) == {"mean", "std"}
+        assert 0.0 <= summary["accuracy"][kind]["mean"] <= 1.0 and summary["accuracy"][kind]["std"] >= 0.0
+
+
+@pytest.mark.slow
+def test_tiny_workflow_failing_job_stops_the_run_and_keeps_earlier_outputs(slurm_cluster, tmp_path):
+    from diffdistill import data
+
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")  # bad input: fine-tuning must refuse it (exit status 2)
+    source = f"pretrained={{'source': 'file', 'path': '{corrupt}'}}"
+    run = run_snakemake(slurm_cluster, tmp_path, *tiny_args(tmp_path, source), timeout=600)
+    assert run.returncode != 0, tail(run.output, 80)
+    assert "Error in rule finetune" in run.output
+    assert run.seconds < 300, f"took {run.seconds:.0f} s"
+
+    jobs = jobs_in(slurm_cluster, tmp_path)
+    attempts = [job for job in jobs if rule_of(job) == "finetune"]
+    assert len(attempts) == PROFILE_SETTINGS["retries"] + 1  # the profile resubmits failed jobs
+    assert {job["State"] for job in attempts} == {"FAILED"}
+    assert {job["State"] for job in jobs if rule_of(job) != "finetune"} <= {"COMPLETED"}
+    assert str(corrupt) in (tmp_path / "logs" / "digits" / "finetune.log").read_text()  # names the file
+
+    out = tmp_path / "results" / "digits"
+    assert not list((out / "checkpoints").glob("step_*.pt"))  # nothing half-made
+    train, test = data.load_images(out / "data" / "train.pt"), data.load_images(out / "data" / "test.pt")
+    assert (len(train), len(test)) == (1257, 540)  # facts section 7: the digits split, kept intact
+    dry = run_snakemake(slurm_cluster, tmp_path, *tiny_args(tmp_path, source), "-n", timeout=120)
+    remote, local = executed_rules(dry.output)
+    assert remote["finetune"] == 1 and "prepare_data" not in remote  # done work is not redone
