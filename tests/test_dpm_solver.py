@@ -49,15 +49,6 @@ def exact(t: float, z: torch.Tensor) -> torch.Tensor:
     return a * MU + torch.sqrt(a**2 * S**2 + s**2) * z
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors here have a few hundred elements: extra intra-op threads only wait on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 Z = torch.randn(400, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
 

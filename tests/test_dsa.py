@@ -12,15 +12,6 @@ from diffdistill.dsa import FAMILIES, DSAParams
 from diffdistill.errors import DiffdistillError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors run far faster on one thread, above all on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 

@@ -20,15 +20,6 @@ SCRIPT = Path(__file__).resolve().parents[1] / "workflow" / "scripts" / "evaluat
 SMALL = dict(net_width=16)  # the protocol at a fraction of the width, to keep CPU tests fast
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions run far faster on one thread, above all on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def stripes(n_per_class: int, num_classes: int = 3, seed: int = 0, side: int = 8):
     """uint8 (N, 1, side, side): class 0 horizontal stripes, 1 vertical, 2 a checkerboard, plus noise."""
     g = torch.Generator().manual_seed(seed)

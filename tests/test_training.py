@@ -29,15 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "workflow" / "scripts" / "train.py"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The shared 2-core machine is busy: several OpenMP threads per process thrash (measured 30x slower).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def toy_data(learnable: bool = False) -> LabeledImages:
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(40) % 4

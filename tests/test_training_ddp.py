@@ -26,14 +26,6 @@ TOLERANCE = 1e-5
 STEPS = 20
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # the 2-core machine is shared: more threads per process thrash
-    yield
-    torch.set_num_threads(old)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,4 +1,5 @@
-"""Write-then-rename helpers so that no stage ever leaves a half-written output behind.
+"""File helpers: write-then-rename so that no stage ever leaves a half-written output behind,
+and one torch reader whose errors name the file and what was expected.
 
 Every file a stage declares is written to a temporary name in the same folder and moved into place
 with ``os.replace`` only once it is complete, so an interrupted or failing job leaves either the
@@ -77,3 +78,23 @@ def publish(source: str | os.PathLike, target: str | os.PathLike) -> None:
             os.link(source, tmp)
         except OSError:
             shutil.copy2(source, tmp)
+
+
+def read_torch(path: str | os.PathLike, what: str, map_location="cpu") -> Any:
+    """``torch.load(weights_only=True)`` (plain tensors and containers, never arbitrary pickles)
+    with errors that name the file and what was expected (``what``)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        from .errors import DiffdistillError
+
+        raise DiffdistillError(f"{path}: no such file (expected {what})")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zips, foreign pickles and refused objects raise many types
+        from .errors import DiffdistillError
+
+        raise DiffdistillError(
+            f"{path}: cannot be read as {what} with torch.load(weights_only=True) ({type(err).__name__}: {err})"
+        ) from err

@@ -79,7 +79,7 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Read and validate a file written by :func:`save_checkpoint`."""
-    obj = _read_torch_file(path, map_location, "a diffdistill checkpoint")
+    obj = atomic.read_torch(path, "a diffdistill checkpoint", map_location)
     _validate_checkpoint(obj, path)
     return obj
 
@@ -164,19 +164,6 @@ def _require_plain(obj: Any, where: str, *, allow_tensors: bool) -> None:
         raise DiffdistillError(f"{where}: {type(obj).__name__} is not allowed, expected {kinds}")
 
 
-def _read_torch_file(path: str | os.PathLike, map_location, what: str) -> Any:
-    """``torch.load(weights_only=True)`` with errors that name the file and what was expected."""
-    path = Path(path)
-    if not path.is_file():
-        raise DiffdistillError(f"{path}: no such file (expected {what})")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # truncated zips, foreign pickles and refused objects raise many types
-        raise DiffdistillError(
-            f"{path}: cannot be read as {what} with torch.load(weights_only=True) ({type(err).__name__}: {err})"
-        ) from err
-
-
 # --------------------------------------------------------------------------- transfer from public weights
 
 
@@ -207,7 +194,7 @@ def load_pretrained(model: UViT, path: str | os.PathLike) -> LoadReport:
     fresh init and rows 1.. get the source rows 0... Every other key must match in name and shape,
     otherwise the error lists every problem; the model is only modified once all checks pass.
     """
-    obj = _read_torch_file(path, "cpu", "a U-ViT state_dict or a diffdistill checkpoint")
+    obj = atomic.read_torch(path, "a U-ViT state_dict or a diffdistill checkpoint")
     source = _source_state_dict(obj, path)
     target = model.state_dict()
     report = LoadReport(source=str(path))

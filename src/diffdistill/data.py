@@ -80,12 +80,7 @@ def save_images(data: LabeledImages, path: str | os.PathLike) -> None:
 def load_images(path: str | os.PathLike) -> LabeledImages:
     """Read a file written by :func:`save_images`; errors name the file and what was expected."""
     path = Path(path)
-    if not path.is_file():
-        raise DiffdistillError(f"{path}: no such file (expected a prepared image file written by diffdistill)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for corrupt files
-        raise DiffdistillError(f"{path}: cannot be read as a torch file ({type(err).__name__}: {err})") from err
+    obj = atomic.read_torch(path, "a prepared image file written by diffdistill")
     missing = [k for k in ("images", "labels", "classes") if not isinstance(obj, dict) or k not in obj]
     if missing:
         raise DiffdistillError(f"{path}: not a prepared image file, missing keys {missing}")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import atomic
 from .convnet import ConvNet
 from .data import LabeledImages
 from .dsa import DSAParams, augment
@@ -67,12 +68,7 @@ def normalization_stats(dataset: str, real_train: LabeledImages | None):
 def load_package(path: str | os.PathLike, num_classes: int, ipc: int, image_shape: Sequence[int]):
     """A submission file: a bare float tensor (N, C, H, W), pre-normalised. Returns (x, labels)."""
     path = Path(path)
-    if not path.is_file():
-        raise DiffdistillError(f"{path}: no such file (expected a package tensor N x C x H x W)")
-    try:
-        x = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for corrupt files
-        raise DiffdistillError(f"{path}: cannot be read as a torch file ({type(err).__name__}: {err})") from err
+    x = atomic.read_torch(path, "a package tensor N x C x H x W")
     if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
         raise DiffdistillError(f"{path}: expected a bare float tensor (N, C, H, W), got "
                                f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")

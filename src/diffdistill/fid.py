@@ -268,10 +268,7 @@ def load_inception_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if _is_torchscript(path):
         state = inception_state_dict_from_torchscript(path)
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise DiffdistillError(f"{path}: cannot be read as a torch state_dict ({type(err).__name__})") from err
+        state = atomic.read_torch(path, "an Inception state_dict")
         if not isinstance(state, dict):
             raise DiffdistillError(f"{path}: expected a state_dict, got {type(state).__name__}")
     # The 1008-way classifier is never evaluated for pool features; a TorchScript of the feature

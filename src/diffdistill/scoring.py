@@ -65,12 +65,7 @@ def save_feature_convnet(path: str | os.PathLike, contents: dict) -> None:
 def load_feature_convnet(path: str | os.PathLike, device) -> fid.ConvNetExtractor:
     """A :class:`~diffdistill.fid.ConvNetExtractor` from a file of :func:`save_feature_convnet`."""
     path = Path(path)
-    if not path.is_file():
-        raise DiffdistillError(f"{path}: no such file (expected the feature ConvNet written by reference_stats)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt or foreign files raise many types
-        raise DiffdistillError(f"{path}: cannot be read as a torch file ({type(err).__name__}: {err})") from err
+    obj = atomic.read_torch(path, "the feature ConvNet written by reference_stats")
     if not isinstance(obj, dict) or obj.get("format") != CONVNET_FORMAT:
         raise DiffdistillError(f"{path}: not a feature ConvNet file (expected format={CONVNET_FORMAT!r})")
     try:

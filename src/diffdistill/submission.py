@@ -93,10 +93,7 @@ def _check(name: str, ok: bool, detail: str, status: str | None = None) -> dict:
 def _load_candidate(tensor_or_path):
     if isinstance(tensor_or_path, (str, os.PathLike)):
         path = Path(tensor_or_path)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True), str(path)
-        except Exception as err:  # torch raises many types for unreadable files
-            raise DiffdistillError(f"{path}: cannot be read as a torch file ({type(err).__name__}: {err})") from err
+        return atomic.read_torch(path, "a submission tensor"), str(path)
     return tensor_or_path, "package"
 
 
