@@ -129,12 +129,15 @@ def run_snakemake(cluster: SlurmCluster, workdir: Path, *args: str, timeout: flo
 
 def _kill(proc: subprocess.Popen) -> str:
     """SIGTERM the run's process group, SIGKILL after 15 s (a stuck snakemake ignores SIGTERM)."""
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        return proc.communicate(timeout=15)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        return proc.communicate()[0]
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass  # the group is gone already
+        try:
+            return proc.communicate(timeout=wait)[0]
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def jobs_in(cluster: SlurmCluster, workdir: Path) -> list[dict[str, str]]:
@@ -177,16 +180,17 @@ def test_cluster_is_idle_with_one_gpu_and_accounting(slurm_cluster):
 def test_toy_workflow_jobs_go_through_sbatch_with_gpu(slurm_cluster, toy):
     run = run_snakemake(slurm_cluster, toy, "all", timeout=180)
     assert run.returncode == 0, tail(run.output, 60)
-    cpu_job = (toy / "cpu.txt").read_text().split()
+    (cpu_job,) = (toy / "cpu.txt").read_text().split()
     gpu_job, visible = (toy / "gpu.txt").read_text().split()
-    assert cpu_job != ["none"] and gpu_job != "none"  # ran inside SLURM jobs
+    assert cpu_job != "none" and gpu_job != "none"  # ran inside SLURM jobs
     assert visible == "0"  # the fake GRES GPU
     jobs = {job["JobID"]: job for job in jobs_in(slurm_cluster, toy)}
     assert sorted(rule_of(job) for job in jobs.values()) == ["cpu", "gpu"]  # `all` is a localrule
     assert {job["State"] for job in jobs.values()} == {"COMPLETED"}
-    assert "gres/gpu=1" in jobs[gpu_job]["AllocTRES"] and "gres/gpu" not in jobs[cpu_job[0]]["AllocTRES"]
-    # The profile's resources reach sbatch: 2 CPUs and 8000 MB by default.
-    assert "cpu=2" in jobs[cpu_job[0]]["AllocTRES"] and "mem=8000M" in jobs[cpu_job[0]]["AllocTRES"]
+    assert "gres/gpu=1" in jobs[gpu_job]["AllocTRES"] and "gres/gpu" not in jobs[cpu_job]["AllocTRES"]
+    defaults = PROFILE_SETTINGS["default-resources"]  # the profile's resources reach sbatch
+    assert f"cpu={defaults['cpus_per_task']}" in jobs[cpu_job]["AllocTRES"]
+    assert f"mem={defaults['mem_mb']}M" in jobs[cpu_job]["AllocTRES"]
 
 
 def test_toy_failing_job_is_reported_promptly(slurm_cluster, toy):
@@ -194,7 +198,7 @@ def test_toy_failing_job_is_reported_promptly(slurm_cluster, toy):
     # exercised by the workflow's failure test).
     run = run_snakemake(slurm_cluster, toy, "never.txt", "--retries", "0", timeout=180)
     assert run.returncode != 0, tail(run.output, 60)
-    assert "Error in rule fail" in run.output
+    assert "Error in rule fail" in run.output, tail(run.output, 40)
     assert (toy / "cpu.txt").exists() and not (toy / "never.txt").exists()  # the earlier output is kept
     attempts = [job for job in jobs_in(slurm_cluster, toy) if rule_of(job) == "fail"]
     # The job's exit code is the job step's snakemake's (1), not the shell command's.
@@ -254,7 +258,7 @@ def test_tiny_workflow_failing_job_stops_the_run_and_keeps_earlier_outputs(slurm
     source = f"pretrained={{'source': 'file', 'path': '{corrupt}'}}"
     run = run_snakemake(slurm_cluster, tmp_path, *tiny_args(tmp_path, source), timeout=600)
     assert run.returncode != 0, tail(run.output, 80)
-    assert "Error in rule finetune" in run.output
+    assert "Error in rule finetune" in run.output, tail(run.output, 40)
     assert run.seconds < 300, f"took {run.seconds:.0f} s"
 
     jobs = jobs_in(slurm_cluster, tmp_path)

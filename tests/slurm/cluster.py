@@ -1,10 +1,12 @@
 """A real one-node SLURM cluster for the tests: munged, MariaDB, slurmdbd, slurmctld and slurmd.
 
 Everything lives in one private folder (configs from the templates beside this file, state, spool,
-logs, pid files, the munge socket and the database), on free ports, so /etc and /var are left alone
-and a second cluster could run beside it. Each daemon runs in the foreground as a child of this
-process, in its own session; its PID goes to ``<root>/pids/<daemon>.pid`` and :meth:`SlurmCluster.stop`
-ends exactly those PIDs (and the job processes that carry this cluster's SLURM_CONF), newest first.
+logs, pid files, the munge socket with a fresh key, the database) and on free ports. The one thing
+outside it is a link /etc/slurm/slurm.conf -> <root>/etc/slurm.conf while the cluster runs, because
+job steps only find the default path (see :meth:`SlurmCluster._link_system_conf`). Each daemon runs
+in the foreground as a child of this process, in its own session; its PID goes to
+``<root>/pids/<daemon>.pid`` and :meth:`SlurmCluster.stop` cancels the jobs, then ends exactly those
+PIDs (and job processes of this cluster left behind), newest first, and removes the link.
 
 By hand (root, Debian)::
 
@@ -25,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -169,9 +172,11 @@ class SlurmCluster:
     points SLURM commands (and snakemake) at this cluster.
     """
 
-    def __init__(self, root, cpus: int = 16, memory_mb: int = 65536, name: str = "diffdistill"):
+    def __init__(self, root, cpus: int = 16, memory_mb: int = 65536):
         self.root = Path(root).resolve()
         self.host = socket.gethostname().split(".")[0]
+        # Unique, so that job processes of this cluster can be told from another one's.
+        name = f"diffdistill{zlib.crc32(str(self.root).encode()):08x}"
         ports = dict(zip(("ctld_port", "slurmd_port", "dbd_port", "db_port"), free_ports(4)))
         self.settings = {
             "root": self.root, "host": self.host, "cluster_name": name, "cpus": cpus, "memory_mb": memory_mb,
@@ -361,30 +366,29 @@ class SlurmCluster:
         return pid if ours else 0
 
     def _stray_pids(self, exclude: set[int]) -> list[int]:
-        """slurmstepd and job processes left behind: they carry this cluster's SLURM_CONF."""
-        marker = f"SLURM_CONF={self.conf}"
+        """slurmstepd and job processes of this cluster left behind (normally none after scancel)."""
+        markers = (f"SLURM_CONF={self.conf} ", f"SLURM_CLUSTER_NAME={self.settings['cluster_name']} ")
         skip = exclude | {os.getpid(), os.getppid()}
         strays = []
         for pid in (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()):
-            environ = _proc_text(pid, "environ")
-            if pid in skip or marker not in environ or not alive(pid):
+            environ = _proc_text(pid, "environ") + " "
+            if pid in skip or not any(marker in environ for marker in markers) or not alive(pid):
                 continue
             if "SLURM_JOB_ID=" in environ or "slurmstepd" in _proc_text(pid, "cmdline"):
                 strays.append(pid)
         return strays
 
     def stop(self) -> list[str]:
-        """Cancel jobs, end stray job processes, then every daemon by its PID, newest first. Returns
-        what could not be stopped (empty when everything is gone)."""
+        """Cancel jobs, end stray job processes, then every daemon by its PID, newest first, and remove
+        the /etc/slurm/slurm.conf link. Returns what is still running (empty when all is gone)."""
         self.cancel_all()
         daemons = {name: self._pid(name) for name in DAEMONS}
-        problems = [f"job process {pid}" for pid in self._stray_pids(set(daemons.values())) if not terminate(pid)]
+        strays = self._stray_pids(set(daemons.values()))
+        problems = [f"job process {pid}" for pid in strays if not terminate(pid)]
         for name in reversed(DAEMONS):
-            pid = daemons[name]
-            if pid and not terminate(pid):
-                problems.append(f"{name} (pid {pid})")
+            if daemons[name] and not terminate(daemons[name]):
+                problems.append(f"{name} (pid {daemons[name]})")
             (self.root / "pids" / f"{name}.pid").unlink(missing_ok=True)
-        problems += [f"{name} (pid {pid})" for name, pid in daemons.items() if pid and alive(pid)]
         for proc in self._children.values():
             proc.poll()  # reap
         self._unlink_system_conf()
