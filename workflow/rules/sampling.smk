@@ -22,7 +22,7 @@ rule sample_budget:
         f"{LOGS}/sample_budget{'_{shard}' if SHARDS > 1 else ''}.log",
     benchmark:
         f"{OUT}/benchmarks/sample_budget{'_{shard}' if SHARDS > 1 else ''}.tsv"
-    threads: workflow.cores
+    threads: 8
     resources:
         gpu=gpu_count(),
         mem_mb=16000,

@@ -21,7 +21,7 @@ rule reference_stats:
     log:
         f"{LOGS}/reference_stats.log",
     cache: True
-    threads: workflow.cores
+    threads: 8
     resources:
         gpu=gpu_count(),
         mem_mb=16000,

@@ -19,7 +19,7 @@ rule pretrain_unconditional:
         f"{LOGS}/pretrain_unconditional.log",
     benchmark:
         f"{OUT}/benchmarks/pretrain_unconditional.tsv"
-    threads: workflow.cores
+    threads: 8
     resources:
         gpu=gpu_count(config["pretrained"].get("training", config["finetune"])),
         mem_mb=config["pretrained"].get("training", config["finetune"]).get("mem_mb", 16000),
@@ -56,7 +56,7 @@ rule finetune:
         f"{LOGS}/finetune.log",
     benchmark:
         f"{OUT}/benchmarks/finetune.tsv"
-    threads: workflow.cores
+    threads: 8
     resources:
         gpu=gpu_count(config["finetune"]),
         mem_mb=config["finetune"].get("mem_mb", 32000),
