@@ -79,6 +79,29 @@ def test_ipc_larger_than_a_class_names_the_class_and_counts(pool):
         package(pool, "toy", 2, mean=(0.5,) * 3, std=(0.5,) * 3, rule="best")
 
 
+def test_herding_keeps_on_label_images_and_matches_their_mean():
+    # One class, 6 images with 1-d features; the classifier calls image 5 another class.
+    labels = torch.zeros(6, dtype=torch.long)
+    toy = LabeledImages(torch.zeros(6, 1, 2, 2, dtype=torch.uint8), labels, ["a"])
+    features = torch.tensor([[0.0], [10.0], [4.0], [6.0], [5.0], [5.0]])
+    predictions = torch.tensor([0, 0, 0, 0, 0, 1])
+    # Candidates 0..4 have mean 5: herding takes 4 (exactly 5) then the pair closest to keeping it.
+    index = select_indices(toy, 1, "herding", features=features, predictions=predictions)
+    assert index.tolist() == [4]
+    index = select_indices(toy, 3, "herding", features=features, predictions=predictions)
+    assert index.tolist() == [2, 3, 4]  # mean 5, in pool order; image 5 (off-label) is never picked
+    with pytest.raises(DiffdistillError, match="herding"):
+        select_indices(toy, 2, "herding")
+
+
+def test_herding_falls_back_to_all_members_when_too_few_are_on_label():
+    labels = torch.zeros(3, dtype=torch.long)
+    toy = LabeledImages(torch.zeros(3, 1, 2, 2, dtype=torch.uint8), labels, ["a"])
+    index = select_indices(toy, 2, "herding", features=torch.tensor([[0.0], [1.0], [2.0]]),
+                           predictions=torch.tensor([1, 1, 0]))
+    assert index.numel() == 2
+
+
 def test_submission_filenames():
     assert submission_filename("cifar100") == "cifar100.pt"
     assert submission_filename("tinyimagenet") == "tinyimagenet.pt"

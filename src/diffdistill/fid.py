@@ -203,6 +203,13 @@ class ConvNetExtractor:
         x = normalize(images, self.mean, self.std).to(self.device)  # (N, C, H, W)
         return self.convnet.embed(x).flatten(1).float().cpu()  # (N, F)
 
+    @torch.no_grad()
+    def classify(self, images: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (N, F), predicted labels (N,)) of uint8 images, in batches."""
+        feats = torch.cat([self(part) for part in images.split(batch_size)])  # (N, F)
+        logits = self.convnet.classifier(feats.to(self.device)).cpu()  # (N, K)
+        return feats, logits.argmax(1)
+
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]
 

@@ -28,23 +28,29 @@ TRACK1: dict[str, tuple[int, tuple[int, int, int]]] = {
 TRACK1_IPC = 10
 log = logging.getLogger(__name__)
 
-RULES = ("first", "random")
+RULES = ("first", "random", "herding")
 # De-normalised pixels must lie in [0, 1] up to float rounding of the stored values.
 RANGE_TOLERANCE = 1e-3
 
 
-def select_indices(pool: LabeledImages, ipc: int, rule: str = "first", seed: int = 0) -> torch.Tensor:
+def select_indices(pool: LabeledImages, ipc: int, rule: str = "first", seed: int = 0, *,
+                   features: torch.Tensor | None = None, predictions: torch.Tensor | None = None) -> torch.Tensor:
     """Pool indices of the package rows, class-major: IPC per class, classes in index order.
 
     "first" takes each class's first IPC images in pool order. Every pool image is an independent
     draw from the model (the order only reflects when it was sampled), so this is an unbiased pick,
     and it is the one a run with a smaller budget would have made. "random" takes a seeded random
-    IPC-subset of each class (kept in pool order).
+    IPC-subset of each class (kept in pool order). "herding" uses a classifier trained on the real
+    data (``features`` (N, F) and ``predictions`` (N,) of it): among the images of a class that the
+    classifier assigns to that class, it greedily picks the IPC whose feature mean best matches the
+    mean of all of them (herding), so the few images are both on-label and representative.
     """
     if rule not in RULES:
         raise DiffdistillError(f"rule must be one of {list(RULES)}, got {rule!r}")
     if ipc < 1:
         raise DiffdistillError(f"ipc must be >= 1, got {ipc}")
+    if rule == "herding" and (features is None or predictions is None):
+        raise DiffdistillError("rule 'herding' needs the features and predictions of a real-data classifier")
     generator = torch.Generator().manual_seed(int(seed))
     chosen, short = [], []
     for k, name in enumerate(pool.classes):
@@ -54,6 +60,8 @@ def select_indices(pool: LabeledImages, ipc: int, rule: str = "first", seed: int
             continue
         if rule == "random":
             members = members[torch.randperm(members.numel(), generator=generator)[:ipc]].sort().values
+        elif rule == "herding":
+            members = herding(members, features, predictions == k, ipc, name)
         chosen.append(members[:ipc])
     if short:
         raise DiffdistillError(f"pool {pool.name!r} has fewer than ipc={ipc} images for "
@@ -61,13 +69,40 @@ def select_indices(pool: LabeledImages, ipc: int, rule: str = "first", seed: int
     return torch.cat(chosen)  # (K * ipc,)
 
 
+def herding(members: torch.Tensor, features: torch.Tensor, on_label: torch.Tensor, ipc: int, name: str = ""):
+    """IPC of ``members`` (pool indices of one class) chosen by herding on their features.
+
+    Candidates are the members the classifier puts in their class (``on_label``, (N,) bool); if fewer
+    than IPC are, all members are candidates (logged). Greedy: each pick minimises the distance
+    between the running mean of the picks and the candidates' mean. Returned in pool order.
+    """
+    candidates = members[on_label[members]]
+    if candidates.numel() < ipc:
+        log.warning("class %s: only %d of %d images classified on-label; herding over all of them",
+                    name, candidates.numel(), members.numel())
+        candidates = members
+    feats = features[candidates].double()  # (n, F)
+    target = feats.mean(0)  # (F,)
+    running = torch.zeros_like(target)
+    taken = torch.zeros(len(candidates), dtype=torch.bool)
+    for i in range(ipc):
+        gap = ((target * (i + 1) - running - feats) ** 2).sum(1)  # (n,) distance if each were added
+        gap[taken] = float("inf")
+        pick = int(gap.argmin())
+        taken[pick] = True
+        running += feats[pick]
+    return candidates[taken]  # (ipc,) in pool order
+
+
 def package(pool: LabeledImages, dataset: str, ipc: int = 10, *, mean, std, rule: str = "first",
-            seed: int = 0) -> torch.Tensor:
-    """float32 (K * IPC, C, H, W), normalised, class-major (see :func:`select_indices`)."""
-    try:
-        index = select_indices(pool, ipc, rule, seed)
-    except DiffdistillError as err:
-        raise DiffdistillError(f"{dataset} package: {err}") from err
+            seed: int = 0, index: torch.Tensor | None = None, **selection) -> torch.Tensor:
+    """float32 (K * IPC, C, H, W), normalised, class-major (see :func:`select_indices`, which gets
+    ``selection``: the classifier outputs for "herding"); ``index`` skips the selection."""
+    if index is None:
+        try:
+            index = select_indices(pool, ipc, rule, seed, **selection)
+        except DiffdistillError as err:
+            raise DiffdistillError(f"{dataset} package: {err}") from err
     return normalize(pool.images[index], mean, std).contiguous()  # (K * ipc, C, H, W)
 
 

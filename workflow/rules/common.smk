@@ -129,5 +129,14 @@ def evaluation_args(wildcards):
     }[wildcards.kind]
 
 
+def herding_convnet():
+    """Package rule 'herding' picks images with the real-data feature ConvNet of FD-ConvNet scoring."""
+    if config["package"]["rule"] != "herding":
+        return {}
+    if config["scoring"]["extractor"] != "convnet":
+        raise ValueError("config key package.rule: 'herding' needs scoring.extractor 'convnet' (its feature ConvNet)")
+    return feature_convnet_output()
+
+
 def final_targets():
     return [f"{OUT}/report.md", f"{OUT}/summary.json"]

@@ -61,6 +61,7 @@ rule package:
     input:
         pool=f"{OUT}/samples/pool.pt",
         train=f"{OUT}/data/train.pt",
+        **herding_convnet(),
     output:
         package=f"{OUT}/package/{DATASET}.pt",
         pool=f"{OUT}/package/pool_normalized.pt",
@@ -71,6 +72,7 @@ rule package:
         ipc=config["package"]["ipc"],
         rule=config["package"]["rule"],
         out_dir=lambda wildcards, output: str(Path(output.package).parent),
+        convnet=lambda wildcards, input: f"--feature-convnet {input.convnet}" if "convnet" in input.keys() else "",
     log:
         f"{LOGS}/package.log",
     resources:
@@ -80,5 +82,5 @@ rule package:
         "../../envs/diffdistill.yaml"
     shell:
         "python {params.script} --pool {input.pool} --dataset {params.dataset} --ipc {params.ipc} "
-        "--rule {params.rule} --real-train {input.train} --out-dir {params.out_dir} "
+        "--rule {params.rule} {params.convnet} --real-train {input.train} --out-dir {params.out_dir} "
         "--pool-out {output.pool} --meta {output.meta} --log {log}"

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffdistill import atomic, cli, normalize, submission
+from diffdistill import atomic, cli, normalize, scoring, submission
 from diffdistill.data import load_images
 from diffdistill.errors import DiffdistillError
 
@@ -19,6 +19,7 @@ def parse(argv):
     p.add_argument("--dataset", required=True)
     p.add_argument("--ipc", type=int, default=10)
     p.add_argument("--rule", choices=submission.RULES, default="first")
+    p.add_argument("--feature-convnet", help="real-data ConvNet of reference_stats (for --rule herding)")
     p.add_argument("--real-train", help="real training split (statistics of non-challenge data sets)")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--pool-out", required=True, help="whole pool, normalised, as a dict")
@@ -26,6 +27,18 @@ def parse(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log")
     return p.parse_args(argv)
+
+
+def herding_inputs(args, pool) -> dict:
+    """Features and predictions of the real-data feature ConvNet, which rule 'herding' needs."""
+    if args.rule != "herding":
+        return {}
+    if not args.feature_convnet:
+        raise DiffdistillError("--rule herding needs --feature-convnet (written by reference_stats)")
+    features, predictions = scoring.load_feature_convnet(args.feature_convnet, "cpu").classify(pool.images)
+    cli.log.info("feature ConvNet puts %.1f%% of the pool in its sampled class",
+                 100 * float((predictions == pool.labels).float().mean()))
+    return {"features": features, "predictions": predictions}
 
 
 def main(argv=None) -> int:
@@ -38,8 +51,8 @@ def main(argv=None) -> int:
             raise DiffdistillError(f"--real-train is required: {args.dataset!r} has no challenge constants")
         real = load_images(args.real_train).images if args.dataset not in normalize.CHALLENGE_STATS else None
         mean, std = normalize.stats_for(args.dataset, real)
-        tensor = submission.package(pool, args.dataset, args.ipc, mean=mean, std=std, rule=args.rule, seed=args.seed)
-        index = submission.select_indices(pool, args.ipc, args.rule, args.seed)  # the rows, for the sidecar
+        index = submission.select_indices(pool, args.ipc, args.rule, args.seed, **herding_inputs(args, pool))
+        tensor = submission.package(pool, args.dataset, args.ipc, mean=mean, std=std, index=index)
         contract = dict(num_classes=pool.num_classes, ipc=args.ipc, image_shape=tuple(pool.images.shape[1:]),
                         mean=mean, std=std)
         submission.validate(tensor, args.dataset, **contract)  # fail before anything is written
