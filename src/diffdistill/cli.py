@@ -151,3 +151,18 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         logging.getLogger("diffdistill").error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def add_sampler_flags(parser) -> None:
+    """--steps, --order, --method, ... : one flag per field of SamplerSettings, with its default."""
+    from .sampling import SamplerSettings
+
+    for key, value in SamplerSettings().to_dict().items():
+        parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
+
+
+def sampler_settings(args):
+    """The SamplerSettings given by the flags of :func:`add_sampler_flags` (validated)."""
+    from .sampling import SamplerSettings
+
+    return SamplerSettings(**{key: getattr(args, key) for key in SamplerSettings().to_dict()})

@@ -23,9 +23,7 @@ def parse(argv):
     p.add_argument("--budget-s", type=float, default=600.0)
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--max-images", type=int, default=None)
-    defaults = sampling.SamplerSettings()
-    for key, value in defaults.to_dict().items():
-        p.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
+    cli.add_sampler_flags(p)
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -50,7 +48,7 @@ def main(argv=None) -> int:
     device = cli.start("sample_budget", sys.argv[1:] if argv is None else argv, args.log, args.device, args.seed)
     if args.budget_s <= 0:
         raise DiffdistillError(f"--budget-s must be > 0 seconds, got {args.budget_s}: nothing would be sampled")
-    settings = sampling.SamplerSettings(**{k: getattr(args, k) for k in sampling.SamplerSettings().to_dict()})
+    settings = cli.sampler_settings(args)
     with cli.cleanup_on_failure([args.out, args.meta]):
         args.checkpoint = checkpoint_path(args)
         with cli.Timer() as load:

@@ -10,7 +10,7 @@ seconds at its top level, plus the settings, timings and environment.
 import argparse
 import sys
 
-from diffdistill import cli, fid, sampling, scoring
+from diffdistill import cli, fid, scoring
 
 
 def parse(argv):
@@ -22,8 +22,7 @@ def parse(argv):
     p.add_argument("--inception-weights", help="local Inception weights (.pth or TorchScript); default: torch.hub")
     p.add_argument("--num-images", type=int, required=True, help="samples; keep it fixed across checkpoints")
     p.add_argument("--batch-size", type=int, default=250)
-    for key, value in sampling.SamplerSettings().to_dict().items():
-        p.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
+    cli.add_sampler_flags(p)
     p.add_argument("--out", required=True, help="score JSON")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0, help="the same seed for every checkpoint: same noise")
@@ -34,7 +33,7 @@ def parse(argv):
 def main(argv=None) -> int:
     args = parse(argv)
     device = cli.start("score_checkpoint", sys.argv[1:] if argv is None else argv, args.log, args.device, args.seed)
-    settings = sampling.SamplerSettings(**{k: getattr(args, k) for k in sampling.SamplerSettings().to_dict()})
+    settings = cli.sampler_settings(args)
     with cli.cleanup_on_failure([args.out]):
         reference = fid.load_stats(args.stats)
         extractor = scoring.build_extractor(args.extractor, device, inception_weights=args.inception_weights,
