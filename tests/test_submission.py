@@ -94,6 +94,15 @@ def test_herding_keeps_on_label_images_and_matches_their_mean():
         select_indices(toy, 2, "herding")
 
 
+def test_herding_moves_towards_the_given_real_class_mean():
+    labels = torch.zeros(5, dtype=torch.long)
+    toy = LabeledImages(torch.zeros(5, 1, 2, 2, dtype=torch.uint8), labels, ["a"])
+    features = torch.tensor([[0.0], [1.0], [2.0], [8.0], [9.0]])
+    index = select_indices(toy, 2, "herding", features=features, predictions=torch.zeros(5, dtype=torch.long),
+                           targets=torch.tensor([[8.5]]))
+    assert index.tolist() == [3, 4]  # the real class sits at 8.5, not at the pool mean 4
+
+
 def test_herding_falls_back_to_all_members_when_too_few_are_on_label():
     labels = torch.zeros(3, dtype=torch.long)
     toy = LabeledImages(torch.zeros(3, 1, 2, 2, dtype=torch.uint8), labels, ["a"])

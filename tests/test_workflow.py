@@ -66,7 +66,7 @@ def test_default_config_plans_unconditional_pretraining(tmp_path):
     result = snakemake("-n", "--cores", "2", "--configfile", str(REPO / "config" / "config.yaml"),
                        "--config", f"results={tmp_path}/results", cwd=tmp_path, check=True)
     jobs = planned_jobs(result.stdout)
-    assert jobs["pretrain_unconditional"] == 1 and jobs["score_checkpoint"] == 4
+    assert jobs["pretrain_unconditional"] == 1 and jobs["score_checkpoint"] == 3
 
 
 @pytest.mark.parametrize(

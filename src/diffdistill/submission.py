@@ -34,7 +34,8 @@ RANGE_TOLERANCE = 1e-3
 
 
 def select_indices(pool: LabeledImages, ipc: int, rule: str = "first", seed: int = 0, *,
-                   features: torch.Tensor | None = None, predictions: torch.Tensor | None = None) -> torch.Tensor:
+                   features: torch.Tensor | None = None, predictions: torch.Tensor | None = None,
+                   targets: torch.Tensor | None = None) -> torch.Tensor:
     """Pool indices of the package rows, class-major: IPC per class, classes in index order.
 
     "first" takes each class's first IPC images in pool order. Every pool image is an independent
@@ -42,8 +43,9 @@ def select_indices(pool: LabeledImages, ipc: int, rule: str = "first", seed: int
     and it is the one a run with a smaller budget would have made. "random" takes a seeded random
     IPC-subset of each class (kept in pool order). "herding" uses a classifier trained on the real
     data (``features`` (N, F) and ``predictions`` (N,) of it): among the images of a class that the
-    classifier assigns to that class, it greedily picks the IPC whose feature mean best matches the
-    mean of all of them (herding), so the few images are both on-label and representative.
+    classifier assigns to that class, it greedily picks the IPC whose feature mean best matches
+    ``targets[k]`` (K, F), the class's mean feature on the real training data (herding; without
+    targets, the mean of the candidates), so the few images are on-label and representative.
     """
     if rule not in RULES:
         raise DiffdistillError(f"rule must be one of {list(RULES)}, got {rule!r}")
@@ -61,7 +63,8 @@ def select_indices(pool: LabeledImages, ipc: int, rule: str = "first", seed: int
         if rule == "random":
             members = members[torch.randperm(members.numel(), generator=generator)[:ipc]].sort().values
         elif rule == "herding":
-            members = herding(members, features, predictions == k, ipc, name)
+            target = None if targets is None else targets[k]
+            members = herding(members, features, predictions == k, ipc, name, target=target)
         chosen.append(members[:ipc])
     if short:
         raise DiffdistillError(f"pool {pool.name!r} has fewer than ipc={ipc} images for "
@@ -69,12 +72,14 @@ def select_indices(pool: LabeledImages, ipc: int, rule: str = "first", seed: int
     return torch.cat(chosen)  # (K * ipc,)
 
 
-def herding(members: torch.Tensor, features: torch.Tensor, on_label: torch.Tensor, ipc: int, name: str = ""):
+def herding(members: torch.Tensor, features: torch.Tensor, on_label: torch.Tensor, ipc: int, name: str = "",
+            target: torch.Tensor | None = None):
     """IPC of ``members`` (pool indices of one class) chosen by herding on their features.
 
     Candidates are the members the classifier puts in their class (``on_label``, (N,) bool); if fewer
     than IPC are, all members are candidates (logged). Greedy: each pick minimises the distance
-    between the running mean of the picks and the candidates' mean. Returned in pool order.
+    between the running mean of the picks and ``target`` (F,) (default: the candidates' mean).
+    Returned in pool order.
     """
     candidates = members[on_label[members]]
     if candidates.numel() < ipc:
@@ -82,7 +87,7 @@ def herding(members: torch.Tensor, features: torch.Tensor, on_label: torch.Tenso
                     name, candidates.numel(), members.numel())
         candidates = members
     feats = features[candidates].double()  # (n, F)
-    target = feats.mean(0)  # (F,)
+    target = feats.mean(0) if target is None else target.double()  # (F,)
     running = torch.zeros_like(target)
     taken = torch.zeros(len(candidates), dtype=torch.bool)
     for i in range(ipc):

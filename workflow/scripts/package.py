@@ -8,6 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from diffdistill import atomic, cli, normalize, scoring, submission
 from diffdistill.data import load_images
 from diffdistill.errors import DiffdistillError
@@ -29,16 +31,21 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def herding_inputs(args, pool) -> dict:
+def herding_inputs(args, pool, real) -> dict:
     """Features and predictions of the real-data feature ConvNet, which rule 'herding' needs."""
     if args.rule != "herding":
         return {}
     if not args.feature_convnet:
         raise DiffdistillError("--rule herding needs --feature-convnet (written by reference_stats)")
-    features, predictions = scoring.load_feature_convnet(args.feature_convnet, "cpu").classify(pool.images)
+    if real is None:
+        raise DiffdistillError("--rule herding needs --real-train (its class means are the herding targets)")
+    convnet = scoring.load_feature_convnet(args.feature_convnet, "cpu")
+    features, predictions = convnet.classify(pool.images)
+    real_features, _ = convnet.classify(real.images)
+    targets = torch.stack([real_features[real.labels == k].mean(0) for k in range(pool.num_classes)])  # (K, F)
     cli.log.info("feature ConvNet puts %.1f%% of the pool in its sampled class",
                  100 * float((predictions == pool.labels).float().mean()))
-    return {"features": features, "predictions": predictions}
+    return {"features": features, "predictions": predictions, "targets": targets}
 
 
 def main(argv=None) -> int:
@@ -49,9 +56,9 @@ def main(argv=None) -> int:
         pool = load_images(args.pool)
         if args.dataset not in normalize.CHALLENGE_STATS and not args.real_train:
             raise DiffdistillError(f"--real-train is required: {args.dataset!r} has no challenge constants")
-        real = load_images(args.real_train).images if args.dataset not in normalize.CHALLENGE_STATS else None
-        mean, std = normalize.stats_for(args.dataset, real)
-        index = submission.select_indices(pool, args.ipc, args.rule, args.seed, **herding_inputs(args, pool))
+        real = load_images(args.real_train) if args.real_train else None
+        mean, std = normalize.stats_for(args.dataset, None if real is None else real.images)
+        index = submission.select_indices(pool, args.ipc, args.rule, args.seed, **herding_inputs(args, pool, real))
         tensor = submission.package(pool, args.dataset, args.ipc, mean=mean, std=std, index=index)
         contract = dict(num_classes=pool.num_classes, ipc=args.ipc, image_shape=tuple(pool.images.shape[1:]),
                         mean=mean, std=std)
