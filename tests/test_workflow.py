@@ -220,3 +220,34 @@ def test_two_process_finetuning_and_sharded_sampling_through_the_workflow(tiny_r
     pool = data.load_images(out / "samples" / "pool.pt")
     assert len(pool) == summary["pool_images"] == sum(s["images"] for s in shards)
     assert max(pool.counts()) - min(pool.counts()) <= 2
+
+
+def test_killed_run_resumes_with_rerun_incomplete_from_the_kept_checkpoint(tiny_run, tmp_path):
+    """SIGKILL snakemake (and its job) during fine-tuning, then --rerun-incomplete: the job continues
+    from its newest complete checkpoint instead of starting over."""
+    import os
+    import signal
+    import time
+
+    for name in ("results", ".snakemake"):  # data and pretraining are already made
+        subprocess.run(["cp", "-r", str(tiny_run / name), str(tmp_path / name)], check=True)
+    subprocess.run(["rm", "-rf", str(tmp_path / "results/digits/checkpoints")], check=True)
+    overlay = tmp_path / "longer.yaml"
+    overlay.write_text("finetune: {total_steps: 3000, checkpoint_steps: [3, 3000]}\n")
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+           "--cores", "1", "--configfile", str(REPO / "config" / "config.yaml"), str(TINY), str(overlay),
+           "--until", "finetune"]
+    run = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    deadline = time.time() + 240
+    while not list((tmp_path / "results/digits/checkpoints").glob(".resume/*/step_0000003.pt")):
+        assert run.poll() is None and time.time() < deadline, "fine-tuning never wrote its first checkpoint"
+        time.sleep(0.5)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    assert not (tmp_path / "results/digits/checkpoints/step_0003000.pt").exists()
+    result = snakemake("--cores", "1", "--configfile", str(REPO / "config" / "config.yaml"), str(TINY), str(overlay),
+                       "--until", "finetune", "--rerun-incomplete", cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    sidecar = json.loads((tmp_path / "results/digits/checkpoints/train.json").read_text())
+    assert sidecar["start_step"] >= 3 and sidecar["final_step"] == 3000
