@@ -246,6 +246,8 @@ def test_killed_run_resumes_with_rerun_incomplete_from_the_kept_checkpoint(tiny_
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()
     assert not (tmp_path / "results/digits/checkpoints/step_0003000.pt").exists()
+    common = ("--configfile", str(REPO / "config" / "config.yaml"), str(TINY), str(overlay))
+    snakemake("--unlock", *common, cwd=tmp_path, check=True)  # a killed snakemake leaves its lock
     result = snakemake("--cores", "1", "--configfile", str(REPO / "config" / "config.yaml"), str(TINY), str(overlay),
                        "--until", "finetune", "--rerun-incomplete", cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
