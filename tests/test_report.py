@@ -33,7 +33,7 @@ def labelled(n_per_class=3, classes=4, channels=1, side=8, offset=0):
 def test_sample_grid_has_one_row_per_class_with_that_class_images():
     grid = report.sample_grid(labelled(), per_class=3)
     assert grid.size == (3 * 9, 4 * 9)  # (width, height): 8 px + 1 px separator per cell
-    pixels = torch.from_numpy(np.asarray(grid)).view(grid.height, grid.width)
+    pixels = torch.from_numpy(np.array(grid)).view(grid.height, grid.width)
     for label in range(4):
         assert (pixels[label * 9 : label * 9 + 8, 0:8] == label * 40).all()
     assert report.grid_scale(8) == 4 and report.grid_scale(32) == 1
