@@ -6,13 +6,11 @@ stratified, 8x8, one channel, 10 classes), not from running the readers.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import pickle
 import shutil
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,16 +22,13 @@ from PIL import Image
 from diffdistill import data
 from diffdistill.cli import run_main
 from diffdistill.errors import DiffdistillError
+from helpers import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "workflow" / "scripts" / "prepare_data.py"
 
 
 @pytest.fixture(scope="module")
 def prepare_script():
-    spec = importlib.util.spec_from_file_location("prepare_data_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("prepare_data")
 
 
 @pytest.fixture

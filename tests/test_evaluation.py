@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +13,8 @@ from diffdistill.cli import run_main
 from diffdistill.data import LabeledImages, save_images
 from diffdistill.errors import DiffdistillError
 from diffdistill.normalize import CHALLENGE_STATS, channel_stats, normalize
+from helpers import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "workflow" / "scripts" / "evaluate.py"
 SMALL = dict(net_width=16)  # the protocol at a fraction of the width, to keep CPU tests fast
 
 
@@ -193,10 +191,7 @@ def test_bad_training_input():
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("evaluate")
 
 
 @pytest.fixture

@@ -1,9 +1,7 @@
 """Checkpoint scoring and selection, and the three scoring scripts end to end (facts.md sections 1, 4)."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,18 +12,14 @@ from diffdistill import checkpoint, cli, fid, sampling, scoring, uvit
 from diffdistill.convnet import ConvNet
 from diffdistill.data import LabeledImages, save_images
 from diffdistill.errors import DiffdistillError
+from helpers import load_script
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
 FAST = sampling.SamplerSettings(steps=2, order=2, method="multistep", algorithm="dpmsolver++", t_end=1e-3)
 FAST_FLAGS = ["--steps", "2", "--order", "2", "--method", "multistep", "--algorithm", "dpmsolver++",
               "--t-end", "1e-3"]
 
 
-def script(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+script = load_script
 
 
 def tiny_model(seed):

@@ -1,6 +1,5 @@
 """Submission package (facts.md section 5) and the two scripts around it, end to end on tiny files."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,17 +13,11 @@ from diffdistill.cli import run_main
 from diffdistill.data import LabeledImages, load_images, save_images
 from diffdistill.errors import DiffdistillError
 from diffdistill.submission import package, save_package, select_indices, submission_filename, validate
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)  # facts.md section 5
 TINY_MEAN, TINY_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "workflow" / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def by_hand(images, mean, std):

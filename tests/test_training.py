@@ -7,7 +7,6 @@ as an uninterrupted one (1e-6). Tiny U-ViT (uvit_tiny_test) on 40 random 3x8x8 i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ import torch
 from diffdistill import checkpoint, cli, training, uvit
 from diffdistill.data import LabeledImages, save_images
 from diffdistill.errors import DiffdistillError
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "workflow" / "scripts" / "train.py"
@@ -251,11 +251,8 @@ def test_finetune_from_unconditional_pretrained(tmp_path):
     assert checkpoint.load_checkpoint(paths[2])["extra"]["init_report"]["loaded"] == report.loaded
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_train_script():
+    return load_script("train")
 
 
 def run_script_in_process(flags) -> int:
@@ -263,7 +260,7 @@ def run_script_in_process(flags) -> int:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
-        return load_script().main(flags)
+        return load_train_script().main(flags)
     finally:
         for handler in root.handlers[:]:
             root.removeHandler(handler)
@@ -306,7 +303,7 @@ def test_script_rejects_wrong_number_of_checkpoint_files(tmp_path):
     save_images(toy_data(), data_file)
     flags = ["--data", str(data_file), "--preset", "uvit_tiny_test", "--total-steps", "4", "--checkpoint-steps", "2",
              "--checkpoints", str(tmp_path / "only_one.pt"), "--device", "cpu"]
-    assert cli.run_main(load_script().main, flags) == 2
+    assert cli.run_main(load_train_script().main, flags) == 2
 
 
 @pytest.mark.gpu
