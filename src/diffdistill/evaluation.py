@@ -30,7 +30,7 @@ from .convnet import ConvNet
 from .data import LabeledImages
 from .dsa import DSAParams, augment
 from .errors import DiffdistillError
-from .normalize import CHALLENGE_STATS, stats_for
+from .normalize import stats_for
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,6 @@ def random_real_subset(real: LabeledImages, ipc: int, generator: torch.Generator
 
 def normalization_stats(dataset: str, real_train: LabeledImages | None):
     """The challenge constants, else the real training split's own (which must then be given)."""
-    if dataset not in CHALLENGE_STATS and real_train is None:
-        raise DiffdistillError(f"data set {dataset!r} has no challenge constants: give the real training "
-                               f"split (--real-train) for its normalisation statistics")
     return stats_for(dataset, None if real_train is None else real_train.images)
 
 

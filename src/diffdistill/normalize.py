@@ -26,7 +26,10 @@ def stats_for(dataset: str, real_train_images: torch.Tensor | None = None):
     if dataset in CHALLENGE_STATS:
         return CHALLENGE_STATS[dataset]
     if real_train_images is None:
-        raise ValueError(f"data set {dataset!r} has no challenge constants: pass its real training images")
+        from .errors import DiffdistillError
+
+        raise DiffdistillError(f"data set {dataset!r} has no challenge constants: give the real training "
+                               f"split (--real-train) for its normalisation statistics")
     return channel_stats(real_train_images)
 
 

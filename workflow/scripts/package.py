@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from diffdistill import atomic, cli, normalize, scoring, submission
+from diffdistill import atomic, cli, evaluation, scoring, submission
 from diffdistill.data import load_images
 from diffdistill.errors import DiffdistillError
 
@@ -54,10 +54,8 @@ def main(argv=None) -> int:
     out = Path(args.out_dir) / submission.submission_filename(args.dataset)
     with cli.cleanup_on_failure([out, args.pool_out, args.meta]):
         pool = load_images(args.pool)
-        if args.dataset not in normalize.CHALLENGE_STATS and not args.real_train:
-            raise DiffdistillError(f"--real-train is required: {args.dataset!r} has no challenge constants")
         real = load_images(args.real_train) if args.real_train else None
-        mean, std = normalize.stats_for(args.dataset, None if real is None else real.images)
+        mean, std = evaluation.normalization_stats(args.dataset, real)
         index = submission.select_indices(pool, args.ipc, args.rule, args.seed, **herding_inputs(args, pool, real))
         tensor = submission.package(pool, args.dataset, args.ipc, mean=mean, std=std, index=index)
         contract = dict(num_classes=pool.num_classes, ipc=args.ipc, image_shape=tuple(pool.images.shape[1:]),
