@@ -98,3 +98,13 @@ def read_torch(path: str | os.PathLike, what: str, map_location="cpu") -> Any:
         raise DiffdistillError(
             f"{path}: cannot be read as {what} with torch.load(weights_only=True) ({type(err).__name__}: {err})"
         ) from err
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """A JSON file, with errors that name the file and what was expected (``what``)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        from .errors import DiffdistillError
+
+        raise DiffdistillError(f"{path}: cannot be read as {what} ({type(err).__name__}: {err})") from err

@@ -10,20 +10,11 @@ images/s and keeps each shard's figures under ``per_shard``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from diffdistill import atomic, cli, sampling
 from diffdistill.data import concat_images, load_images, save_images
 from diffdistill.errors import DiffdistillError
-
-
-def read_meta(path: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise DiffdistillError(f"{path}: cannot read the shard's sampling JSON ({err})") from err
 
 
 def main(argv=None) -> int:
@@ -39,7 +30,7 @@ def main(argv=None) -> int:
         raise DiffdistillError(f"{len(args.shards)} shard files but {len(args.metas)} JSON files")
     with cli.cleanup_on_failure([args.out, args.meta]):
         pool = concat_images([load_images(path) for path in args.shards], split="synthetic")
-        summary = sampling.merge_shard_meta([read_meta(path) for path in args.metas])
+        summary = sampling.merge_shard_meta([atomic.read_json(path, "a shard's sampling JSON") for path in args.metas])
         if summary["images"] != len(pool):
             raise DiffdistillError(f"the shard JSONs count {summary['images']} images, the files hold {len(pool)}")
         save_images(pool, args.out)

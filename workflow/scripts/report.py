@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -21,13 +20,6 @@ import pandas as pd
 from diffdistill import atomic, cli, report
 from diffdistill.data import load_images
 from diffdistill.errors import DiffdistillError
-
-
-def read_json(path: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise DiffdistillError(f"{path}: cannot read JSON ({err})") from err
 
 
 def main(argv=None) -> int:
@@ -42,8 +34,9 @@ def main(argv=None) -> int:
     cli.start("report", sys.argv[1:] if argv is None else argv, args.log)
 
     with cli.cleanup_on_failure([args.report, args.summary, args.grid]):
-        evaluations = {Path(p).stem: read_json(p) for p in args.evaluations}
-        best, pool_meta = read_json(args.best), read_json(args.pool_meta)
+        evaluations = {Path(p).stem: atomic.read_json(p, "an evaluation JSON") for p in args.evaluations}
+        best = atomic.read_json(args.best, "select_checkpoint's best.json")
+        pool_meta = atomic.read_json(args.pool_meta, "the sampling JSON")
         pool = load_images(args.pool)
         grid = report.sample_grid(pool, per_class=10, pixel_scale=report.grid_scale(pool.images.shape[-1]))
         with atomic.atomic_path(args.grid) as tmp:

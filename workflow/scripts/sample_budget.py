@@ -4,11 +4,9 @@ The budget clock starts at the first sampling batch; model loading is timed and 
 """
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-from diffdistill import checkpoint, cli, sampling
+from diffdistill import atomic, checkpoint, cli, sampling
 from diffdistill.data import LabeledImages, save_images
 from diffdistill.errors import DiffdistillError
 
@@ -37,10 +35,10 @@ def checkpoint_path(args) -> str:
     """--checkpoint, or the checkpoint named by select_checkpoint's best.json."""
     if args.checkpoint:
         return args.checkpoint
-    try:
-        return json.loads(Path(args.best).read_text())["checkpoint"]
-    except (OSError, ValueError, KeyError) as err:
-        raise DiffdistillError(f"{args.best}: expected select_checkpoint's JSON with a 'checkpoint' path ({err})") from err
+    best = atomic.read_json(args.best, "select_checkpoint's JSON")
+    if "checkpoint" not in best:
+        raise DiffdistillError(f"{args.best}: expected select_checkpoint's JSON with a 'checkpoint' path")
+    return best["checkpoint"]
 
 
 def main(argv=None) -> int:

@@ -7,12 +7,9 @@ Lower is better; ties go to the earliest step. Scores of different kinds or samp
 """
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from diffdistill import atomic, cli, scoring
-from diffdistill.errors import DiffdistillError
 
 
 def parse(argv):
@@ -25,18 +22,11 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def read_score(path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise DiffdistillError(f"{path}: cannot be read as a score JSON ({type(err).__name__}: {err})") from err
-
-
 def main(argv=None) -> int:
     args = parse(argv)
     cli.start("select_checkpoint", sys.argv[1:] if argv is None else argv, args.log, "cpu")
     with cli.cleanup_on_failure([args.csv, args.best, args.plot]):
-        best, table = scoring.select_best([read_score(path) for path in args.scores])
+        best, table = scoring.select_best([atomic.read_json(path, "a score JSON") for path in args.scores])
         atomic.write_text(args.csv, table.to_csv(index=False))
         scoring.plot_scores(table, args.plot, best["score_kind"])
         cli.write_sidecar(args.best, settings={"scores": args.scores}, **{
