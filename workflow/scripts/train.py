@@ -69,16 +69,18 @@ def main(argv=None) -> int:
     state = training.checkpoint_paths_in(args.resume_dir, config.checkpoint_steps) if args.resume_dir else paths
     data = load_images(args.data)
     num_classes = data.num_classes if args.num_classes is None else args.num_classes
-    outputs = [paths[config.total_steps], args.sidecar] if rank == 0 else []  # keep what a rerun resumes from
-    if args.resume_dir:
-        outputs = [*paths.values(), args.sidecar] if rank == 0 else []
+    # On failure remove only what a rerun cannot resume from: with --resume-dir every declared output
+    # is a copy; without it the intermediate checkpoints are the resume state and stay.
+    declared = list(paths.values()) if args.resume_dir else [paths[config.total_steps]]
+    outputs = [*declared, args.sidecar] if rank == 0 else []
     with cli.cleanup_on_failure(outputs), training.distributed_context(device) as ctx:
         model = uvit.build(args.preset, **{**args.model_overrides, "num_classes": num_classes})
         report = checkpoint.load_pretrained(model, args.init) if args.init else None
         summary = training.train(model, data, config, state, device=ctx.device, resume=args.resume,
                                  init_report=report)
-        for step in paths if ctx.is_main and state is not paths else ():
-            atomic.publish(state[step], paths[step])
+        if ctx.is_main and args.resume_dir:  # the finished checkpoints become the declared outputs
+            for step, path in paths.items():
+                atomic.publish(state[step], path)
         if ctx.is_main and args.sidecar:
             settings = {**vars(args), "num_classes": num_classes, "training": config.to_dict(),
                         "model": model.config, "init_summary": report.summary() if report else None}
