@@ -78,10 +78,17 @@ def test_observed_order_matches_solver_order(method, algorithm, order):
     assert slope >= order - 0.5, (e1, e2, slope)
 
 
-@pytest.mark.parametrize("method,algorithm", [(m, a) for m, a, o in COMBOS if o == 3])
-def test_third_order_is_converged_at_50_steps(method, algorithm):
-    # facts.md section 3: 50 steps converged. The oracle's spread at t_end is s * max|z| ~ 1.5.
-    assert error(50, 3, method, algorithm) < 1e-3
+# Evaluations after which every solver is below 1e-3 (the oracle's spread at t_end is s * max|z| ~ 1.5).
+# Third order: 50, facts.md section 3's "50 steps converged". Measured first counts below 1e-3: order 3
+# 22-45, order 2 107 (multistep) and 211-215 (singlestep), order 1 4236. Lower orders cannot reach
+# 1e-3 at 50 steps on this oracle (8e-2 and 4.5e-3 to 2e-2 there): DDIM's error is first order in
+# a lambda step of 0.22, and order 1 equals Song et al.'s DDIM exactly (test below).
+CONVERGED_AT = {1: 5000, 2: 250, 3: 50}
+
+
+@pytest.mark.parametrize("method,algorithm,order", COMBOS)
+def test_error_is_below_1e_3_once_the_order_allows(method, algorithm, order):
+    assert error(CONVERGED_AT[order], order, method, algorithm) < 1e-3
 
 
 def test_first_order_is_ddim_for_both_algorithms():
@@ -90,6 +97,21 @@ def test_first_order_is_ddim_for_both_algorithms():
     a = sample(oracle_eps, x_T, steps=15, order=1, algorithm="dpmsolver")
     b = sample(oracle_eps, x_T, steps=15, order=1, algorithm="dpmsolver++")
     torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_first_order_equals_song_et_al_ddim(method):
+    # DDIM (Song et al. 2021, eta = 0) in its own form, x_t' = alpha_t' x0_hat + sigma_t' eps_hat, on
+    # the same logSNR grid: order 1 must be exactly that. So the first-order error at 50 steps (about
+    # 8e-2 on this oracle, see the module note) is DDIM's own truncation error, not a solver bug.
+    x = exact(T_START, Z)
+    grid = time_grid("logSNR", T_START, T_END, 50)
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        (a, s), (a_next, s_next) = alpha_sigma(t), alpha_sigma(t_next)
+        eps = oracle_eps(x, t.expand(x.shape[0]))
+        x = a_next * (x - s * eps) / a + s_next * eps
+    ours = sample(oracle_eps, exact(T_START, Z), steps=50, order=1, method=method, algorithm="dpmsolver++")
+    torch.testing.assert_close(ours, x, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("algorithm", ["dpmsolver", "dpmsolver++"])
