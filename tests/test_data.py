@@ -308,7 +308,11 @@ def test_script_bad_input_exits_2_and_leaves_no_outputs(case, tmp_path, prepare_
     assert run_main(prepare_script.main, ["--dataset", dataset, *root_args, *argv]) == 2
     assert not any(paths[k].exists() for k in ("train.pt", "test.pt", "prepare.json"))
     assert not [p for p in (tmp_path / "out").glob(".*.tmp")]  # no temporary files either
-    assert "error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if line.startswith("error: ")]) == 1, err
+    assert " ERROR " not in err, "the terminal shows the error once, not also as a log line"
+    if paths["log.txt"].exists():  # logging starts after argument checks: the log has it too
+        assert "error: " in paths["log.txt"].read_text()
 
 
 def test_shared_conftest_fixtures(mini_cifar100, mini_tiny_imagenet, digits_files):

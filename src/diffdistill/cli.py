@@ -148,9 +148,16 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     try:
         return main(argv)
     except DiffdistillError as err:
-        logging.getLogger("diffdistill").error("%s", err)
         print(f"error: {err}", file=sys.stderr)
+        _log_to_files_only(f"error: {err}")  # the terminal already has the line above
         return 2
+
+
+def _log_to_files_only(message: str) -> None:
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def add_sampler_flags(parser) -> None:
