@@ -72,7 +72,7 @@ def measure(x: torch.Tensor, batch: int, family: str | None, repeats: int) -> di
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=1000, help="images per epoch")
     p.add_argument("--size", type=int, default=32)
@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--devices", default="cpu,cuda", help="comma list; cuda is skipped when unavailable")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; {args.n} images "

@@ -7,11 +7,21 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "workflow" / "scripts"
+BENCHMARKS = REPO / "benchmarks"
 
 
 def load_script(name: str):
     """Import ``workflow/scripts/<name>.py`` as a module, so tests can call its ``main(argv)``."""
-    spec = importlib.util.spec_from_file_location(f"script_{name}", SCRIPTS / f"{name}.py")
+    return _load(SCRIPTS / f"{name}.py", f"script_{name}")
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` as a module."""
+    return _load(BENCHMARKS / f"{name}.py", f"benchmark_{name}")
+
+
+def _load(path: Path, module_name: str):
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,0 +1,95 @@
+"""The benchmark scripts run, print the table they promise, and count what facts.md section 6 says.
+
+Speeds are never asserted (they are measured by the scripts, not by tests); these tests keep the
+scripts from rotting and check the numbers they derive (FLOPs, roofline fraction, images counted).
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import pytest
+import torch
+
+from diffdistill import dsa, uvit
+from helpers import load_benchmark
+
+COLUMNS = ["preset", "device", "batch", "precision", "compile", "steps", "guidance", "images/s",
+           "ms/forward", "GFLOP/img-fwd", "TFLOP/s", "%roofline"]
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    return load_benchmark("sampler_throughput")
+
+
+@pytest.mark.parametrize("preset,num_classes,gflop", [("uvit_small_2", 100, 24.5), ("uvit_mid_4", 200, 70.5)])
+def test_flops_per_forward_match_facts(throughput, preset, num_classes, gflop):
+    # facts.md section 6: conditional S/2 at 32^2 24.5 GFLOP, M/4 at 64^2 70.5 GFLOP per forward.
+    with torch.device("meta"):  # count without computing: no weights, no arithmetic
+        model = uvit.build(preset, num_classes=num_classes, null_class=True).eval()
+    assert throughput.flops_per_image(model, torch.device("meta")) / 1e9 == pytest.approx(gflop, rel=2e-3)
+
+
+def run_throughput(throughput, tmp_path, *flags):
+    out = tmp_path / "bench.tsv"
+    argv = ["--presets", "uvit_tiny_test", "--batch-sizes", "4", "--steps", "3", "--repeats", "1",
+            "--device", "cpu", "--out-tsv", str(out), *flags]
+    assert throughput.main(argv) == 0
+    with open(out, newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def test_sampler_throughput_writes_one_row_per_configuration(throughput, tmp_path, capsys):
+    rows = run_throughput(throughput, tmp_path, "--precisions", "fp32", "bf16", "--guidance", "1", "2",
+                          "--peak-tflops", "1.0")
+    assert [(r["precision"], float(r["guidance"])) for r in rows] == [
+        ("fp32", 1.0), ("fp32", 2.0), ("bf16", 1.0), ("bf16", 2.0)]
+    assert list(rows[0]) == COLUMNS
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1].split("\t") == COLUMNS and len(printed) == 2 + len(rows)
+    for row in rows:
+        images_s, ms_forward, gflop = float(row["images/s"]), float(row["ms/forward"]), float(row["GFLOP/img-fwd"])
+        forward_batch = 4 * (2 if float(row["guidance"]) == 2 else 1)  # w = 2 runs the network at 2B
+        seconds = 3 * ms_forward / 1e3
+        assert images_s == pytest.approx(4 / seconds, rel=1e-3)
+        assert float(row["TFLOP/s"]) == pytest.approx(gflop * forward_batch * 3 / seconds / 1e3, rel=1e-3)
+        assert float(row["%roofline"]) == pytest.approx(100 * float(row["TFLOP/s"]) / 1.0, rel=1e-3)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_sampler_throughput_compiled_network(throughput, tmp_path):
+    rows = run_throughput(throughput, tmp_path, "--compile", "on", "--sampler", "ss3")
+    assert len(rows) == 1 and rows[0]["compile"] == "on" and float(rows[0]["images/s"]) > 0
+
+
+def test_dsa_speed_prints_the_mix_and_every_family(capsys):
+    load_benchmark("dsa_speed").main(["--n", "24", "--size", "8", "--batch", "8", "--repeats", "1",
+                                      "--devices", "cpu"])
+    lines = capsys.readouterr().out.splitlines()
+    families = [line.split()[-6] for line in lines[2:]]
+    assert families == ["(mix)", *dsa.FAMILIES]
+
+
+@pytest.mark.parametrize("family", ["scale", "rotate"])
+def test_dsa_reference_style_computes_the_same_transform(family):
+    # The benchmark's 'ref-style' rival only costs more; it must compute what the package computes.
+    bench, params = load_benchmark("dsa_speed"), dsa.DSAParams()
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    drawn = dsa.draw_params(family, x.shape, torch.Generator().manual_seed(1), x.device, params)
+    torch.testing.assert_close(bench.reference_style(x, family, drawn, params),
+                               dsa.apply_params(x, family, drawn, params))
+
+
+@pytest.mark.gpu
+def test_sampler_throughput_on_cuda_bf16_compiled(throughput, tmp_path):
+    out = tmp_path / "bench.tsv"
+    argv = ["--presets", "uvit_small_2", "--batch-sizes", "8", "--steps", "4", "--repeats", "1",
+            "--precisions", "bf16", "--compile", "off", "on", "--device", "cuda", "--out-tsv", str(out)]
+    assert throughput.main(argv) == 0
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    assert [r["compile"] for r in rows] == ["off", "on"]
+    assert all(float(r["GFLOP/img-fwd"]) == pytest.approx(24.5, rel=2e-3) for r in rows)
