@@ -187,3 +187,28 @@ def test_fresh_init_matches_official():
     assert 0.01 < model.pos_embed.std().item() < 0.03
     assert 0.8 < model.label_emb.weight.std().item() < 1.2  # nn.Embedding default N(0, 1)
     assert isinstance(model.time_embed, nn.Identity)
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.gpu
+def test_cuda_forward_matches_cpu_and_bf16_stays_close():
+    # The CUDA path the paper configs use: S/2, flash/efficient SDPA, bf16 autocast on the network.
+    torch.manual_seed(0)
+    model = uvit.build("uvit_small_2", num_classes=100, null_class=True).eval()
+    x, t, y = torch.randn(4, 3, 32, 32), torch.full((4,), 500.0), torch.tensor([0, 1, 2, 100])
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for the comparison with the CPU
+    try:
+        with torch.no_grad():
+            reference = model(x, t, y)  # (4, 3, 32, 32), fp32 on CPU
+            gpu = model.cuda()
+            fp32 = gpu(x.cuda(), t.cuda(), y.cuda()).cpu()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                bf16 = gpu(x.cuda(), t.cuda(), y.cuda())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert _relative_error(fp32, reference) < 1e-4
+    assert bf16.dtype == torch.bfloat16 and _relative_error(bf16.cpu(), reference) < 5e-2
