@@ -107,6 +107,14 @@ def time_sampler(net, model, args, device, batch, precision, steps, w) -> float:
     return statistics.median(times[1:])
 
 
+def cudagraph_safe(net, mode: str):
+    """Under CUDA graphs (compile modes reduce-overhead and max-autotune) the next call overwrites the
+    output buffer, while the solvers keep outputs across calls (facts.md section 6): hand out copies."""
+    if mode not in ("reduce-overhead", "max-autotune"):
+        return net
+    return lambda x, t, y=None: net(x, t, y).clone()
+
+
 def peak_for(args, device, precision, cache) -> float:
     if args.peak_tflops is not None:
         return args.peak_tflops
@@ -129,7 +137,7 @@ def run(args, device):
             net = model
             if comp == "on":
                 torch._dynamo.reset()  # a fresh compile per fixed batch shape, no dynamic-shape fallback
-                net = torch.compile(model, mode=args.compile_mode, dynamic=False)
+                net = cudagraph_safe(torch.compile(model, mode=args.compile_mode, dynamic=False), args.compile_mode)
             seconds = time_sampler(net, model, args, device, batch, precision, steps, w)
             forward_batch = batch * (2 if w not in (0.0, 1.0) else 1)
             tflops = gflop * forward_batch * steps / seconds / 1e3
