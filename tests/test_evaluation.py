@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffdistill import evaluation
+from diffdistill import evaluation, evaluation_state
 from diffdistill.cli import run_main
 from diffdistill.data import LabeledImages, save_images
 from diffdistill.errors import DiffdistillError
+from diffdistill.evaluation_state import EvaluationState
 from diffdistill.normalize import CHALLENGE_STATS, channel_stats, normalize
 from helpers import load_script
 
@@ -186,6 +187,71 @@ def test_bad_training_input():
         evaluation.train_and_evaluate(x, y, x, y, rounds=0, **kw)
 
 
+# --- resuming a long evaluation --------------------------------------------------------------------
+
+
+class Interrupt(Exception):
+    """Stands for a kill: raised from the epoch callback."""
+
+
+def run_rounds(state=None, stop_at=None, seed=3):
+    """2 rounds x 7 passes on the stripes; returns (result, {(round, epoch): loss}) or raises Interrupt."""
+    x, y = as_float(labeled(4, 0, "train"))
+    losses = {}
+
+    def on_epoch(info):
+        losses[info["round"], info["epoch"]] = info["loss"]
+        if (info["round"], info["epoch"]) == stop_at:
+            raise Interrupt
+
+    result = evaluation.train_and_evaluate(x, y, x, y, num_classes=3, channel=1, im_size=(8, 8), epochs=6,
+                                           rounds=2, batch_size=4, device="cpu", seed=seed, log_every=0,
+                                           on_epoch=on_epoch, state=state, **SMALL)
+    return result, losses
+
+
+KEY = {"epochs": 6, "data": "stripes"}
+
+
+# Saves after passes 1, 3 and 5 (every 2); the lr drops after pass 4 (epochs 6), so the kill at pass 6
+# resumes with the dropped lr and the re-created optimizer's momentum.
+@pytest.mark.parametrize("stop_at,saved_epoch,resumed_rounds", [((0, 4), 3, []), ((1, 5), 3, [0]), ((0, 6), 5, [])])
+def test_interrupted_evaluation_resumes_to_the_same_result(tmp_path, stop_at, saved_epoch, resumed_rounds):
+    reference, reference_losses = run_rounds()
+    state = EvaluationState(tmp_path, KEY, every=2)
+    with pytest.raises(Interrupt):
+        run_rounds(state, stop_at=stop_at)
+    saved = torch.load(state.round_file(stop_at[0]), weights_only=True)
+    assert saved["epoch"] == saved_epoch and saved["lr"] == pytest.approx(0.001 if saved_epoch > 4 else 0.01)
+    result, losses = run_rounds(EvaluationState(tmp_path, KEY, every=2))
+    assert result["accuracies"] == reference["accuracies"] and result["resumed_rounds"] == resumed_rounds
+    first_pass = {(stop_at[0], e) for e in range(saved_epoch + 1)} | {(0, e) for e in range(7) if resumed_rounds}
+    assert set(losses) == set(reference_losses) - first_pass  # only what was not saved is redone
+    assert losses == {k: reference_losses[k] for k in losses}  # with the same batches and augmentations
+    assert not state.round_file(0).exists() and not state.round_file(1).exists()  # finished rounds drop them
+
+
+def test_state_of_other_settings_or_a_corrupt_file_starts_afresh(tmp_path, caplog):
+    with pytest.raises(Interrupt):
+        run_rounds(EvaluationState(tmp_path, KEY, every=2), stop_at=(1, 4))
+    other = EvaluationState(tmp_path, {**KEY, "data": "resampled"}, every=2)
+    assert other.finished_rounds() == {} and other.load_epoch(1) is None
+    assert "belongs to other settings or data" in caplog.text
+    state = EvaluationState(tmp_path, KEY, every=2)
+    state.round_file(1).write_bytes(b"not a checkpoint")
+    assert state.load_epoch(1) is None and 0 in state.finished_rounds()
+    reference, _ = run_rounds()
+    assert run_rounds(state)[0]["accuracies"] == reference["accuracies"]
+
+
+def test_data_fingerprint_sees_a_changed_image():
+    x, y = as_float(labeled(4, 0, "train"))
+    changed = x.clone()
+    changed[5, 0, 3, 3] += 0.5
+    assert evaluation_state.data_fingerprint(x, y) == evaluation_state.data_fingerprint(x.clone(), y.clone())
+    assert evaluation_state.data_fingerprint(x, y) != evaluation_state.data_fingerprint(changed, y)
+
+
 # --- the evaluate stage ----------------------------------------------------------------------------
 
 
@@ -247,3 +313,28 @@ def test_script_needs_real_train_for_other_data_sets(script, files):
     argv = ["--train", str(files / "pool.pt"), "--train-format", "images", "--test", str(files / "test.pt"),
             "--dataset", "stripes", "--epochs", "0", "--rounds", "1", "--device", "cpu", "--out", str(files / "o.json")]
     assert run_main(script.main, argv) == 2 and not (files / "o.json").exists()
+
+
+def test_script_resumes_after_a_kill_and_removes_its_state(script, files, monkeypatch):
+    args = ["--train", str(files / "pool.pt"), "--train-format", "images", "--resume-dir", str(files / "resume")]
+    assert run(script, files, *args) == 0
+    reference = json.loads((files / "out.json").read_text())["accuracies"]
+    assert not (files / "resume").exists()  # removed with the result written
+    (files / "out.json").unlink()
+    real_evaluate, calls = evaluation.evaluate_accuracy, []
+
+    def killed_in_round_2(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*a, **kw)
+
+    monkeypatch.setattr(evaluation, "evaluate_accuracy", killed_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(script, files, *args)
+    assert (files / "resume" / "rounds.json").exists() and not (files / "out.json").exists()
+    monkeypatch.setattr(evaluation, "evaluate_accuracy", real_evaluate)
+    assert run(script, files, *args) == 0
+    doc = json.loads((files / "out.json").read_text())
+    assert doc["accuracies"] == reference and doc["resumed_rounds"] == [0]
+    assert "finished by an earlier run" in (files / "log.txt").read_text()

@@ -27,10 +27,11 @@ import torch.nn.functional as F
 
 from . import atomic
 from .convnet import ConvNet
-from .data import LabeledImages
+from .data import LabeledImages, load_images
 from .dsa import DSAParams, augment
 from .errors import DiffdistillError
-from .normalize import stats_for
+from .evaluation_state import EvaluationState
+from .normalize import normalize, stats_for
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,26 @@ def load_package(path: str | os.PathLike, num_classes: int, ipc: int, image_shap
     except DiffdistillError as err:
         raise DiffdistillError(f"{path}: {err}") from err
     return x.float(), labels
+
+
+def load_training_set(path: str | os.PathLike, train_format: str, test: LabeledImages, mean, std, *,
+                      ipc: int | None = None, random_ipc: int | None = None, seed: int | None = None):
+    """(x, y, description) of a training set, normalised like the test split: a package
+    (``train_format`` "package", labels by position, ``ipc``) or a labelled image file ("images"),
+    optionally reduced to ``random_ipc`` random images per class (the random-real baseline)."""
+    if train_format == "package":
+        if ipc is None or random_ipc is not None:
+            raise DiffdistillError("a package training set needs ipc (and takes no random_ipc)")
+        x, y = load_package(path, test.num_classes, ipc, test.images.shape[1:])
+        return x, y, f"package ipc {ipc}"
+    train = load_images(path)
+    if train.classes != test.classes or train.images.shape[1:] != test.images.shape[1:]:
+        raise DiffdistillError(f"{path}: classes or image shape differ from the test split {test.name or ''}")
+    if random_ipc is not None:
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        train = random_real_subset(train, random_ipc, generator)
+    what = f"random real ipc {random_ipc}" if random_ipc else f"images ({len(train)})"
+    return normalize(train.images, mean, std), train.labels, what
 
 
 def _check_split(name: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, shape: tuple) -> None:
@@ -136,12 +157,14 @@ def train_convnet(train_x: torch.Tensor, train_y: torch.Tensor, *, num_classes: 
                   weight_decay: float = 5e-4, batch_size: int = 256, dsa: bool = True, device,
                   generator: torch.Generator | None = None, init_seed: int | None = None,
                   net_width: int = 128, net_depth: int = 3, dsa_params: DSAParams = DSAParams(),
-                  on_epoch: EpochCallback | None = None, log_every: int = 50, log_prefix: str = "") -> ConvNet:
+                  on_epoch: EpochCallback | None = None, log_every: int = 50, log_prefix: str = "",
+                  state: EvaluationState | None = None, round_index: int = 0) -> ConvNet:
     """Train a fresh challenge ConvNet on normalised images with the reference schedule; returns it.
 
     ``generator`` (CPU or on ``device``) drives shuffling and DSA; ``init_seed`` the initial weights;
     both default to the global RNGs (the reference uses no seeds). ``on_epoch`` gets a dict per pass:
-    epoch, lr, loss, acc, seconds, optimizer, model.
+    epoch, lr, loss, acc, seconds, optimizer, model. With ``state`` the round ``round_index``
+    continues from its newest saved epoch and saves every ``state.every`` epochs.
     """
     shape = (channel, int(im_size[0]), int(im_size[1]))
     _check_split("training", train_x, train_y, num_classes, shape)
@@ -149,8 +172,14 @@ def train_convnet(train_x: torch.Tensor, train_y: torch.Tensor, *, num_classes: 
     x = train_x.to(device=device, dtype=torch.float32)  # (N, C, H, W)
     y = train_y.to(device=device, dtype=torch.long)  # (N,)
     optimizer = _sgd(model, lr, momentum, weight_decay)
+    first = 0
+    saved = state.load_epoch(round_index) if state is not None else None
+    if saved is not None:
+        first, lr = saved["epoch"] + 1, saved["lr"]
+        optimizer = _restore(saved, model, generator, lr, momentum, weight_decay)
+        log.info("%sresumed after epoch %d of %d", log_prefix, saved["epoch"], epochs)
     began = time.perf_counter()
-    for epoch in range(epochs + 1):
+    for epoch in range(first, epochs + 1):
         loss, acc = _train_epoch(model, optimizer, x, y, batch_size, dsa, dsa_params, generator)
         seconds = time.perf_counter() - began
         info = dict(epoch=epoch, lr=optimizer.param_groups[0]["lr"], loss=loss, acc=acc, seconds=seconds)
@@ -163,7 +192,19 @@ def train_convnet(train_x: torch.Tensor, train_y: torch.Tensor, *, num_classes: 
         if epoch == lr_drop_epoch(epochs):
             lr *= 0.1
             optimizer = _sgd(model, lr, momentum, weight_decay)  # re-created, as the reference does
+        if state is not None and state.due(epoch) and epoch < epochs:
+            state.save_epoch(round_index, epoch, model, optimizer, lr, generator)
     return model
+
+
+def _restore(saved: dict, model, generator, lr: float, momentum: float, weight_decay: float):
+    """Model weights, generator state and a new SGD optimizer with the saved momentum buffers."""
+    model.load_state_dict(saved["model"])
+    optimizer = _sgd(model, lr, momentum, weight_decay)
+    optimizer.load_state_dict(saved["optimizer"])
+    if generator is not None and saved["generator"] is not None:
+        generator.set_state(saved["generator"])
+    return optimizer
 
 
 @torch.no_grad()
@@ -191,29 +232,39 @@ def train_and_evaluate(train_x: torch.Tensor, train_y: torch.Tensor, test_x: tor
                        *, num_classes: int, channel: int, im_size: Sequence[int], epochs: int = 1000,
                        rounds: int = 3, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
                        batch_size: int = 256, dsa: bool = True, device, seed: int | None = None,
-                       log_every: int = 50, on_epoch: EpochCallback | None = None, **net_kwargs) -> dict:
+                       log_every: int = 50, on_epoch: EpochCallback | None = None,
+                       state: EvaluationState | None = None, **net_kwargs) -> dict:
     """``rounds`` fresh ConvNets trained on (train_x, train_y), each tested on the whole test set.
 
-    Returns mean, std, accuracies (fractions), epochs, rounds, train_size, seconds (and per round).
-    ``net_kwargs`` go to :func:`train_convnet` (net_width, net_depth, dsa_params). ``on_epoch`` also
-    gets the round index.
+    Returns mean, std, accuracies (fractions), epochs, rounds, train_size, seconds (and per round),
+    resumed_rounds. ``net_kwargs`` go to :func:`train_convnet` (net_width, net_depth, dsa_params).
+    ``on_epoch`` also gets the round index. With ``state`` finished rounds are taken from it and a
+    running one continues (see :mod:`diffdistill.evaluation_state`).
     """
     _check_split("test", test_x, test_y, num_classes, (channel, int(im_size[0]), int(im_size[1])))
     if rounds < 1 or epochs < 0:
         raise DiffdistillError(f"rounds must be >= 1 and epochs >= 0, got rounds={rounds}, epochs={epochs}")
     accuracies, times = [], []
+    finished = state.finished_rounds() if state is not None else {}
     for r, (init_seed, generator) in enumerate(_round_seeds(seed, rounds)):
+        if r in finished:
+            accuracies.append(finished[r]["accuracy"])
+            times.append(finished[r]["seconds"])
+            log.info("round %d/%d: test accuracy %.4f (finished by an earlier run)", r + 1, rounds, accuracies[-1])
+            continue
         began = time.perf_counter()
         callback = None if on_epoch is None else (lambda info, r=r: on_epoch({**info, "round": r}))
         model = train_convnet(train_x, train_y, num_classes=num_classes, channel=channel, im_size=im_size,
                               epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
                               batch_size=batch_size, dsa=dsa, device=device, generator=generator,
                               init_seed=init_seed, on_epoch=callback, log_every=log_every,
-                              log_prefix=f"round {r + 1}/{rounds} ", **net_kwargs)
+                              log_prefix=f"round {r + 1}/{rounds} ", state=state, round_index=r, **net_kwargs)
         accuracies.append(evaluate_accuracy(model, test_x, test_y, device))
         times.append(time.perf_counter() - began)
+        if state is not None:
+            state.finish_round(r, accuracies[-1], times[-1])
         log.info("round %d/%d: test accuracy %.4f (%.0f s; ETA %.0f s)", r + 1, rounds, accuracies[-1],
                  times[-1], np.mean(times) * (rounds - r - 1))
     return dict(mean=float(np.mean(accuracies)), std=float(np.std(accuracies)), accuracies=accuracies,
                 epochs=epochs, rounds=rounds, train_size=len(train_x), seconds=float(sum(times)),
-                seconds_per_round=times)
+                seconds_per_round=times, resumed_rounds=sorted(finished))

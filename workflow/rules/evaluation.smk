@@ -12,6 +12,8 @@ rule evaluate:
         rounds=config["evaluation"]["rounds"],
         batch_size=config["evaluation"].get("batch_size", 256),
         seed=config["seed"] + 5,
+        # Outside the outputs (Snakemake deletes those before a rerun); keyed inside by settings and data.
+        resume=lambda wildcards: f"{OUT}/evaluation/.resume/{wildcards.kind}",
     log:
         f"{LOGS}/evaluate/{{kind}}.log",
     benchmark:
@@ -27,4 +29,4 @@ rule evaluate:
         "python {params.script} --train {input.train} {params.args} --test {input.test} "
         "--dataset {params.dataset} --real-train {input.real_train} --rounds {params.rounds} "
         "--batch-size {params.batch_size} --device {params.device} --seed {params.seed} "
-        "--out {output.result} --log {log}"
+        "--resume-dir {params.resume} --out {output.result} --log {log}"

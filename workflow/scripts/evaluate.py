@@ -9,11 +9,9 @@ full real train split, or with ``--random-ipc K`` a random real subset of it). T
 import argparse
 import sys
 
-import torch
-
 from diffdistill import cli, evaluation
 from diffdistill.data import load_images
-from diffdistill.errors import DiffdistillError
+from diffdistill.evaluation_state import EvaluationState, data_fingerprint
 from diffdistill.normalize import normalize
 
 
@@ -30,28 +28,14 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=256, help="SGD batch (the challenge uses 256)")
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--resume-dir", help="keep resume state here (finished rounds, every --checkpoint-every "
+                   "epochs of the running one); removed once the result is written")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="epochs between resume checkpoints")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int)
     p.add_argument("--out", required=True, help="result JSON")
     p.add_argument("--log")
     return p.parse_args(argv)
-
-
-def load_train(args, test, mean, std):
-    """(x, y, what) for the chosen training set, normalised like the test split."""
-    if args.train_format == "package":
-        if args.ipc is None or args.random_ipc is not None:
-            raise DiffdistillError("--train-format package needs --ipc (and takes no --random-ipc)")
-        x, y = evaluation.load_package(args.train, test.num_classes, args.ipc, test.images.shape[1:])
-        return x, y, f"package ipc {args.ipc}"
-    train = load_images(args.train)
-    if train.classes != test.classes or train.images.shape[1:] != test.images.shape[1:]:
-        raise DiffdistillError(f"{args.train}: classes or image shape differ from the test split {args.test}")
-    if args.random_ipc is not None:
-        generator = None if args.seed is None else torch.Generator().manual_seed(args.seed)
-        train = evaluation.random_real_subset(train, args.random_ipc, generator)
-    what = f"random real ipc {args.random_ipc}" if args.random_ipc else f"images ({len(train)})"
-    return normalize(train.images, mean, std), train.labels, what
 
 
 def main(argv=None) -> int:
@@ -62,18 +46,30 @@ def main(argv=None) -> int:
             test = load_images(args.test)
             real = load_images(args.real_train) if args.real_train else None
             mean, std = evaluation.normalization_stats(args.dataset, real)
-            x, y, what = load_train(args, test, mean, std)
+            x, y, what = evaluation.load_training_set(args.train, args.train_format, test, mean, std, ipc=args.ipc,
+                                                      random_ipc=args.random_ipc, seed=args.seed)
         _, channel, height, width = test.images.shape
+        state = resume_state(args, x, y, test) if args.resume_dir else None
         result = evaluation.train_and_evaluate(
             x, y, normalize(test.images, mean, std), test.labels, num_classes=test.num_classes, channel=channel,
             im_size=(height, width), epochs=args.epochs, rounds=args.rounds, device=device, seed=args.seed,
-            batch_size=args.batch_size, log_every=args.log_every)
+            batch_size=args.batch_size, log_every=args.log_every, state=state)
         cli.log.info("%s: test accuracy %.4f +- %.4f over %d rounds", what, result["mean"], result["std"], args.rounds)
         settings = {**vars(args), "train_set": what, "mean_std": [mean, std], "num_classes": test.num_classes}
         timings = {"load": loading.seconds, "train_and_test": result.pop("seconds"),
                    "per_round": result.pop("seconds_per_round")}
         cli.write_sidecar(args.out, settings=settings, timings=timings, device=device, **result)
+    if state is not None:
+        state.clear()
     return 0
+
+
+def resume_state(args, x, y, test) -> EvaluationState:
+    """Resume state keyed by what decides the result: the training settings and the data's contents."""
+    key = {k: getattr(args, k) for k in ("train_format", "ipc", "random_ipc", "dataset", "epochs", "rounds",
+                                         "batch_size", "seed")}
+    key["data"] = data_fingerprint(x, y, test.images, test.labels)
+    return EvaluationState(args.resume_dir, key, every=args.checkpoint_every)
 
 
 if __name__ == "__main__":
