@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffdistill import checkpoint, uvit
+from diffdistill import checkpoint, scoring, uvit
 from diffdistill.cli import run_main
 from diffdistill.data import LabeledImages, load_images, save_images
 from diffdistill.errors import DiffdistillError
@@ -236,3 +236,27 @@ def test_package_bad_input_exits_2_and_writes_nothing(tmp_path, pool):
     assert done.returncode == 2 and "track1_layout" in done.stderr
     assert not (tmp_path / "sub").exists() or not any((tmp_path / "sub").iterdir())
     assert not (tmp_path / "p.pt").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_package_script_herding_with_a_feature_convnet(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    real = LabeledImages(torch.randint(0, 256, (18, 3, 8, 8), generator=g, dtype=torch.uint8),
+                         torch.arange(3).repeat(6), ["apple", "bee", "cat"], "toy", "train")
+    samples = LabeledImages(torch.randint(0, 256, (15, 3, 8, 8), generator=g, dtype=torch.uint8),
+                            torch.arange(3).repeat(5), ["apple", "bee", "cat"], "toy", "synthetic")
+    save_images(real, tmp_path / "real.pt")
+    save_images(samples, tmp_path / "pool.pt")
+    scoring.save_feature_convnet(tmp_path / "fc.pt", scoring.train_feature_convnet(
+        real, epochs=1, device="cpu", seed=0, net_width=8, net_depth=2))
+    argv = ["--pool", str(tmp_path / "pool.pt"), "--dataset", "toy", "--ipc", "2", "--rule", "herding",
+            "--real-train", str(tmp_path / "real.pt"), "--out-dir", str(tmp_path / "sub"),
+            "--pool-out", str(tmp_path / "p.pt"), "--meta", str(tmp_path / "m.json")]
+    assert run_main(load_script("package").main, argv) == 2  # no --feature-convnet: refused, nothing written
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "sub" / "toy.pt").exists()
+    assert run_main(load_script("package").main, [*argv, "--feature-convnet", str(tmp_path / "fc.pt")]) == 0
+    chosen = json.loads((tmp_path / "m.json").read_text())["chosen_indices"]
+    assert samples.labels[chosen].tolist() == [0, 0, 1, 1, 2, 2] and len(set(chosen)) == 6
+    mean = [real.images[:, c].double().div(255).mean().item() for c in range(3)]
+    std = [real.images[:, c].double().div(255).std().item() for c in range(3)]
+    written = torch.load(tmp_path / "sub" / "toy.pt", weights_only=True)
+    assert torch.allclose(written, by_hand(samples.images[chosen], mean, std), atol=1e-5)
