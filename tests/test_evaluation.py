@@ -53,18 +53,37 @@ def test_labels_by_position_are_class_major_blocks():
         evaluation.labels_by_position(999, 100, 10)
 
 
-def test_random_real_subset():
+def test_random_real_indices():
     real = labeled(7, 0, "train")
-    sub = evaluation.random_real_subset(real, 3, torch.Generator().manual_seed(0))
+    index = evaluation.random_real_indices(real, 3, torch.Generator().manual_seed(0))
+    sub = real.subset(index)
     assert sub.counts() == [3, 3, 3] and sub.labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
-    for image, label in zip(sub.images, sub.labels):  # every pick is a real image of its class
-        assert any(torch.equal(image, other) for other in real.images[real.labels == label])
-    assert len({img.numpy().tobytes() for img in sub.images}) == 9  # without replacement
-    again = evaluation.random_real_subset(real, 3, torch.Generator().manual_seed(0))
-    other = evaluation.random_real_subset(real, 3, torch.Generator().manual_seed(1))
-    assert torch.equal(again.images, sub.images) and not torch.equal(other.images, sub.images)
+    assert len(set(index.tolist())) == 9  # without replacement
+    again = evaluation.random_real_indices(real, 3, torch.Generator().manual_seed(0))
+    other = evaluation.random_real_indices(real, 3, torch.Generator().manual_seed(1))
+    assert torch.equal(again, index) and not torch.equal(other, index)
     with pytest.raises(DiffdistillError, match="at least ipc = 8"):
-        evaluation.random_real_subset(real, 8)
+        evaluation.random_real_indices(real, 8)
+
+
+def test_random_real_baseline_draws_a_fresh_subset_per_round(tmp_path, monkeypatch):
+    real, test = labeled(7, 0, "train"), labeled(2, 1, "test")
+    save_images(real, tmp_path / "real.pt")
+    mean, std = channel_stats(real.images)
+    x, y, what, rounds = evaluation.load_training_set(tmp_path / "real.pt", "images", test, mean, std,
+                                                      random_ipc=3, rounds=3, seed=4)
+    assert len(x) == 21 and len(rounds) == 3 and "fresh subset per round" in what
+    assert len({tuple(r.tolist()) for r in rounds}) == 3  # three different subsets
+    assert all(y[r].tolist() == [0] * 3 + [1] * 3 + [2] * 3 for r in rounds)
+    seen = []
+    real_train = evaluation.train_convnet
+    monkeypatch.setattr(evaluation, "train_convnet", lambda tx, ty, **kw: seen.append(tx) or real_train(tx, ty, **kw))
+    result = evaluation.train_and_evaluate(x, y, *as_float(test), num_classes=3, channel=1, im_size=(8, 8), epochs=0,
+                                           rounds=3, device="cpu", seed=0, round_indices=rounds, log_every=0, **SMALL)
+    assert [torch.equal(tx, x[r]) for tx, r in zip(seen, rounds)] == [True] * 3 and result["train_size"] == 9
+    with pytest.raises(DiffdistillError, match="one index tensor per round"):
+        evaluation.train_and_evaluate(x, y, x, y, num_classes=3, channel=1, im_size=(8, 8), epochs=0, rounds=2,
+                                      device="cpu", round_indices=rounds)
 
 
 def test_normalization_stats():

@@ -46,8 +46,8 @@ def labels_by_position(n: int, num_classes: int, ipc: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(ipc)  # (n,)
 
 
-def random_real_subset(real: LabeledImages, ipc: int, generator: torch.Generator | None = None) -> LabeledImages:
-    """``ipc`` images per class drawn without replacement, in class-major order (the random baseline)."""
+def random_real_indices(real: LabeledImages, ipc: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Indices of ``ipc`` images per class drawn without replacement, class-major (the random baseline)."""
     picks = []
     for c in range(real.num_classes):
         members = (real.labels == c).nonzero().flatten()  # (n_c,)
@@ -55,7 +55,7 @@ def random_real_subset(real: LabeledImages, ipc: int, generator: torch.Generator
             raise DiffdistillError(f"{real.name or 'real data'}: class {c} ({real.classes[c]}) has "
                                    f"{len(members)} images; expected at least ipc = {ipc}")
         picks.append(members[torch.randperm(len(members), generator=generator)[:ipc]])
-    return real.subset(torch.cat(picks))
+    return torch.cat(picks)  # (K * ipc,)
 
 
 def normalization_stats(dataset: str, real_train: LabeledImages | None):
@@ -82,23 +82,27 @@ def load_package(path: str | os.PathLike, num_classes: int, ipc: int, image_shap
 
 
 def load_training_set(path: str | os.PathLike, train_format: str, test: LabeledImages, mean, std, *,
-                      ipc: int | None = None, random_ipc: int | None = None, seed: int | None = None):
-    """(x, y, description) of a training set, normalised like the test split: a package
-    (``train_format`` "package", labels by position, ``ipc``) or a labelled image file ("images"),
-    optionally reduced to ``random_ipc`` random images per class (the random-real baseline)."""
+                      ipc: int | None = None, random_ipc: int | None = None, rounds: int = 1,
+                      seed: int | None = None):
+    """(x, y, description, round_indices) of a training set, normalised like the test split: a package
+    (``train_format`` "package", labels by position, ``ipc``) or a labelled image file ("images").
+    With ``random_ipc`` every round trains on its own random subset of that many images per class
+    (``round_indices``, one per round): the random-real baseline is an average over subsets, whose
+    spread is larger than that of retraining on one subset. Otherwise ``round_indices`` is None."""
     if train_format == "package":
         if ipc is None or random_ipc is not None:
             raise DiffdistillError("a package training set needs ipc (and takes no random_ipc)")
         x, y = load_package(path, test.num_classes, ipc, test.images.shape[1:])
-        return x, y, f"package ipc {ipc}"
+        return x, y, f"package ipc {ipc}", None
     train = load_images(path)
     if train.classes != test.classes or train.images.shape[1:] != test.images.shape[1:]:
         raise DiffdistillError(f"{path}: classes or image shape differ from the test split {test.name or ''}")
+    round_indices = None
     if random_ipc is not None:
         generator = None if seed is None else torch.Generator().manual_seed(seed)
-        train = random_real_subset(train, random_ipc, generator)
-    what = f"random real ipc {random_ipc}" if random_ipc else f"images ({len(train)})"
-    return normalize(train.images, mean, std), train.labels, what
+        round_indices = [random_real_indices(train, random_ipc, generator) for _ in range(rounds)]
+    what = f"random real ipc {random_ipc}, a fresh subset per round" if random_ipc else f"images ({len(train)})"
+    return normalize(train.images, mean, std), train.labels, what, round_indices
 
 
 def _check_split(name: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, shape: tuple) -> None:
@@ -230,20 +234,23 @@ def _round_seeds(seed: int | None, rounds: int) -> list[tuple[int | None, torch.
 
 def train_and_evaluate(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                        *, num_classes: int, channel: int, im_size: Sequence[int], epochs: int = 1000,
-                       rounds: int = 3, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
-                       batch_size: int = 256, dsa: bool = True, device, seed: int | None = None,
-                       log_every: int = 50, on_epoch: EpochCallback | None = None,
-                       state: EvaluationState | None = None, **net_kwargs) -> dict:
+                       rounds: int = 3, device, seed: int | None = None,
+                       round_indices: Sequence[torch.Tensor] | None = None, on_epoch: EpochCallback | None = None,
+                       state: EvaluationState | None = None, **train_kwargs) -> dict:
     """``rounds`` fresh ConvNets trained on (train_x, train_y), each tested on the whole test set.
 
-    Returns mean, std, accuracies (fractions), epochs, rounds, train_size, seconds (and per round),
-    resumed_rounds. ``net_kwargs`` go to :func:`train_convnet` (net_width, net_depth, dsa_params).
-    ``on_epoch`` also gets the round index. With ``state`` finished rounds are taken from it and a
-    running one continues (see :mod:`diffdistill.evaluation_state`).
+    ``round_indices[r]`` (optional) picks round r's training images from train_x, e.g. a fresh random
+    real subset per round. ``train_kwargs`` go to :func:`train_convnet` (lr, momentum, weight_decay,
+    batch_size, dsa, log_every, net_width, net_depth, dsa_params). ``on_epoch`` also gets the round
+    index. With ``state`` finished rounds are taken from it and a running one continues (see
+    :mod:`diffdistill.evaluation_state`). Returns mean, std, accuracies (fractions), epochs, rounds,
+    train_size, seconds (and per round), resumed_rounds.
     """
     _check_split("test", test_x, test_y, num_classes, (channel, int(im_size[0]), int(im_size[1])))
     if rounds < 1 or epochs < 0:
         raise DiffdistillError(f"rounds must be >= 1 and epochs >= 0, got rounds={rounds}, epochs={epochs}")
+    if round_indices is not None and len(round_indices) != rounds:
+        raise DiffdistillError(f"round_indices: one index tensor per round expected, got {len(round_indices)} for {rounds}")
     accuracies, times = [], []
     finished = state.finished_rounds() if state is not None else {}
     for r, (init_seed, generator) in enumerate(_round_seeds(seed, rounds)):
@@ -253,18 +260,19 @@ def train_and_evaluate(train_x: torch.Tensor, train_y: torch.Tensor, test_x: tor
             log.info("round %d/%d: test accuracy %.4f (finished by an earlier run)", r + 1, rounds, accuracies[-1])
             continue
         began = time.perf_counter()
+        pick = slice(None) if round_indices is None else round_indices[r]
         callback = None if on_epoch is None else (lambda info, r=r: on_epoch({**info, "round": r}))
-        model = train_convnet(train_x, train_y, num_classes=num_classes, channel=channel, im_size=im_size,
-                              epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                              batch_size=batch_size, dsa=dsa, device=device, generator=generator,
-                              init_seed=init_seed, on_epoch=callback, log_every=log_every,
-                              log_prefix=f"round {r + 1}/{rounds} ", state=state, round_index=r, **net_kwargs)
+        model = train_convnet(train_x[pick], train_y[pick], num_classes=num_classes, channel=channel,
+                              im_size=im_size, epochs=epochs, device=device, generator=generator,
+                              init_seed=init_seed, on_epoch=callback, log_prefix=f"round {r + 1}/{rounds} ",
+                              state=state, round_index=r, **train_kwargs)
         accuracies.append(evaluate_accuracy(model, test_x, test_y, device))
         times.append(time.perf_counter() - began)
         if state is not None:
             state.finish_round(r, accuracies[-1], times[-1])
         log.info("round %d/%d: test accuracy %.4f (%.0f s; ETA %.0f s)", r + 1, rounds, accuracies[-1],
                  times[-1], np.mean(times) * (rounds - r - 1))
+    train_size = len(train_x) if round_indices is None else len(round_indices[0])
     return dict(mean=float(np.mean(accuracies)), std=float(np.std(accuracies)), accuracies=accuracies,
-                epochs=epochs, rounds=rounds, train_size=len(train_x), seconds=float(sum(times)),
+                epochs=epochs, rounds=rounds, train_size=train_size, seconds=float(sum(times)),
                 seconds_per_round=times, resumed_rounds=sorted(finished))

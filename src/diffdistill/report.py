@@ -17,7 +17,7 @@ from .data import LabeledImages
 ACCURACY_ROWS = {
     "synthetic_ipc": "synthetic, IPC-{ipc} package",
     "synthetic_pool": "synthetic, full pool ({pool} images)",
-    "real_ipc": "real, random IPC-{ipc} subset",
+    "real_ipc": "real, random IPC-{ipc} subsets (a fresh one per round)",
     "real_full": "real, full training set",
 }
 

@@ -2,8 +2,8 @@
 
 Training sets: a package (``--train-format package``: bare pre-normalised float tensor, labels by
 position, ``--ipc``), or a labelled image file (``--train-format images``: the synthetic pool, the
-full real train split, or with ``--random-ipc K`` a random real subset of it). The JSON written to
-``--out`` is the result: mean, std, accuracies (fractions), settings, timings.
+full real train split, or with ``--random-ipc K`` a fresh random real subset of it per round). The
+JSON written to ``--out`` is the result: mean, std, accuracies (fractions), settings, timings.
 """
 
 import argparse
@@ -20,7 +20,7 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--train", required=True, help="package tensor or labelled image file")
     p.add_argument("--train-format", required=True, choices=["images", "package"])
     p.add_argument("--ipc", type=int, help="images per class of a package (labels by position)")
-    p.add_argument("--random-ipc", type=int, help="train on K random images per class of --train")
+    p.add_argument("--random-ipc", type=int, help="train each round on its own K random images per class of --train")
     p.add_argument("--test", required=True, help="real test split (labelled image file)")
     p.add_argument("--dataset", required=True, help="data set name (cifar100/tinyimagenet use fixed stats)")
     p.add_argument("--real-train", help="real train split, for the normalisation stats of other data sets")
@@ -46,14 +46,15 @@ def main(argv=None) -> int:
             test = load_images(args.test)
             real = load_images(args.real_train) if args.real_train else None
             mean, std = evaluation.normalization_stats(args.dataset, real)
-            x, y, what = evaluation.load_training_set(args.train, args.train_format, test, mean, std, ipc=args.ipc,
-                                                      random_ipc=args.random_ipc, seed=args.seed)
+            x, y, what, round_indices = evaluation.load_training_set(
+                args.train, args.train_format, test, mean, std, ipc=args.ipc, random_ipc=args.random_ipc,
+                rounds=args.rounds, seed=args.seed)
         _, channel, height, width = test.images.shape
         state = resume_state(args, x, y, test) if args.resume_dir else None
         result = evaluation.train_and_evaluate(
             x, y, normalize(test.images, mean, std), test.labels, num_classes=test.num_classes, channel=channel,
             im_size=(height, width), epochs=args.epochs, rounds=args.rounds, device=device, seed=args.seed,
-            batch_size=args.batch_size, log_every=args.log_every, state=state)
+            round_indices=round_indices, batch_size=args.batch_size, log_every=args.log_every, state=state)
         cli.log.info("%s: test accuracy %.4f +- %.4f over %d rounds", what, result["mean"], result["std"], args.rounds)
         settings = {**vars(args), "train_set": what, "mean_std": [mean, std], "num_classes": test.num_classes}
         timings = {"load": loading.seconds, "train_and_test": result.pop("seconds"),
