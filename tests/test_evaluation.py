@@ -261,6 +261,8 @@ def test_state_of_other_settings_or_a_corrupt_file_starts_afresh(tmp_path, caplo
     assert state.load_epoch(1) is None and 0 in state.finished_rounds()
     reference, _ = run_rounds()
     assert run_rounds(state)[0]["accuracies"] == reference["accuracies"]
+    state.rounds_file.write_text("{ truncated")
+    assert state.finished_rounds() == {} and "starting afresh" in caplog.text
 
 
 def test_data_fingerprint_sees_a_changed_image():

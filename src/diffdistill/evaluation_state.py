@@ -61,8 +61,12 @@ class EvaluationState:
         """Round index -> {"accuracy", "seconds"} of the rounds a previous run finished."""
         if not self.rounds_file.exists():
             return {}
-        saved = atomic.read_json(self.rounds_file, "evaluation resume state")
-        if saved.get("key") != self.key:
+        try:
+            saved = atomic.read_json(self.rounds_file, "evaluation resume state")
+        except DiffdistillError as err:  # our own cache, not the user's input: redo rather than stop
+            log.warning("%s; starting afresh", err)
+            return {}
+        if not isinstance(saved, dict) or saved.get("key") != self.key:
             log.warning("%s belongs to other settings or data: starting afresh", self.rounds_file)
             return {}
         return {int(r): value for r, value in saved["rounds"].items()}
