@@ -142,6 +142,9 @@ def test_tiny_run_outputs_meet_their_contracts(tiny_run):
         evaluation = json.loads((out / "evaluation" / f"{kind}.json").read_text())
         assert summary["accuracy"][kind] == {"mean": evaluation["mean"], "std": evaluation["std"]}
         assert 0.0 <= evaluation["mean"] <= 1.0
+        assert "--resume-dir" in (tiny_run / "logs" / "digits" / "evaluate" / f"{kind}.log").read_text()
+        assert not (out / "evaluation" / ".resume" / kind).exists()  # cleared once the result is written
+    assert "fresh subset per round" in json.loads((out / "evaluation" / "real_ipc.json").read_text())["settings"]["train_set"]
     report = (out / "report.md").read_text()
     for needle in ("Checkpoint selection", "score_curve.png", "sample_grid.png", "images/s", "IPC-2 package"):
         assert needle in report
