@@ -35,7 +35,9 @@ def data_fingerprint(*tensors: torch.Tensor, samples: int = 4096) -> str:
     for tensor in tensors:
         tensor = tensor.detach().cpu()
         stride = max(1, len(tensor) // samples)
-        digest.update(repr((tuple(tensor.shape), str(tensor.dtype), float(tensor.double().sum()))).encode())
+        # Summed in chunks: a float64 copy of a whole large pool would double its memory.
+        total = sum(float(part.double().sum()) for part in tensor.split(65536))
+        digest.update(repr((tuple(tensor.shape), str(tensor.dtype), total)).encode())
         digest.update(tensor[::stride].contiguous().numpy().tobytes())
     return digest.hexdigest()
 
@@ -95,7 +97,7 @@ class EvaluationState:
         except DiffdistillError as err:
             log.warning("%s; starting round %d afresh", err, r + 1)
             return None
-        if state.get("key") != self.key:
+        if not isinstance(state, dict) or state.get("key") != self.key:
             log.warning("%s belongs to other settings or data: starting round %d afresh", path, r + 1)
             return None
         return state
