@@ -51,6 +51,7 @@ class EvaluationState:
         self.folder, self.every = Path(folder), int(every)
         self.key = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._rounds: dict[int, dict] | None = None  # rounds.json as last read or written
 
     @property
     def rounds_file(self) -> Path:
@@ -60,7 +61,11 @@ class EvaluationState:
         return self.folder / f"round_{r}.pt"
 
     def finished_rounds(self) -> dict[int, dict]:
-        """Round index -> {"accuracy", "seconds"} of the rounds a previous run finished."""
+        """Round index -> {"accuracy", "seconds"} of the rounds a previous run finished (read from disk)."""
+        self._rounds = self._read_rounds()
+        return dict(self._rounds)
+
+    def _read_rounds(self) -> dict[int, dict]:
         if not self.rounds_file.exists():
             return {}
         try:
@@ -74,8 +79,10 @@ class EvaluationState:
         return {int(r): value for r, value in saved["rounds"].items()}
 
     def finish_round(self, r: int, accuracy: float, seconds: float) -> None:
-        rounds = {**self.finished_rounds(), r: {"accuracy": accuracy, "seconds": seconds}}
-        atomic.write_json(self.rounds_file, {"key": self.key, "rounds": {str(k): v for k, v in sorted(rounds.items())}})
+        known = self._rounds if self._rounds is not None else self._read_rounds()  # no re-read per round
+        self._rounds = {**known, r: {"accuracy": accuracy, "seconds": seconds}}
+        rounds = {str(k): v for k, v in sorted(self._rounds.items())}
+        atomic.write_json(self.rounds_file, {"key": self.key, "rounds": rounds})
         self.round_file(r).unlink(missing_ok=True)
 
     def due(self, epoch: int) -> bool:
