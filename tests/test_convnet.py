@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from diffdistill.convnet import ConvNet
 from diffdistill.errors import DiffdistillError
 
-# facts.md section 5: depth 3, width 128, Conv2d(3x3, pad 1) -> GroupNorm(128, 128) -> ReLU ->
+# docs/reference.md "ConvNet": depth 3, width 128, Conv2d(3x3, pad 1; 3 for a one-channel first conv) -> GroupNorm(128, 128) -> ReLU ->
 # AvgPool2d(2) per block, then Linear(128 * (H/8)^2, classes). A Sequential numbers the modules, so
 # block d's conv is features.<4d> and its norm features.<4d+1>.
 CIFAR100_KEYS = {
@@ -25,17 +25,17 @@ CIFAR100_KEYS = {
 class ChallengeLayout(nn.Module):
     """The challenge's module layout written out by hand, independently of ConvNet's loop."""
 
-    def __init__(self, channel, classes, side):
+    def __init__(self, channel, classes, side, first_padding=1, classifier_side=None):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(channel, 128, 3, padding=1), nn.GroupNorm(128, 128, affine=True), nn.ReLU(inplace=True),
+            nn.Conv2d(channel, 128, 3, padding=first_padding), nn.GroupNorm(128, 128, affine=True), nn.ReLU(inplace=True),
             nn.AvgPool2d(2, 2),
             nn.Conv2d(128, 128, 3, padding=1), nn.GroupNorm(128, 128, affine=True), nn.ReLU(inplace=True),
             nn.AvgPool2d(2, 2),
             nn.Conv2d(128, 128, 3, padding=1), nn.GroupNorm(128, 128, affine=True), nn.ReLU(inplace=True),
             nn.AvgPool2d(2, 2),
         )
-        self.classifier = nn.Linear(128 * (side // 8) ** 2, classes)
+        self.classifier = nn.Linear(128 * (classifier_side or side // 8) ** 2, classes)
 
     def forward(self, x):
         return self.classifier(self.features(x).view(x.shape[0], -1))
@@ -62,15 +62,52 @@ def test_tinyimagenet_classifier_shape():
     assert tuple(net.classifier.weight.shape) == (200, 128 * 8 * 8)
 
 
+# (channel, side) -> the organisers' first padding and the classifier's side (docs/reference.md,
+# "ConvNet": padding 3 for one channel, a side of 28 counted as 32, halved per block).
+LAYOUTS = [(3, 32, 1, 4), (1, 8, 3, 1), (1, 28, 3, 4), (3, 64, 1, 8)]
+
+
+@pytest.mark.parametrize("channel,side,padding,classifier_side", LAYOUTS)
 @pytest.mark.parametrize("direction", ["challenge_to_ours", "ours_to_challenge"])
-def test_weights_move_both_ways_through_a_file(tmp_path, direction):
+def test_weights_move_both_ways_through_a_file(tmp_path, direction, channel, side, padding, classifier_side):
     torch.manual_seed(0)
-    theirs, ours = ChallengeLayout(3, 10, 32), ConvNet(3, 10)
+    theirs = ChallengeLayout(channel, 10, side, padding, classifier_side)
+    ours = ConvNet(channel, 10, im_size=(side, side))
     src, dst = (theirs, ours) if direction == "challenge_to_ours" else (ours, theirs)
     torch.save(src.state_dict(), tmp_path / "w.pt")
     dst.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True), strict=True)
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(4, channel, side, side)
     torch.testing.assert_close(dst(x), src(x))
+
+
+# The feature-map side after each block, from docs/reference.md: a one-channel 8x8 digit is padded
+# to 12 by the first convolution (12 -> 6 -> 3 -> 1), MNIST's 28 to 32; three channels pad by 1.
+FEATURE_SIDES = {(1, 8): [6, 3, 1], (1, 28): [16, 8, 4], (3, 32): [16, 8, 4], (3, 64): [32, 16, 8]}
+
+
+@pytest.mark.parametrize("channel,side", list(FEATURE_SIDES))
+def test_feature_map_sizes_follow_the_organisers_padding(channel, side):
+    net = ConvNet(channel, 10, im_size=(side, side))
+    first_conv = net.features[0]
+    assert first_conv.padding == ((3, 3) if channel == 1 else (1, 1))
+    assert all(m.padding == (1, 1) for m in net.features[1:] if isinstance(m, nn.Conv2d))
+    sides = []
+    for block in range(3):
+        net.features[4 * block + 3].register_forward_hook(lambda m, i, out: sides.append(tuple(out.shape[2:])))
+    x = torch.randn(2, channel, side, side)
+    conv_out = first_conv(x)
+    assert conv_out.shape[-1] == side + 2 * first_conv.padding[0] - 2  # 12 for a digit, 32 for MNIST
+    assert net(x).shape == (2, 10)
+    assert sides == [(s, s) for s in FEATURE_SIDES[(channel, side)]]
+    assert net.classifier.in_features == 128 * FEATURE_SIDES[(channel, side)][-1] ** 2 == net.embed_dim
+
+
+@pytest.mark.parametrize("channel,side", [(1, 12), (3, 28), (1, 4)])
+def test_sizes_the_organisers_net_cannot_take_are_refused(channel, side):
+    # One channel at 12: the convolutions give 16 -> 8 -> 4 -> 2 but the classifier expects 12 -> 1;
+    # three channels at 28: 3 real vs 4 nominal; 4x4 is too small for three blocks.
+    with pytest.raises(DiffdistillError, match=rf"im_size \({side}, {side}\) with {channel} channel"):
+        ConvNet(channel, 10, im_size=(side, side))
 
 
 def test_groupnorm_is_instance_norm():
@@ -107,5 +144,5 @@ def test_eval_and_train_mode_agree():
 
 
 def test_too_small_image_is_an_error():
-    with pytest.raises(DiffdistillError, match="too small"):
+    with pytest.raises(DiffdistillError, match="accepts"):
         ConvNet(1, 10, net_depth=4, im_size=(8, 8))
