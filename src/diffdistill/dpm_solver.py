@@ -18,13 +18,28 @@ of alpha and sigma swapped and lambda reversed). The solvers differ only in how 
 h m' and h^2 m'' from network evaluations:
 
 * ``"singlestep"`` (DPM-Solver-fast): extra evaluations inside each step at lambda_s + r h;
-  order 2 with r1 = 1/2 (DPM-Solver-2 / DPM-Solver++(2S)), order 3 with r1 = 1/3, r2 = 2/3
-  (DPM-Solver-3 and its data-prediction twin). A budget of ``steps`` evaluations is split into
-  outer steps by :func:`singlestep_orders`; the outer grid has one point per outer step.
+  order 2 (DPM-Solver-2 / DPM-Solver++(2S)) and order 3 (DPM-Solver-3 and its data-prediction
+  twin). A budget of ``steps`` evaluations is split into outer steps by :func:`singlestep_orders`.
 * ``"multistep"``: one evaluation per step; the derivatives come from the predictions of the
   previous one or two grid points (DPM-Solver++(2M) and (3M) for data prediction and their
   noise-prediction counterparts). The first steps use lower orders (:func:`multistep_orders`); with
   fewer than 10 steps the last steps do too, as its authors recommend for stability near t = 0.
+
+``method``, ``algorithm``, ``order`` and ``skip_type`` mean exactly what they mean in the authors'
+``dpm_solver_pytorch.py`` (docs/reference.md, "DPM-Solver", "Exactness against the authors' code"):
+
+* skip types ``logSNR`` (uniform in lambda), ``time_uniform`` and ``time_quadratic`` (uniform in
+  sqrt(t));
+* singlestep outer grid: K + 1 points uniform in lambda for ``logSNR``; for the other skip types
+  the points at the cumulative sums of the step orders on the fine grid of ``steps`` + 1 points. The
+  intermediate points of a step (r1, r2) come from a grid of the same skip type between its ends;
+* multistep order 3 estimates the second-derivative term with the authors' divided difference
+  D2 = (D1_0 - D1_1) / (r0 + r1), which is about h^2 m''/2, i.e. half the Taylor term, and applies
+  it with the coefficient of h^2 m''. That is the published DPM-Solver(++)(3M).
+
+One variant is ours and carries a name of its own, ``method="multistep_taylor"``: multistep with
+the Taylor-correct third-order term 2 D2 (our derivation from the expansion above; orders 1 and 2
+equal ``multistep``). It is never used under the authors' names.
 
 Conventions: ``noise_fn(x, t)`` returns the predicted noise eps for continuous t in [0, 1] of shape
 (B,), in x's dtype (see :func:`diffdistill.guidance.guided_noise_fn`). The solver state stays in
@@ -33,6 +48,7 @@ x_T's dtype; coefficients are computed in float64 and applied as Python floats.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -45,9 +61,10 @@ from .schedule import VPSchedule
 log = logging.getLogger(__name__)
 
 NoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-METHODS = ("multistep", "singlestep")
+AUTHORS_METHODS = ("multistep", "singlestep")  # as in the authors' dpm_solver_pytorch.py
+METHODS = AUTHORS_METHODS + ("multistep_taylor",)  # plus our named variant (module docstring)
 ALGORITHMS = ("dpmsolver", "dpmsolver++")
-SKIP_TYPES = ("logSNR", "time_uniform")
+SKIP_TYPES = ("logSNR", "time_uniform", "time_quadratic")
 
 
 def _validate(steps, order, method, algorithm, skip_type, t_start, t_end) -> None:
@@ -68,7 +85,8 @@ def _validate(steps, order, method, algorithm, skip_type, t_start, t_end) -> Non
 def time_grid(
     skip_type: str, t_start: float, t_end: float, n: int, schedule: VPSchedule = VPSchedule()
 ) -> torch.Tensor:
-    """n + 1 float64 times from t_start down to t_end, uniform in lambda ("logSNR") or in t."""
+    """n + 1 float64 times from t_start down to t_end, uniform in lambda ("logSNR"), in t
+    ("time_uniform") or in sqrt(t) ("time_quadratic": t_i = (sqrt t_start + i (sqrt t_end - sqrt t_start) / n)^2)."""
     if skip_type not in SKIP_TYPES:
         raise ValueError(f"skip_type must be one of {SKIP_TYPES}, got {skip_type!r}")
     ends = torch.tensor([t_start, t_end], dtype=torch.float64)
@@ -76,6 +94,8 @@ def time_grid(
         lam = schedule.lambda_(ends)  # (2,)
         lams = torch.linspace(lam[0].item(), lam[1].item(), n + 1, dtype=torch.float64)  # (n + 1,)
         grid = schedule.inverse_lambda(lams)
+    elif skip_type == "time_quadratic":
+        grid = torch.linspace(math.sqrt(t_start), math.sqrt(t_end), n + 1, dtype=torch.float64) ** 2
     else:
         grid = torch.linspace(t_start, t_end, n + 1, dtype=torch.float64)
     # inverse_lambda(lambda(t)) is t only up to round-off; the ends are part of the contract.
@@ -108,6 +128,21 @@ def singlestep_orders(steps: int, order: int) -> list[int]:
     return [1] * steps
 
 
+def singlestep_outer_grid(
+    skip_type: str, t_start: float, t_end: float, orders: list[int], schedule: VPSchedule = VPSchedule()
+) -> torch.Tensor:
+    """The len(orders) + 1 outer times of a singlestep run, as the authors choose them.
+
+    ``logSNR``: uniform in lambda over the outer steps. Other skip types: the fine grid of
+    sum(orders) + 1 points, taken at indices 0, o1, o1 + o2, ... so that an order-3 step spans three
+    fine intervals.
+    """
+    if skip_type == "logSNR":
+        return time_grid(skip_type, t_start, t_end, len(orders), schedule)
+    fine = time_grid(skip_type, t_start, t_end, sum(orders), schedule)  # (steps + 1,)
+    return fine[[0, *itertools.accumulate(orders)]]  # (len(orders) + 1,)
+
+
 @dataclass
 class _Solver:
     """One algorithm's model evaluation and exponential-integrator update, for scalar times."""
@@ -128,6 +163,14 @@ class _Solver:
 
     def t_of_lambda(self, lam: float) -> float:
         return self.schedule.inverse_lambda(torch.tensor(lam, dtype=torch.float64)).item()
+
+    def inner_fractions(self, skip_type: str, s: float, t: float, order: int) -> list[float]:
+        """r_k = (lambda(u_k) - lambda_s) / h for the inner points u_k of an ``order``-interval grid
+        of ``skip_type`` from s to t (1/3 and 2/3 on a logSNR grid), as the authors compute them."""
+        inner = time_grid(skip_type, s, t, order, self.schedule).tolist()  # (order + 1,)
+        lams = [self.lam(u) for u in inner]
+        h = lams[-1] - lams[0]
+        return [(lam - lams[0]) / h for lam in lams[1:-1]]
 
     def model(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """The prediction the update integrates: eps, or x0 = (x - sigma eps) / alpha."""
@@ -161,8 +204,12 @@ class _Solver:
         return out
 
 
-def _multistep(solver: _Solver, x: torch.Tensor, ts: list[float], orders: list[int], keep: list | None):
-    """One evaluation per step; h m' and h^2 m'' from divided differences of past predictions."""
+def _multistep(solver: _Solver, x: torch.Tensor, ts: list[float], orders: list[int], keep: list | None,
+               taylor_third_order: bool = False):
+    """One evaluation per step; h m' and h^2 m'' from divided differences of past predictions.
+
+    Order 3 uses the authors' D2 (about h^2 m''/2) unless ``taylor_third_order`` (2 D2, our variant).
+    """
     lams = [solver.lam(t) for t in ts]
     history = [solver.model(x, ts[0])]  # predictions at ts[i], newest last
     for i, order in enumerate(orders):
@@ -180,7 +227,9 @@ def _multistep(solver: _Solver, x: torch.Tensor, ts: list[float], orders: list[i
                 r1 = (lams[i - 1] - lams[i - 2]) / h
                 d1_1 = (history[-2] - history[-3]) / r1  # ~ h m' - h (h0 + h1/2) m''
                 d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)  # ~ h m'
-                d2 = (2.0 / (r0 + r1)) * (d1_0 - d1_1)  # ~ h^2 m''
+                d2 = (d1_0 - d1_1) / (r0 + r1)  # the authors' D2 ~ h^2 m''/2
+                if taylor_third_order:
+                    d2 = 2.0 * d2  # ~ h^2 m'', the Taylor-correct term
                 x = solver.update(x, m0, s, t, d1, d2)
         if keep is not None:
             keep.append(x)
@@ -189,24 +238,30 @@ def _multistep(solver: _Solver, x: torch.Tensor, ts: list[float], orders: list[i
     return x
 
 
-def _singlestep_update(solver: _Solver, x: torch.Tensor, s: float, t: float, order: int) -> torch.Tensor:
-    """One DPM-Solver-1/2/3 step (or its data-prediction twin) from s to t: ``order`` evaluations."""
+def _singlestep_update(solver: _Solver, x: torch.Tensor, s: float, t: float, order: int,
+                       skip_type: str) -> torch.Tensor:
+    """One DPM-Solver-1/2/3 step (or its data-prediction twin) from s to t: ``order`` evaluations.
+
+    The intermediate points sit at lambda_s + r h with r from :meth:`_Solver.inner_fractions`; the
+    updates are the authors' "dpmsolver" solver type (order 2: m0 + (m1 - m0) / (2 r1) in the
+    first-order formula; order 3: the r2 difference alone in the second-order formula).
+    """
     m0 = solver.model(x, s)
     if order == 1:
         return solver.update(x, m0, s, t)
     lam_s, lam_t = solver.lam(s), solver.lam(t)
     h = lam_t - lam_s
     if order == 2:
-        r1 = 0.5
+        (r1,) = solver.inner_fractions(skip_type, s, t, 2)
         s1 = solver.t_of_lambda(lam_s + r1 * h)
         m1 = solver.model(solver.update(x, m0, s, s1), s1)
         return solver.update(x, m0 + (m1 - m0) / (2.0 * r1), s, t)
-    r1, r2 = 1.0 / 3.0, 2.0 / 3.0
+    r1, r2 = solver.inner_fractions(skip_type, s, t, 3)
     s1, s2 = solver.t_of_lambda(lam_s + r1 * h), solver.t_of_lambda(lam_s + r2 * h)
     m1 = solver.model(solver.update(x, m0, s, s1), s1)
     # Second-order step to s2, its slope (r2 h) m' estimated by (r2 / r1) (m1 - m0).
     m2 = solver.model(solver.update(x, m0, s, s2, d1=(r2 / r1) * (m1 - m0)), s2)
-    # The r2 = 2/3 difference alone makes the step third order (like Heun's third-order RK).
+    # With r2 = 2/3 the r2 difference alone makes the step third order (like Heun's third-order RK).
     return solver.update(x, m0, s, t, d1=(m2 - m0) / r2)
 
 
@@ -233,18 +288,17 @@ def sample(
     if x_T.dim() < 1:
         raise ValueError(f"x_T must have a batch dimension, got shape {tuple(x_T.shape)}")
     solver = _Solver(noise_fn, schedule, data_prediction=algorithm == "dpmsolver++")
-    if method == "multistep":
+    keep = [x_T] if return_intermediates else None
+    if method in ("multistep", "multistep_taylor"):
         orders = multistep_orders(steps, order)
+        ts = time_grid(skip_type, t_start, t_end, steps, schedule).tolist()
+        x = _multistep(solver, x_T, ts, orders, keep, taylor_third_order=method == "multistep_taylor")
     else:
         orders = singlestep_orders(steps, order)
-    ts = time_grid(skip_type, t_start, t_end, len(orders), schedule).tolist()
-    keep = [x_T] if return_intermediates else None
-    if method == "multistep":
-        x = _multistep(solver, x_T, ts, orders, keep)
-    else:
+        ts = singlestep_outer_grid(skip_type, t_start, t_end, orders, schedule).tolist()
         x = x_T
         for i, step_order in enumerate(orders):
-            x = _singlestep_update(solver, x, ts[i], ts[i + 1], step_order)
+            x = _singlestep_update(solver, x, ts[i], ts[i + 1], step_order, skip_type)
             if keep is not None:
                 keep.append(x)
     log.debug("%s %s order %d: %d network evaluations", method, algorithm, order, solver.nfe)
