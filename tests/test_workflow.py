@@ -48,7 +48,7 @@ def test_lint_passes():
 def test_dry_run_of_paper_configs_builds_expected_jobs(tmp_path, name, weights, checkpoints):
     (tmp_path / weights).write_bytes(b"stand-in: a dry run only checks that the file exists")
     result = snakemake(
-        "-n", "--cores", "2", "--configfile", str(REPO / "config" / f"{name}.yaml"),
+        "-n", "-p", "--cores", "2", "--configfile", str(REPO / "config" / f"{name}.yaml"),
         "--config", f"results={tmp_path}/results", f"pretrained={{'source': 'file', 'path': '{tmp_path / weights}'}}",
         cwd=tmp_path, check=True,
     )
@@ -59,7 +59,10 @@ def test_dry_run_of_paper_configs_builds_expected_jobs(tmp_path, name, weights, 
     }
     assert "pretrain_unconditional" not in jobs  # the public weights replace it
     assert f"results/{name}/package/{name}.pt" in result.stdout
-    assert "--extractor inception" in result.stdout or "reference_stats" in result.stdout
+    # The paper's settings score checkpoints by FID: every job that extracts features (the reference
+    # statistics and each checkpoint's score) is planned with the Inception extractor (-p prints them).
+    extractors = re.findall(r"--extractor (\w+)", result.stdout)
+    assert extractors == ["inception"] * (1 + checkpoints), extractors  # reference_stats + one per checkpoint
 
 
 def test_default_config_plans_unconditional_pretraining(tmp_path):
