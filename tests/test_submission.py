@@ -104,6 +104,27 @@ def test_herding_falls_back_to_all_members_when_too_few_are_on_label():
     assert index.numel() == 2
 
 
+def test_coverage_picks_one_image_near_each_real_cluster():
+    # Real images of the class sit in two clusters (around 0 and 10, the larger near 0); the pool's
+    # on-label images are spread out. Coverage (greedy k-medoids on the real features) first takes the
+    # image closest to the bulk, then one for the other cluster; herding to the real mean (about 4)
+    # would take the middle instead. The off-label image 5 sits on a cluster and is never picked.
+    labels = torch.zeros(6, dtype=torch.long)
+    toy = LabeledImages(torch.zeros(6, 1, 2, 2, dtype=torch.uint8), labels, ["a"])
+    features = torch.tensor([[0.5], [4.0], [5.0], [9.5], [20.0], [0.0]])
+    predictions = torch.tensor([0, 0, 0, 0, 0, 1])
+    real = [torch.tensor([[0.0], [0.2], [0.4], [0.6], [10.0], [10.2]])]
+    index = select_indices(toy, 1, "coverage", features=features, predictions=predictions, targets=real)
+    assert index.tolist() == [0]
+    index = select_indices(toy, 2, "coverage", features=features, predictions=predictions, targets=real)
+    assert index.tolist() == [0, 3]
+    herded = select_indices(toy, 2, "herding", features=features, predictions=predictions,
+                            targets=torch.stack([real[0].mean(0)]))
+    assert herded.tolist() != [0, 3]
+    with pytest.raises(DiffdistillError, match="coverage"):
+        select_indices(toy, 2, "coverage", features=features, predictions=predictions)
+
+
 def test_submission_filenames():
     assert submission_filename("cifar100") == "cifar100.pt"
     assert submission_filename("tinyimagenet") == "tinyimagenet.pt"
@@ -238,7 +259,8 @@ def test_package_bad_input_exits_2_and_writes_nothing(tmp_path, pool):
     assert not (tmp_path / "p.pt").exists() and not (tmp_path / "m.json").exists()
 
 
-def test_package_script_herding_with_a_feature_convnet(tmp_path):
+@pytest.mark.parametrize("rule", ["herding", "coverage"])
+def test_package_script_with_a_feature_convnet(tmp_path, rule):
     g = torch.Generator().manual_seed(2)
     real = LabeledImages(torch.randint(0, 256, (18, 3, 8, 8), generator=g, dtype=torch.uint8),
                          torch.arange(3).repeat(6), ["apple", "bee", "cat"], "toy", "train")
@@ -248,7 +270,7 @@ def test_package_script_herding_with_a_feature_convnet(tmp_path):
     save_images(samples, tmp_path / "pool.pt")
     scoring.save_feature_convnet(tmp_path / "fc.pt", scoring.train_feature_convnet(
         real, epochs=1, device="cpu", seed=0, net_width=8, net_depth=2))
-    argv = ["--pool", str(tmp_path / "pool.pt"), "--dataset", "toy", "--ipc", "2", "--rule", "herding",
+    argv = ["--pool", str(tmp_path / "pool.pt"), "--dataset", "toy", "--ipc", "2", "--rule", rule,
             "--real-train", str(tmp_path / "real.pt"), "--out-dir", str(tmp_path / "sub"),
             "--pool-out", str(tmp_path / "p.pt"), "--meta", str(tmp_path / "m.json")]
     assert run_main(load_script("package").main, argv) == 2  # no --feature-convnet: refused, nothing written

@@ -28,7 +28,8 @@ TRACK1: dict[str, tuple[int, tuple[int, int, int]]] = {
 TRACK1_IPC = 10
 log = logging.getLogger(__name__)
 
-RULES = ("first", "random", "herding")
+RULES = ("first", "random", "herding", "coverage")
+FEATURE_RULES = ("herding", "coverage")  # rules that need the real-data feature ConvNet
 # De-normalised pixels must lie in [0, 1] up to float rounding of the stored values.
 RANGE_TOLERANCE = 1e-3
 
@@ -51,8 +52,10 @@ def select_indices(pool: LabeledImages, ipc: int, rule: str = "first", seed: int
         raise DiffdistillError(f"rule must be one of {list(RULES)}, got {rule!r}")
     if ipc < 1:
         raise DiffdistillError(f"ipc must be >= 1, got {ipc}")
-    if rule == "herding" and (features is None or predictions is None):
-        raise DiffdistillError("rule 'herding' needs the features and predictions of a real-data classifier")
+    if rule in FEATURE_RULES and (features is None or predictions is None):
+        raise DiffdistillError(f"rule {rule!r} needs the features and predictions of a real-data classifier")
+    if rule == "coverage" and targets is None:
+        raise DiffdistillError("rule 'coverage' needs the real training features of each class (targets)")
     generator = torch.Generator().manual_seed(int(seed))
     chosen, short = [], []
     for k, name in enumerate(pool.classes):
@@ -65,11 +68,44 @@ def select_indices(pool: LabeledImages, ipc: int, rule: str = "first", seed: int
         elif rule == "herding":
             target = None if targets is None else targets[k]
             members = herding(members, features, predictions == k, ipc, name, target=target)
+        elif rule == "coverage":
+            members = coverage(members, features, predictions == k, ipc, targets[k], name)
         chosen.append(members[:ipc])
     if short:
         raise DiffdistillError(f"pool {pool.name!r} has fewer than ipc={ipc} images for "
                                f"{len(short)} class(es): " + "; ".join(short))
     return torch.cat(chosen)  # (K * ipc,)
+
+
+def on_label_candidates(members: torch.Tensor, on_label: torch.Tensor, ipc: int, name: str) -> torch.Tensor:
+    """The members the real-data classifier puts in their class; all members if fewer than IPC are."""
+    candidates = members[on_label[members]]
+    if candidates.numel() < ipc:
+        log.warning("class %s: only %d of %d images classified on-label; choosing among all of them",
+                    name, candidates.numel(), members.numel())
+        return members
+    return candidates
+
+
+def coverage(members: torch.Tensor, features: torch.Tensor, on_label: torch.Tensor, ipc: int,
+             real_features: torch.Tensor, name: str = "") -> torch.Tensor:
+    """IPC on-label ``members`` that cover the class's real images in feature space (greedy k-medoids).
+
+    Each pick minimises the summed distance from every real image of the class (``real_features``
+    (n_real, F)) to its nearest pick so far, so the picks spread over the real class instead of
+    crowding its mode. Our choice of rule (not from the paper). Returned in pool order.
+    """
+    candidates = on_label_candidates(members, on_label, ipc, name)
+    distance = torch.cdist(real_features.double(), features[candidates].double())  # (n_real, n)
+    nearest = torch.full((distance.shape[0],), float("inf"), dtype=torch.float64)  # (n_real,)
+    taken = torch.zeros(len(candidates), dtype=torch.bool)
+    for _ in range(ipc):
+        cost = torch.minimum(nearest[:, None], distance).sum(0)  # (n,) summed distance if each were added
+        cost[taken] = float("inf")
+        pick = int(cost.argmin())
+        taken[pick] = True
+        nearest = torch.minimum(nearest, distance[:, pick])
+    return candidates[taken]  # (ipc,) in pool order
 
 
 def herding(members: torch.Tensor, features: torch.Tensor, on_label: torch.Tensor, ipc: int, name: str = "",
@@ -81,11 +117,7 @@ def herding(members: torch.Tensor, features: torch.Tensor, on_label: torch.Tenso
     between the running mean of the picks and ``target`` (F,) (default: the candidates' mean).
     Returned in pool order.
     """
-    candidates = members[on_label[members]]
-    if candidates.numel() < ipc:
-        log.warning("class %s: only %d of %d images classified on-label; herding over all of them",
-                    name, candidates.numel(), members.numel())
-        candidates = members
+    candidates = on_label_candidates(members, on_label, ipc, name)
     feats = features[candidates].double()  # (n, F)
     target = feats.mean(0) if target is None else target.double()  # (F,)
     running = torch.zeros_like(target)

@@ -129,12 +129,13 @@ def evaluation_args(wildcards):
     }[wildcards.kind]
 
 
-def herding_convnet():
-    """Package rule 'herding' picks images with the real-data feature ConvNet of FD-ConvNet scoring."""
-    if config["package"]["rule"] != "herding":
+def package_convnet():
+    """Package rules 'herding' and 'coverage' pick images with the real-data feature ConvNet of FD-ConvNet scoring."""
+    rule = config["package"]["rule"]
+    if rule not in ("herding", "coverage"):
         return {}
     if config["scoring"]["extractor"] != "convnet":
-        raise ValueError("config key package.rule: 'herding' needs scoring.extractor 'convnet' (its feature ConvNet)")
+        raise ValueError(f"config key package.rule: {rule!r} needs scoring.extractor 'convnet' (its feature ConvNet)")
     return feature_convnet_output()
 
 

@@ -61,7 +61,7 @@ rule package:
     input:
         pool=f"{OUT}/samples/pool.pt",
         train=f"{OUT}/data/train.pt",
-        **herding_convnet(),
+        **package_convnet(),
     output:
         package=f"{OUT}/package/{DATASET}.pt",
         pool=f"{OUT}/package/pool_normalized.pt",

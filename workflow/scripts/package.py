@@ -21,7 +21,7 @@ def parse(argv):
     p.add_argument("--dataset", required=True)
     p.add_argument("--ipc", type=int, default=10)
     p.add_argument("--rule", choices=submission.RULES, default="first")
-    p.add_argument("--feature-convnet", help="real-data ConvNet of reference_stats (for --rule herding)")
+    p.add_argument("--feature-convnet", help="real-data ConvNet of reference_stats (for --rule herding/coverage)")
     p.add_argument("--real-train", help="real training split (statistics of non-challenge data sets)")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--pool-out", required=True, help="whole pool, normalised, as a dict")
@@ -31,18 +31,20 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def herding_inputs(args, pool, real) -> dict:
-    """Features and predictions of the real-data feature ConvNet, which rule 'herding' needs."""
-    if args.rule != "herding":
+def feature_inputs(args, pool, real) -> dict:
+    """Features and predictions of the real-data feature ConvNet, which rules herding and coverage need:
+    herding's targets are the real class means (K, F), coverage's the real features of each class."""
+    if args.rule not in submission.FEATURE_RULES:
         return {}
     if not args.feature_convnet:
-        raise DiffdistillError("--rule herding needs --feature-convnet (written by reference_stats)")
+        raise DiffdistillError(f"--rule {args.rule} needs --feature-convnet (written by reference_stats)")
     if real is None:
-        raise DiffdistillError("--rule herding needs --real-train (its class means are the herding targets)")
+        raise DiffdistillError(f"--rule {args.rule} needs --real-train (its real features are the targets)")
     convnet = scoring.load_feature_convnet(args.feature_convnet, "cpu")
     features, predictions = convnet.classify(pool.images)
     real_features, _ = convnet.classify(real.images)
-    targets = torch.stack([real_features[real.labels == k].mean(0) for k in range(pool.num_classes)])  # (K, F)
+    per_class = [real_features[real.labels == k] for k in range(pool.num_classes)]  # K x (n_k, F)
+    targets = torch.stack([f.mean(0) for f in per_class]) if args.rule == "herding" else per_class
     cli.log.info("feature ConvNet puts %.1f%% of the pool in its sampled class",
                  100 * float((predictions == pool.labels).float().mean()))
     return {"features": features, "predictions": predictions, "targets": targets}
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
         pool = load_images(args.pool)
         real = load_images(args.real_train) if args.real_train else None
         mean, std = evaluation.normalization_stats(args.dataset, real)
-        index = submission.select_indices(pool, args.ipc, args.rule, args.seed, **herding_inputs(args, pool, real))
+        index = submission.select_indices(pool, args.ipc, args.rule, args.seed, **feature_inputs(args, pool, real))
         tensor = submission.package(pool, args.dataset, args.ipc, mean=mean, std=std, index=index)
         contract = dict(num_classes=pool.num_classes, ipc=args.ipc, image_shape=tuple(pool.images.shape[1:]),
                         mean=mean, std=std)
