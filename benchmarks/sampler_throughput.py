@@ -10,9 +10,9 @@ Random weights (speed does not depend on them), a conditional model with a null 
 torch.inference_mode. Guidance w > 1 runs the network at batch 2B (images/s counts B). ms/forward is
 the wall time of one sampler call over its network evaluations (solver arithmetic included).
 FLOPs per forward are counted once per preset with torch.utils.flop_counter (attention through the
-math backend so that it is counted on every device); facts.md section 6 gives 24.5 GFLOP for the
+math backend so that it is counted on every device); docs/reference.md, "Throughput" gives 24.5 GFLOP for the
 conditional S/2 and 70.5 GFLOP for M/4. The roofline is --peak-tflops; by default 790 (bf16) / 67
-(fp32) TFLOP/s on CUDA (H100, facts.md section 6) and a quick matmul measurement on CPU.
+(fp32) TFLOP/s on CUDA (H100, docs/reference.md, "Throughput") and a quick matmul measurement on CPU.
 fp32 runs with TF32 off, so that the fp32 roofline holds. Nothing here asserts a speed.
 """
 
@@ -33,11 +33,12 @@ from diffdistill import dpm_solver, uvit
 from diffdistill.cli import resolve_device
 from diffdistill.guidance import guided_noise_fn
 
-SAMPLERS = {  # name -> dpm_solver.sample keyword arguments
-    "ms2": dict(method="multistep", algorithm="dpmsolver++", order=2),  # strong guidance (facts section 3)
+# name -> dpm_solver.sample keyword arguments; ms2 for strong guidance (docs/reference.md, "DPM-Solver")
+SAMPLERS = {
+    "ms2": dict(method="multistep", algorithm="dpmsolver++", order=2),
     "ss3": dict(method="singlestep", algorithm="dpmsolver", order=3),  # U-ViT's own 50-NFE sampler
 }
-CUDA_PEAK_TFLOPS = {"bf16": 790.0, "fp32": 67.0}  # H100, facts.md section 6
+CUDA_PEAK_TFLOPS = {"bf16": 790.0, "fp32": 67.0}  # H100, docs/reference.md, "Throughput"
 COLUMNS = ["preset", "device", "batch", "precision", "compile", "steps", "guidance", "images/s",
            "ms/forward", "GFLOP/img-fwd", "TFLOP/s", "%roofline"]
 
@@ -96,7 +97,7 @@ def time_sampler(net, model, args, device, batch, precision, steps, w) -> float:
     dtype = torch.bfloat16 if precision == "bf16" else None  # autocast on the network only
     noise_fn = guided_noise_fn(net, y, w, null_label=model.null_label, autocast_dtype=dtype)
     x_T = torch.randn(batch, cfg["in_chans"], cfg["img_size"], cfg["img_size"], device=device)  # (B, C, H, W)
-    t_end = 1e-4 if steps > 15 else 1e-3  # facts.md section 3
+    t_end = 1e-4 if steps > 15 else 1e-3  # docs/reference.md, "DPM-Solver"
     times = []
     for _ in range(1 + args.repeats):
         synchronize(device)
@@ -109,7 +110,7 @@ def time_sampler(net, model, args, device, batch, precision, steps, w) -> float:
 
 def cudagraph_safe(net, mode: str):
     """Under CUDA graphs (compile modes reduce-overhead and max-autotune) the next call overwrites the
-    output buffer, while the solvers keep outputs across calls (facts.md section 6): hand out copies."""
+    output buffer, while the solvers keep outputs across calls (docs/reference.md, "Throughput"): hand out copies."""
     if mode not in ("reduce-overhead", "max-autotune"):
         return net
     return lambda x, t, y=None: net(x, t, y).clone()

@@ -1,4 +1,4 @@
-"""The benchmark scripts run, print the table they promise, and count what facts.md section 6 says.
+"""The benchmark scripts run, print the table they promise, and count what docs/reference.md, "Throughput" says.
 
 Speeds are never asserted (they are measured by the scripts, not by tests); these tests keep the
 scripts from rotting and check the numbers they derive (FLOPs, roofline fraction, images counted).
@@ -25,8 +25,8 @@ def throughput():
 
 
 @pytest.mark.parametrize("preset,num_classes,gflop", [("uvit_small_2", 100, 24.5), ("uvit_mid_4", 200, 70.5)])
-def test_flops_per_forward_match_facts(throughput, preset, num_classes, gflop):
-    # facts.md section 6: conditional S/2 at 32^2 24.5 GFLOP, M/4 at 64^2 70.5 GFLOP per forward.
+def test_flops_per_forward_match_reference(throughput, preset, num_classes, gflop):
+    # docs/reference.md, "Throughput": conditional S/2 at 32^2 24.5 GFLOP, M/4 at 64^2 70.5 GFLOP per forward.
     with torch.device("meta"):  # count without computing: no weights, no arithmetic
         model = uvit.build(preset, num_classes=num_classes, null_class=True).eval()
     assert throughput.flops_per_image(model, torch.device("meta")) / 1e9 == pytest.approx(gflop, rel=2e-3)

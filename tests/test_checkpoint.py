@@ -1,4 +1,4 @@
-"""Checkpoints: our round trip, and transfer from public U-ViT state_dicts (facts.md section 2)."""
+"""Checkpoints: our round trip, and transfer from public U-ViT state_dicts (docs/reference.md, "U-ViT")."""
 
 import collections
 import pickle

@@ -1,4 +1,4 @@
-"""The challenge ConvNet: state_dict names/shapes as the challenge's network (facts.md section 5)."""
+"""The challenge ConvNet: state_dict names/shapes as the challenge's network (docs/reference.md, "ConvNet")."""
 
 import pytest
 import torch

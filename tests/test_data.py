@@ -1,6 +1,6 @@
 """Data readers and the prepare stage, on miniature data sets in the real on-disk formats.
 
-Expected values come from the formats and facts.md section 7 (digits: 1,257 train / 540 test,
+Expected values come from the formats and docs/reference.md, "Digits calibration" (digits: 1,257 train / 540 test,
 stratified, 8x8, one channel, 10 classes), not from running the readers.
 """
 

@@ -35,7 +35,7 @@ T_START, T_END = 1.0, 1e-4
 
 
 def log_alpha(t):
-    return -(0.1 * t + 9.95 * t**2) / 2  # facts.md section 3
+    return -(0.1 * t + 9.95 * t**2) / 2  # docs/reference.md, "Noise schedule"
 
 
 def alpha_sigma(t: torch.Tensor):
@@ -108,7 +108,7 @@ def test_observed_order_matches_solver_order(method, algorithm, order):
 
 
 # Evaluations after which every solver is below 1e-3 (the oracle's spread at t_end is s * max|z| ~ 1.5).
-# Third order: 50, facts.md section 3's "50 steps converged". Measured first counts below 1e-3: order 3
+# Third order: 50, docs/reference.md, "DPM-Solver": "50 steps converged". Measured first counts below 1e-3: order 3
 # 22-45, order 2 107 (multistep) and 211-215 (singlestep), order 1 4236. Lower orders cannot reach
 # 1e-3 at 50 steps on this oracle (8e-2 and 4.5e-3 to 2e-2 there): DDIM's error is first order in
 # a lambda step of 0.22, and order 1 equals Song et al.'s DDIM exactly (test below).
@@ -164,7 +164,7 @@ def test_time_uniform_grid_converges(algorithm):
 
 
 def test_singlestep_orders():
-    assert singlestep_orders(50, 3) == [3] * 16 + [2]  # U-ViT's 50-NFE sampler (facts.md section 3)
+    assert singlestep_orders(50, 3) == [3] * 16 + [2]  # U-ViT's 50-NFE sampler (docs/reference.md, "DPM-Solver")
     assert singlestep_orders(30, 3) == [3] * 9 + [2, 1]
     assert singlestep_orders(31, 3) == [3] * 10 + [1]
     assert singlestep_orders(1, 3) == [1] and singlestep_orders(2, 3) == [2]

@@ -1,4 +1,5 @@
-"""DSA mode 'S': each family's geometry and statistics (facts.md section 5), batched == per-sample loop."""
+"""DSA mode 'S': each family's geometry and statistics (docs/reference.md, "DSA augmentation"),
+batched == per-sample loop."""
 
 import math
 import sys

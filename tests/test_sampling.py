@@ -92,7 +92,7 @@ def test_generate_guided_and_bf16_run_and_guidance_needs_a_null_class(tiny):
 
 
 class GaussianOracle(torch.nn.Module):
-    """Optimal noise predictor for x0 ~ N(mu, s^2) per pixel (facts.md section 3)."""
+    """Optimal noise predictor for x0 ~ N(mu, s^2) per pixel (docs/reference.md, "Gaussian oracle")."""
 
     def __init__(self, mu, s, channels=3, side=8):
         super().__init__()

@@ -1,4 +1,4 @@
-"""VP-SDE schedule and training loss against the closed form of facts.md section 3."""
+"""VP-SDE schedule and training loss against the closed form of docs/reference.md, "Noise schedule"."""
 
 import math
 
@@ -12,7 +12,7 @@ TIMES = [1e-5, 1e-3, 0.05, 0.25, 0.5, 0.75, 0.999, 1.0]
 
 
 def _closed_form(t: float) -> tuple[float, float, float]:
-    """facts.md section 3: log alpha_t = -(0.1 t + 9.95 t^2) / 2, sigma = sqrt(1 - alpha^2)."""
+    """docs/reference.md, "Noise schedule": log alpha_t = -(0.1 t + 9.95 t^2) / 2, sigma = sqrt(1 - alpha^2)."""
     log_alpha = -(0.1 * t + 9.95 * t * t) / 2
     alpha = math.exp(log_alpha)
     sigma = math.sqrt(1 - alpha * alpha)

@@ -1,4 +1,5 @@
-"""Checkpoint scoring and selection, and the three scoring scripts end to end (facts.md sections 1, 4)."""
+"""Checkpoint scoring and selection, and the three scoring scripts end to end (docs/reference.md,
+"Method"; docs/reference.md, "FID")."""
 
 import json
 import math

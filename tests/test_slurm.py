@@ -271,7 +271,8 @@ def test_tiny_workflow_failing_job_stops_the_run_and_keeps_earlier_outputs(slurm
     out = tmp_path / "results" / "digits"
     assert not list((out / "checkpoints").glob("step_*.pt"))  # nothing half-made
     train, test = data.load_images(out / "data" / "train.pt"), data.load_images(out / "data" / "test.pt")
-    assert (len(train), len(test)) == (1257, 540)  # facts section 7: the digits split, kept intact
+    # docs/reference.md, "Digits calibration": the digits split, kept intact
+    assert (len(train), len(test)) == (1257, 540)
     dry = run_snakemake(slurm_cluster, tmp_path, *tiny_args(tmp_path, source), "-n", timeout=120)
     remote, local = executed_rules(dry.output)
     assert remote["finetune"] == 1 and "prepare_data" not in remote  # done work is not redone

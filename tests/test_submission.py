@@ -1,4 +1,5 @@
-"""Submission package (facts.md section 5) and the two scripts around it, end to end on tiny files."""
+"""Submission package (docs/reference.md, "Challenge protocol") and the two scripts around it, end to
+end on tiny files."""
 
 import json
 import subprocess
@@ -16,7 +17,7 @@ from diffdistill.submission import package, save_package, select_indices, submis
 from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)  # facts.md section 5
+CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)  # docs/reference.md, "Challenge protocol"
 TINY_MEAN, TINY_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 

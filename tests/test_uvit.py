@@ -1,4 +1,4 @@
-"""U-ViT structure and forward pass against facts.md section 2 (official key names, shapes, counts)."""
+"""U-ViT structure and forward pass against docs/reference.md, "U-ViT" (official key names, shapes, counts)."""
 
 import math
 
@@ -9,12 +9,12 @@ import torch.nn.functional as F
 
 from diffdistill import uvit
 
-# facts.md section 2: (preset, overrides, tensor count, parameter count, depth, D, patch dim p*p*C)
+# docs/reference.md, "U-ViT": (preset, overrides, tensor count, parameter count, depth, D, patch dim p*p*C)
 PUBLIC_MODELS = {
     "cifar10_s2": ("uvit_small_2", dict(num_classes=0), 164, 44_255_328, 12, 512, 12),
     "imagenet64_m4": ("uvit_mid_4", dict(num_classes=1000, null_class=False), 213, 130_940_292, 16, 768, 48),
 }
-# facts.md section 2: shapes of selected keys
+# docs/reference.md, "U-ViT": shapes of selected keys
 EXPECTED_SHAPES = {
     "cifar10_s2": {
         "pos_embed": (1, 257, 512),

@@ -35,7 +35,7 @@ VERSION = 1
 _KEYS = ("format", "version", "step", "model", "ema", "optimizer", "config", "extra")
 _PLAIN = (str, int, float, bool, type(None))
 _WRAPPER_KEYS = ("state_dict", "model")  # common wrappers around a state_dict in public files
-_DROPPED_PREFIX = "label_emb."  # the label layer is never transferred (paper, facts section 2)
+_DROPPED_PREFIX = "label_emb."  # the label layer is never transferred (paper, docs/reference.md, "U-ViT")
 
 
 # --------------------------------------------------------------------------- our own checkpoints

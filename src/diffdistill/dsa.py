@@ -1,6 +1,6 @@
 """Differentiable Siamese Augmentation (DSA), mode 'S', as the challenge trains its ConvNet.
 
-Mode 'S' (facts.md section 5): per call one family is drawn uniformly from the strategy
+Mode 'S' (docs/reference.md, "DSA augmentation"): per call one family is drawn uniformly from the strategy
 ``color_crop_cutout_flip_scale_rotate``; its parameters are drawn per sample. The families:
 
 - ``flip``: mirror left-right with probability 0.5;
@@ -36,7 +36,8 @@ Drawn = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class DSAParams:
-    """The challenge's DSA constants (the reference's ``ParamDiffAug``); ratios as in facts.md."""
+    """The challenge's DSA constants (the reference's ``ParamDiffAug``); ratios as in
+    docs/reference.md, "DSA augmentation"."""
 
     strategy: str = "color_crop_cutout_flip_scale_rotate"
     prob_flip: float = 0.5

@@ -1,6 +1,6 @@
 """The challenge's train/test protocol: a ConvNet trained on a (synthetic) set, tested on real data.
 
-Follows the challenge's ``evaluate.py`` / ``utils.evaluate_synset`` (facts.md section 5): SGD with
+Follows the challenge's ``evaluate.py`` / ``utils.evaluate_synset`` (docs/reference.md, "Challenge protocol"): SGD with
 lr 0.01, momentum 0.9, weight decay 5e-4, shuffled batches of 256 (the last one partial),
 cross-entropy on hard labels, DSA mode 'S' on every training batch. ``epochs`` is the reference's
 ``Epoch`` argument: it runs the passes 0..epochs (1001 for the default 1000) and after pass

@@ -10,7 +10,7 @@ Two feature extractors:
 
 The distance itself (:func:`frechet_distance`) is our own float64 implementation through
 eigenvalues of symmetric matrices: pytorch-fid's SciPy ``sqrtm(..., disp=False)`` call breaks on
-newer SciPy and returned large imaginary parts on some older ones (facts.md section 4).
+newer SciPy and returned large imaginary parts on some older ones (docs/reference.md, "FID").
 FID depends strongly on the sample count: only compare scores computed at one fixed count.
 """
 

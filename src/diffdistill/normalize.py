@@ -1,8 +1,8 @@
 """Per-channel normalisation of the challenge: packages are stored pre-normalised.
 
-CIFAR-100 and Tiny-ImageNet use the challenge's fixed constants (facts.md section 5); any other data
-set (the digits default) uses the mean and std of its real training split, computed once and
-recorded next to the package.
+CIFAR-100 and Tiny-ImageNet use the challenge's fixed constants (docs/reference.md, "Challenge
+protocol"); any other data set (the digits default) uses the mean and std of its real training
+split, computed once and recorded next to the package.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Sampling labelled images from a trained class-conditional U-ViT, one batch or against a time budget.
 
 :func:`generate` is the one place that turns (model, labels, solver settings) into uint8 images; the
-budgeted sampler (Track 2 of the challenge, facts.md section 5) and the scoring stage both call it.
+budgeted sampler (Track 2 of the challenge, docs/reference.md, "Challenge protocol") and the scoring stage both call it.
 
 :func:`sample_budgeted` samples class-balanced batches until a wall-clock budget would be overrun.
 The clock starts at the first sampling batch, after the model is loaded (one participant's harness

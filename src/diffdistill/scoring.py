@@ -1,4 +1,5 @@
-"""Checkpoint scoring and selection (the paper picks its checkpoint by FID, facts.md sections 1 and 4).
+"""Checkpoint scoring and selection (the paper picks its checkpoint by FID: docs/reference.md, "Method";
+docs/reference.md, "FID").
 
 Every checkpoint is scored the same way: its EMA weights sample ``num_images`` class-balanced images
 from one fixed seed (so every checkpoint starts from the same noise and labels), the images go

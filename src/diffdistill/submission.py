@@ -1,6 +1,6 @@
 """The challenge submission: pick IPC images per class from the sampled pool, normalise, validate.
 
-Contract of the First Dataset Distillation Challenge (facts.md section 5): one file per data set
+Contract of the First Dataset Distillation Challenge (docs/reference.md, "Challenge protocol"): one file per data set
 (``cifar100.pt``, ``tinyimagenet.pt``) holding a *bare* float tensor (N, 3, H, W), no labels, no
 dict. Labels are implied by position: class-major blocks, class i in rows i*IPC .. (i+1)*IPC - 1 in
 class-index order. Images are stored pre-normalised with the challenge's per-channel constants.

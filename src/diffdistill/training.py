@@ -8,7 +8,7 @@ global batch and keeps its contiguous slice (gradient accumulation splits that s
 so N processes with global batch B follow the trajectory of one process with batch B, up to the
 order of the fp32 gradient reduction.
 
-Learning rate (U-ViT recipe, facts.md section 2): optimizer step k (counted from 1) uses
+Learning rate (U-ViT recipe, docs/reference.md, "U-ViT"): optimizer step k (counted from 1) uses
 ``lr * min(k / warmup_steps, 1)``, i.e. a linear ramp from 0 that reaches ``lr`` at step
 ``warmup_steps`` and stays constant. AdamW decays all parameters. The EMA (fp32) is updated after
 every optimizer step: ``ema = rate * ema + (1 - rate) * param``; buffers are copied.

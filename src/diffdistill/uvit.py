@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 # Constructor keyword arguments. The first two are the paper's models; the rest are small enough for
 # CPU tests and for the embedded 8x8 digits default. "uvit_digits" (patch 2: 16 tokens) is the
-# default's model; the patch-1 variants are the two models calibrated in facts.md section 7 (64
+# default's model; the patch-1 variants are the two models calibrated in docs/reference.md, "Digits calibration" (64
 # tokens, 4.5x slower to train on a CPU).
 PRESETS: dict[str, dict] = {
     "uvit_small_2": dict(img_size=32, patch_size=2, in_chans=3, embed_dim=512, depth=12, num_heads=8),
