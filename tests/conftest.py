@@ -43,10 +43,10 @@ def mini_tiny_imagenet(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits_files(tmp_path_factory):
     """Prepared digits splits on disk: ``{"train": Path, "test": Path}`` (1,257 / 540 images)."""
-    from diffdistill import data
+    from diffdistill import data, digits
 
     folder = tmp_path_factory.mktemp("digits")
     paths = {split: folder / f"{split}.pt" for split in data.SPLITS}
     for split, path in paths.items():
-        data.save_images(data.load_digits_split(split), path)
+        data.save_images(digits.load_digits_split(split), path)
     return paths

@@ -19,7 +19,7 @@ from datasets_fixtures import (cifar_class_name, cifar_green, make_cifar100, mak
                                tiny_colour, tiny_grey, tiny_wnid)
 from PIL import Image
 
-from diffdistill import data
+from diffdistill import cifar100, data, datasets, digits, tinyimagenet
 from diffdistill.cli import run_main
 from diffdistill.errors import DiffdistillError
 from helpers import load_script
@@ -47,7 +47,7 @@ def tiny_root(tmp_path):
 
 
 def test_cifar100_train_split_layout_labels_and_names(cifar_root):
-    ds = data.read_cifar100(cifar_root, "train")
+    ds = cifar100.read_cifar100(cifar_root, "train")
     assert ds.images.shape == (200, 3, 32, 32) and ds.images.dtype == torch.uint8
     assert ds.labels.dtype == torch.int64
     assert ds.classes == [cifar_class_name(c) for c in range(100)]
@@ -63,7 +63,7 @@ def test_cifar100_train_split_layout_labels_and_names(cifar_root):
 
 
 def test_cifar100_test_split_and_root_being_the_folder_itself(cifar_root):
-    ds = data.read_cifar100(cifar_root / "cifar-100-python", "test")
+    ds = cifar100.read_cifar100(cifar_root / "cifar-100-python", "test")
     assert ds.images.shape == (100, 3, 32, 32) and ds.split == "test"
     assert sorted(ds.labels.tolist()) == list(range(100))
     assert set(ds.images[:, 1, 0, 0].tolist()) == {cifar_green("test", 0)}
@@ -72,7 +72,7 @@ def test_cifar100_test_split_and_root_being_the_folder_itself(cifar_root):
 def test_cifar100_labels_follow_the_pickle_not_sorted(cifar_root):
     with open(cifar_root / "cifar-100-python" / "train", "rb") as f:
         raw = pickle.load(f, encoding="bytes")
-    ds = data.read_cifar100(cifar_root, "train")
+    ds = cifar100.read_cifar100(cifar_root, "train")
     assert ds.labels.tolist() == raw[b"fine_labels"]
     assert ds.labels.tolist() != sorted(ds.labels.tolist())  # the fixture is shuffled like the real file
 
@@ -83,7 +83,7 @@ def test_cifar100_labels_follow_the_pickle_not_sorted(cifar_root):
 def test_tiny_imagenet_train_sorted_wnids_names_and_colours(tiny_root):
     wnids_file = (tiny_root / "tiny-imagenet-200" / "wnids.txt").read_text().split()
     assert wnids_file != sorted(wnids_file)  # the reader has to sort
-    ds = data.read_tiny_imagenet(tiny_root, "train")
+    ds = tinyimagenet.read_tiny_imagenet(tiny_root, "train")
     assert ds.images.shape == (6, 3, 64, 64) and ds.images.dtype == torch.uint8
     assert ds.classes == [tiny_class_name(i) for i in range(3)]
     assert ds.extra["wnids"] == sorted(wnids_file) == [tiny_wnid(i) for i in range(3)]
@@ -94,7 +94,7 @@ def test_tiny_imagenet_train_sorted_wnids_names_and_colours(tiny_root):
 
 
 def test_tiny_imagenet_val_is_test_split_and_greyscale_becomes_rgb(tiny_root):
-    ds = data.read_tiny_imagenet(tiny_root / "tiny-imagenet-200", "test")
+    ds = tinyimagenet.read_tiny_imagenet(tiny_root / "tiny-imagenet-200", "test")
     assert (ds.name, ds.split) == ("tinyimagenet", "test")
     assert ds.images.shape == (6, 3, 64, 64)
     assert ds.labels.tolist() == [0, 1, 2, 0, 1, 2]  # val_annotations order, wnid -> sorted index
@@ -109,7 +109,7 @@ def test_tiny_imagenet_val_is_test_split_and_greyscale_becomes_rgb(tiny_root):
 def test_digits_split_sizes_shapes_and_scaling():
     from sklearn.datasets import load_digits
 
-    train, test = data.load_digits_split("train"), data.load_digits_split("test")
+    train, test = digits.load_digits_split("train"), digits.load_digits_split("test")
     assert (len(train), len(test)) == (1257, 540)
     assert train.images.shape == (1257, 1, 8, 8) and train.images.dtype == torch.uint8
     assert train.classes == [str(c) for c in range(10)]
@@ -126,11 +126,11 @@ def test_digits_split_is_stratified_and_deterministic():
 
     per_class = np.bincount(load_digits().target)
     for split, fraction in (("train", 0.7), ("test", 0.3)):
-        counts = np.array(data.load_digits_split(split).counts())
+        counts = np.array(digits.load_digits_split(split).counts())
         assert np.all(np.abs(counts - per_class * fraction) <= 1), (split, counts)
-    a, b = data.load_digits_split("test"), data.load_digits_split("test")
+    a, b = digits.load_digits_split("test"), digits.load_digits_split("test")
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
-    other = data.load_digits_split("test", seed=1)
+    other = digits.load_digits_split("test", seed=1)
     assert not torch.equal(a.images, other.images)
 
 
@@ -138,16 +138,16 @@ def test_digits_split_is_stratified_and_deterministic():
 
 
 def test_prepare_dataset_dispatches_and_sets_name(cifar_root, tmp_path):
-    ds = data.prepare_dataset("cifar100", cifar_root, "test")
+    ds = datasets.prepare_dataset("cifar100", cifar_root, "test")
     assert (ds.name, ds.split, len(ds)) == ("cifar100", "test", 100)
     make_tiny_imagenet(tmp_path / "t", num_classes=2)
-    assert data.prepare_dataset("tinyimagenet", tmp_path / "t", "train").num_classes == 2
-    assert data.prepare_dataset("digits", None, "test").name == "digits"
-    assert data.DATASETS == ("digits", "cifar100", "tinyimagenet")
+    assert datasets.prepare_dataset("tinyimagenet", tmp_path / "t", "train").num_classes == 2
+    assert datasets.prepare_dataset("digits", None, "test").name == "digits"
+    assert datasets.DATASETS == ("digits", "cifar100", "tinyimagenet")
 
 
 def test_round_trip_through_save_and_load(cifar_root, tmp_path):
-    ds = data.prepare_dataset("cifar100", cifar_root, "train")
+    ds = datasets.prepare_dataset("cifar100", cifar_root, "train")
     data.save_images(ds, tmp_path / "out" / "train.pt")
     back = data.load_images(tmp_path / "out" / "train.pt")
     assert torch.equal(back.images, ds.images) and torch.equal(back.labels, ds.labels)
@@ -156,9 +156,9 @@ def test_round_trip_through_save_and_load(cifar_root, tmp_path):
 
 def test_download_cifar100_skips_when_present_and_needs_torchvision_otherwise(cifar_root, tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "torchvision", None)  # import fails like a missing package
-    assert len(data.prepare_dataset("cifar100", cifar_root, "test", download=True)) == 100
+    assert len(datasets.prepare_dataset("cifar100", cifar_root, "test", download=True)) == 100
     with pytest.raises(DiffdistillError, match="torchvision"):
-        data.download_cifar100(tmp_path / "empty")
+        cifar100.download_cifar100(tmp_path / "empty")
 
 
 def test_download_tiny_imagenet_unpacks_the_zip(tmp_path, monkeypatch):
@@ -174,10 +174,10 @@ def test_download_tiny_imagenet_unpacks_the_zip(tmp_path, monkeypatch):
         return io.BytesIO(buf.getvalue())
 
     monkeypatch.setattr("urllib.request.urlopen", fake_urlopen)
-    ds = data.prepare_dataset("tinyimagenet", tmp_path / "dest", "test", download=True)
-    assert urls == [data.TINY_IMAGENET_URL] and len(ds) == 2
+    ds = datasets.prepare_dataset("tinyimagenet", tmp_path / "dest", "test", download=True)
+    assert urls == [tinyimagenet.TINY_IMAGENET_URL] and len(ds) == 2
     assert [p.name for p in (tmp_path / "dest").iterdir()] == ["tiny-imagenet-200"]  # no temporary left
-    data.download_tiny_imagenet(tmp_path / "dest")  # present: no second fetch
+    tinyimagenet.download_tiny_imagenet(tmp_path / "dest")  # present: no second fetch
     assert len(urls) == 1
 
 
@@ -191,27 +191,27 @@ def _raises(match, fn, *args):
 
 
 def test_error_root_missing(tmp_path):
-    _raises(r"nowhere.*does not exist", data.read_cifar100, tmp_path / "nowhere", "train")
-    _raises(r"nowhere.*does not exist", data.read_tiny_imagenet, tmp_path / "nowhere", "train")
+    _raises(r"nowhere.*does not exist", cifar100.read_cifar100, tmp_path / "nowhere", "train")
+    _raises(r"nowhere.*does not exist", tinyimagenet.read_tiny_imagenet, tmp_path / "nowhere", "train")
 
 
 def test_error_cifar_folder_missing_lists_what_was_found(tmp_path):
     (tmp_path / "cifar-10-batches-py").mkdir()
     (tmp_path / "readme.txt").write_text("x")
-    msg = _raises("cifar-100-python", data.read_cifar100, tmp_path, "train")
+    msg = _raises("cifar-100-python", cifar100.read_cifar100, tmp_path, "train")
     assert "cifar-10-batches-py/" in msg and "readme.txt" in msg
 
 
 def test_error_pickle_missing_names_it(cifar_root):
     (cifar_root / "cifar-100-python" / "test").unlink()
-    assert data.read_cifar100(cifar_root, "train").num_classes == 100  # train still readable
-    msg = _raises("pickle missing", data.read_cifar100, cifar_root, "test")
+    assert cifar100.read_cifar100(cifar_root, "train").num_classes == 100  # train still readable
+    msg = _raises("pickle missing", cifar100.read_cifar100, cifar_root, "test")
     assert str(cifar_root / "cifar-100-python" / "test") in msg
 
 
 def test_error_wrong_class_count(tmp_path):
     make_cifar100(tmp_path, num_classes=10)
-    _raises(r"meta.*10 fine label names, expected 100", data.read_cifar100, tmp_path, "train")
+    _raises(r"meta.*10 fine label names, expected 100", cifar100.read_cifar100, tmp_path, "train")
 
 
 def test_error_cifar_bad_labels_and_foreign_pickles(cifar_root):
@@ -220,41 +220,41 @@ def test_error_cifar_bad_labels_and_foreign_pickles(cifar_root):
         batch = pickle.load(f, encoding="bytes")
     batch[b"fine_labels"][0] = 100
     (folder / "train").write_bytes(pickle.dumps(batch, protocol=2))
-    _raises(r"train.*expected 0\.\.99", data.read_cifar100, cifar_root, "train")
+    _raises(r"train.*expected 0\.\.99", cifar100.read_cifar100, cifar_root, "train")
     (folder / "test").write_bytes(b"not a pickle at all")
-    _raises(r"test.*not a CIFAR python pickle", data.read_cifar100, cifar_root, "test")
+    _raises(r"test.*not a CIFAR python pickle", cifar100.read_cifar100, cifar_root, "test")
     (folder / "test").write_bytes(pickle.dumps(shutil.rmtree, protocol=2))  # code, not data: refused
-    _raises(r"test.*refusing", data.read_cifar100, cifar_root, "test")
+    _raises(r"test.*refusing", cifar100.read_cifar100, cifar_root, "test")
 
 
 def test_error_tiny_wnids_missing(tiny_root):
     (tiny_root / "tiny-imagenet-200" / "wnids.txt").unlink()
-    _raises(r"wnids\.txt", data.read_tiny_imagenet, tiny_root / "tiny-imagenet-200", "train")
+    _raises(r"wnids\.txt", tinyimagenet.read_tiny_imagenet, tiny_root / "tiny-imagenet-200", "train")
 
 
 def test_error_tiny_class_folder_missing(tiny_root):
     shutil.rmtree(tiny_root / "tiny-imagenet-200" / "train" / tiny_wnid(1))
-    msg = _raises("class folder missing", data.read_tiny_imagenet, tiny_root, "train")
+    msg = _raises("class folder missing", tinyimagenet.read_tiny_imagenet, tiny_root, "train")
     assert tiny_wnid(1) in msg
 
 
 def test_error_tiny_val_annotations_missing(tiny_root):
     (tiny_root / "tiny-imagenet-200" / "val" / "val_annotations.txt").unlink()
-    _raises(r"val_annotations\.txt", data.read_tiny_imagenet, tiny_root, "test")
+    _raises(r"val_annotations\.txt", tinyimagenet.read_tiny_imagenet, tiny_root, "test")
 
 
 def test_error_tiny_image_wrong_size_or_unreadable(tiny_root):
     images = tiny_root / "tiny-imagenet-200" / "train" / tiny_wnid(2) / "images"
     Image.new("RGB", (32, 64)).save(images / "odd.JPEG")
-    msg = _raises("expected 64x64", data.read_tiny_imagenet, tiny_root, "train")
+    msg = _raises("expected 64x64", tinyimagenet.read_tiny_imagenet, tiny_root, "train")
     assert "odd.JPEG" in msg and "32x64" in msg
     (images / "odd.JPEG").write_bytes(b"\xff\xd8 truncated")
-    _raises(r"odd\.JPEG.*unreadable", data.read_tiny_imagenet, tiny_root, "train")
+    _raises(r"odd\.JPEG.*unreadable", tinyimagenet.read_tiny_imagenet, tiny_root, "train")
 
 
 def test_error_bad_names():
-    _raises("split 'val'", data.prepare_dataset, "digits", None, "val")
-    _raises("'mnist'", data.prepare_dataset, "mnist", None, "train")
+    _raises("split 'val'", datasets.prepare_dataset, "digits", None, "val")
+    _raises("'mnist'", datasets.prepare_dataset, "mnist", None, "train")
 
 
 # --- the prepare stage script ---------------------------------------------------------------------
@@ -316,6 +316,6 @@ def test_script_bad_input_exits_2_and_leaves_no_outputs(case, tmp_path, prepare_
 
 
 def test_shared_conftest_fixtures(mini_cifar100, mini_tiny_imagenet, digits_files):
-    assert data.read_cifar100(mini_cifar100, "test").num_classes == 100
-    assert len(data.read_tiny_imagenet(mini_tiny_imagenet, "test")) == 3
+    assert cifar100.read_cifar100(mini_cifar100, "test").num_classes == 100
+    assert len(tinyimagenet.read_tiny_imagenet(mini_tiny_imagenet, "test")) == 3
     assert len(data.load_images(digits_files["train"])) == 1257

@@ -12,14 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffdistill import cli, data
+from diffdistill import cli, data, datasets
 from diffdistill.cli import run_main
 from diffdistill.errors import DiffdistillError
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", choices=data.DATASETS, default="digits")
+    p.add_argument("--dataset", choices=datasets.DATASETS, default="digits")
     p.add_argument("--root", default=None, help="folder holding (or to receive) the raw data set")
     p.add_argument("--download", action="store_true", help="fetch the data set into --root if missing")
     p.add_argument("--train-out", required=True)
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         for name, out in (("train", args.train_out), ("test", args.test_out)):
             with cli.Timer() as t:
                 # Download at most once: the first split fetches, the second finds the files.
-                splits[name] = data.prepare_dataset(args.dataset, args.root, name, download=args.download)
+                splits[name] = datasets.prepare_dataset(args.dataset, args.root, name, download=args.download)
                 data.save_images(splits[name], out)
             timings[name] = round(t.seconds, 3)
         timings["total"] = round(sum(timings.values()), 3)

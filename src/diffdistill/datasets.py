@@ -1,0 +1,34 @@
+"""The data sets by name: one split of ``digits``, ``cifar100`` or ``tinyimagenet`` as a
+:class:`~diffdistill.data.LabeledImages`, from the reader module of each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import cifar100, digits, tinyimagenet
+from .data import LabeledImages, check_split
+from .errors import DiffdistillError
+
+DATASETS = ("digits", "cifar100", "tinyimagenet")
+
+
+def prepare_dataset(name: str, root, split: str, download: bool = False) -> LabeledImages:
+    """One split of a named data set (``DATASETS``); ``root`` is unused for ``digits``."""
+    check_split(split)
+    if name == "digits":
+        return digits.load_digits_split(split)
+    if name not in DATASETS:
+        raise DiffdistillError(f"data set {name!r}: expected one of {DATASETS}")
+    if download:
+        download_to = cifar100.download_cifar100 if name == "cifar100" else tinyimagenet.download_tiny_imagenet
+        download_to(_require_download_root(root))
+    reader = cifar100.read_cifar100 if name == "cifar100" else tinyimagenet.read_tiny_imagenet
+    data = reader(root, split)
+    data.name, data.split = name, split
+    return data
+
+
+def _require_download_root(root) -> Path:
+    if root is None:
+        raise DiffdistillError("--download needs a data root (the folder to download into)")
+    return Path(root)
