@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from diffdistill import checkpoint, cli, fid, sampling, scoring, uvit
+from diffdistill import checkpoint, cli, feature_convnet, fid, sampling, scoring, uvit
 from diffdistill.convnet import ConvNet
 from diffdistill.data import LabeledImages, save_images
 from diffdistill.errors import DiffdistillError
@@ -179,15 +179,15 @@ def test_scripts_end_to_end_with_the_feature_convnet(workdir):
 
 def test_feature_convnet_file_round_trip_gives_the_same_features(workdir):
     real = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
-    contents = scoring.train_feature_convnet(
+    contents = feature_convnet.train_feature_convnet(
         LabeledImages(real, torch.tensor([0, 1, 2, 0]), ["a", "b", "c"], "tiny"), epochs=0, device="cpu", seed=0)
-    scoring.save_feature_convnet(workdir / "fc.pt", contents)
-    loaded = scoring.load_feature_convnet(workdir / "fc.pt", "cpu")
+    feature_convnet.save_feature_convnet(workdir / "fc.pt", contents)
+    loaded = feature_convnet.load_feature_convnet(workdir / "fc.pt", "cpu")
     net = ConvNet(**contents["architecture"])
     net.load_state_dict(contents["state_dict"])
     torch.testing.assert_close(loaded(real), fid.ConvNetExtractor(net, contents["mean"], contents["std"], "cpu")(real))
     with pytest.raises(DiffdistillError, match="train.pt: not a feature ConvNet file"):
-        scoring.load_feature_convnet(workdir / "train.pt", "cpu")
+        feature_convnet.load_feature_convnet(workdir / "train.pt", "cpu")
 
 
 def test_missing_stats_file_exits_2_and_leaves_no_output(workdir):
@@ -203,10 +203,10 @@ def test_corrupt_checkpoint_exits_2_and_leaves_no_output(workdir, tmp_path, refe
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"PK\x03\x04 truncated")
     stats, convnet, out = tmp_path / "ref.npz", tmp_path / "fc.pt", tmp_path / "score.json"
-    contents = scoring.train_feature_convnet(
+    contents = feature_convnet.train_feature_convnet(
         LabeledImages(torch.zeros(3, 3, 8, 8, dtype=torch.uint8), torch.arange(3), ["a", "b", "c"], "tiny"),
         epochs=0, device="cpu", seed=0)
-    scoring.save_feature_convnet(convnet, contents)
+    feature_convnet.save_feature_convnet(convnet, contents)
     fid.save_stats(stats, fid.FeatureStats(np.zeros(128), np.eye(128), 10, "convnet"))
     assert cli.run_main(script("score_checkpoint").main, [
         "--checkpoint", str(corrupt), "--stats", str(stats), "--extractor", "convnet", "--convnet", str(convnet),

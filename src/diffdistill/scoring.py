@@ -15,66 +15,18 @@ import logging
 import math
 import os
 import time
-from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 import torch
 
-from . import atomic, checkpoint, evaluation, fid, sampling
-from .convnet import ConvNet
-from .data import LabeledImages
+from . import atomic, checkpoint, fid, sampling
 from .errors import DiffdistillError
-from .normalize import normalize, stats_for
+from .feature_convnet import load_feature_convnet
 
 log = logging.getLogger(__name__)
 
-CONVNET_FORMAT = "diffdistill-feature-convnet"
 SCORE_COLUMNS = ["step", "score", "score_kind", "num_images", "checkpoint", "seconds"]
-
-
-# --------------------------------------------------------------------------- the feature ConvNet
-
-
-def train_feature_convnet(real: LabeledImages, *, epochs: int, device, seed: int | None = None,
-                          batch_size: int = 256, net_width: int = 128, net_depth: int = 3) -> dict:
-    """The evaluation ConvNet trained on the real training split with the challenge protocol.
-
-    Returns the file contents for :func:`save_feature_convnet`: state_dict, architecture, the
-    normalisation (challenge constants, else the split's own statistics) and the training settings.
-    """
-    mean, std = stats_for(real.name, real.images)
-    x = normalize(real.images, mean, std)  # (N, C, H, W) float32, as ConvNetExtractor feeds it
-    generator = None if seed is None else torch.Generator().manual_seed(int(seed))
-    _, channel, height, width = real.images.shape
-    net = evaluation.train_convnet(
-        x, real.labels, num_classes=real.num_classes, channel=channel, im_size=(height, width), epochs=epochs,
-        batch_size=batch_size, device=device, generator=generator, init_seed=seed, net_width=net_width,
-        net_depth=net_depth)
-    architecture = dict(channel=channel, num_classes=real.num_classes, net_width=net_width, net_depth=net_depth,
-                        im_size=[height, width])
-    return {"format": CONVNET_FORMAT, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-            "architecture": architecture, "mean": list(mean), "std": list(std),
-            "settings": {"epochs": epochs, "batch_size": batch_size, "seed": seed, "dataset": real.name,
-                         "train_images": len(real)}}
-
-
-def save_feature_convnet(path: str | os.PathLike, contents: dict) -> None:
-    atomic.torch_save(contents, path)
-
-
-def load_feature_convnet(path: str | os.PathLike, device) -> fid.ConvNetExtractor:
-    """A :class:`~diffdistill.fid.ConvNetExtractor` from a file of :func:`save_feature_convnet`."""
-    path = Path(path)
-    obj = atomic.read_torch(path, "the feature ConvNet written by reference_stats")
-    if not isinstance(obj, dict) or obj.get("format") != CONVNET_FORMAT:
-        raise DiffdistillError(f"{path}: not a feature ConvNet file (expected format={CONVNET_FORMAT!r})")
-    try:
-        net = ConvNet(**obj["architecture"])
-        net.load_state_dict(obj["state_dict"])
-    except (KeyError, TypeError, RuntimeError) as err:
-        raise DiffdistillError(f"{path}: architecture and state_dict do not fit ({err})") from err
-    return fid.ConvNetExtractor(net, obj["mean"], obj["std"], device)
 
 
 def build_extractor(kind: str, device, *, inception_weights=None, convnet_path=None):

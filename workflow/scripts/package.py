@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from diffdistill import atomic, cli, evaluation, scoring, submission
+from diffdistill import atomic, cli, evaluation, feature_convnet, submission
 from diffdistill.data import load_images
 from diffdistill.errors import DiffdistillError
 
@@ -40,7 +40,7 @@ def feature_inputs(args, pool, real) -> dict:
         raise DiffdistillError(f"--rule {args.rule} needs --feature-convnet (written by reference_stats)")
     if real is None:
         raise DiffdistillError(f"--rule {args.rule} needs --real-train (its real features are the targets)")
-    convnet = scoring.load_feature_convnet(args.feature_convnet, "cpu")
+    convnet = feature_convnet.load_feature_convnet(args.feature_convnet, "cpu")
     features, predictions = convnet.classify(pool.images)
     real_features, _ = convnet.classify(real.images)
     per_class = [real_features[real.labels == k] for k in range(pool.num_classes)]  # K x (n_k, F)

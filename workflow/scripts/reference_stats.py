@@ -11,7 +11,7 @@ FD-ConvNet, never FID).
 import argparse
 import sys
 
-from diffdistill import cli, fid, scoring
+from diffdistill import cli, feature_convnet, fid, scoring
 from diffdistill.data import load_images
 from diffdistill.errors import DiffdistillError
 
@@ -41,9 +41,9 @@ def main(argv=None) -> int:
         real = load_images(args.real_train)
         with cli.Timer() as train:
             if args.extractor == "convnet":
-                contents = scoring.train_feature_convnet(real, epochs=args.convnet_epochs, device=device,
-                                                         seed=args.seed)
-                scoring.save_feature_convnet(args.convnet_out, contents)
+                contents = feature_convnet.train_feature_convnet(real, epochs=args.convnet_epochs, device=device,
+                                                                 seed=args.seed)
+                feature_convnet.save_feature_convnet(args.convnet_out, contents)
         extractor = scoring.build_extractor(args.extractor, device, inception_weights=args.inception_weights,
                                             convnet_path=args.convnet_out)
         with cli.Timer() as features:
