@@ -43,17 +43,6 @@ def as_float(data: LabeledImages):
 # --- helpers for the four cases ------------------------------------------------------------------
 
 
-def test_labels_by_position_are_class_major_blocks():
-    labels = evaluation.labels_by_position(12, 3, 4)
-    assert labels.dtype == torch.int64
-    assert labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
-    # Track 1 CIFAR-100: 1000 rows, class i in rows 10 i .. 10 i + 9.
-    cifar = evaluation.labels_by_position(1000, 100, 10)
-    assert cifar[0] == 0 and cifar[9] == 0 and cifar[10] == 1 and cifar[999] == 99
-    with pytest.raises(DiffdistillError, match="expected ipc"):
-        evaluation.labels_by_position(999, 100, 10)
-
-
 def test_random_real_indices():
     real = labeled(7, 0, "train")
     index = evaluation.random_real_indices(real, 3, torch.Generator().manual_seed(0))
@@ -93,22 +82,6 @@ def test_normalization_stats():
     assert evaluation.normalization_stats("stripes", real) == channel_stats(real.images)
     with pytest.raises(DiffdistillError, match="--real-train"):
         evaluation.normalization_stats("stripes", None)
-
-
-def test_load_package_checks(tmp_path):
-    good = tmp_path / "good.pt"
-    torch.save(torch.randn(6, 1, 8, 8), good)
-    x, y = evaluation.load_package(good, 3, 2, (1, 8, 8))
-    assert x.shape == (6, 1, 8, 8) and y.tolist() == [0, 0, 1, 1, 2, 2]
-    with pytest.raises(DiffdistillError, match="expected ipc"):
-        evaluation.load_package(good, 3, 3, (1, 8, 8))
-    with pytest.raises(DiffdistillError, match="like the test set"):
-        evaluation.load_package(good, 3, 2, (3, 8, 8))
-    torch.save({"images": torch.randn(6, 1, 8, 8)}, tmp_path / "dict.pt")
-    with pytest.raises(DiffdistillError, match="bare float tensor"):
-        evaluation.load_package(tmp_path / "dict.pt", 3, 2, (1, 8, 8))
-    with pytest.raises(DiffdistillError, match="no such file"):
-        evaluation.load_package(tmp_path / "missing.pt", 3, 2, (1, 8, 8))
 
 
 # --- the protocol --------------------------------------------------------------------------------

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffdistill import checkpoint, scoring, uvit
+from diffdistill import checkpoint, feature_convnet, uvit
 from diffdistill.cli import run_main
 from diffdistill.data import LabeledImages, load_images, save_images
 from diffdistill.errors import DiffdistillError
-from diffdistill.submission import package, save_package, select_indices, submission_filename, validate
+from diffdistill.submission import (labels_by_position, load_package, package, save_package, select_indices,
+                                    submission_filename, validate)
 from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,7 +270,7 @@ def test_package_script_with_a_feature_convnet(tmp_path, rule):
                             torch.arange(3).repeat(5), ["apple", "bee", "cat"], "toy", "synthetic")
     save_images(real, tmp_path / "real.pt")
     save_images(samples, tmp_path / "pool.pt")
-    scoring.save_feature_convnet(tmp_path / "fc.pt", scoring.train_feature_convnet(
+    feature_convnet.save_feature_convnet(tmp_path / "fc.pt", feature_convnet.train_feature_convnet(
         real, epochs=1, device="cpu", seed=0, net_width=8, net_depth=2))
     argv = ["--pool", str(tmp_path / "pool.pt"), "--dataset", "toy", "--ipc", "2", "--rule", rule,
             "--real-train", str(tmp_path / "real.pt"), "--out-dir", str(tmp_path / "sub"),
@@ -283,3 +284,33 @@ def test_package_script_with_a_feature_convnet(tmp_path, rule):
     std = [real.images[:, c].double().div(255).std().item() for c in range(3)]
     written = torch.load(tmp_path / "sub" / "toy.pt", weights_only=True)
     assert torch.allclose(written, by_hand(samples.images[chosen], mean, std), atol=1e-5)
+
+
+# --- reading a package back ----------------------------------------------------------------------
+
+
+def test_labels_by_position_are_class_major_blocks():
+    labels = labels_by_position(12, 3, 4)
+    assert labels.dtype == torch.int64
+    assert labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    # Track 1 CIFAR-100: 1000 rows, class i in rows 10 i .. 10 i + 9.
+    cifar = labels_by_position(1000, 100, 10)
+    assert cifar[0] == 0 and cifar[9] == 0 and cifar[10] == 1 and cifar[999] == 99
+    with pytest.raises(DiffdistillError, match="expected ipc"):
+        labels_by_position(999, 100, 10)
+
+
+def test_load_package_checks(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(torch.randn(6, 1, 8, 8), good)
+    x, y = load_package(good, 3, 2, (1, 8, 8))
+    assert x.shape == (6, 1, 8, 8) and y.tolist() == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(DiffdistillError, match="expected ipc"):
+        load_package(good, 3, 3, (1, 8, 8))
+    with pytest.raises(DiffdistillError, match="like the test set"):
+        load_package(good, 3, 2, (3, 8, 8))
+    torch.save({"images": torch.randn(6, 1, 8, 8)}, tmp_path / "dict.pt")
+    with pytest.raises(DiffdistillError, match="bare float tensor"):
+        load_package(tmp_path / "dict.pt", 3, 2, (1, 8, 8))
+    with pytest.raises(DiffdistillError, match="no such file"):
+        load_package(tmp_path / "missing.pt", 3, 2, (1, 8, 8))

@@ -18,14 +18,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import atomic
+from . import submission
 from .convnet import ConvNet
 from .data import LabeledImages, load_images
 from .dsa import DSAParams, augment
@@ -36,14 +35,6 @@ from .normalize import normalize, stats_for
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[dict], None]
-
-
-def labels_by_position(n: int, num_classes: int, ipc: int) -> torch.Tensor:
-    """Labels of a packaged file: class i owns rows i*ipc .. (i+1)*ipc - 1. (n,) int64."""
-    if ipc < 1 or n != num_classes * ipc:
-        raise DiffdistillError(f"package has {n} images; expected ipc * classes = {ipc} * {num_classes} "
-                               f"= {ipc * num_classes}")
-    return torch.arange(num_classes).repeat_interleave(ipc)  # (n,)
 
 
 def random_real_indices(real: LabeledImages, ipc: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -63,24 +54,6 @@ def normalization_stats(dataset: str, real_train: LabeledImages | None):
     return stats_for(dataset, None if real_train is None else real_train.images)
 
 
-def load_package(path: str | os.PathLike, num_classes: int, ipc: int, image_shape: Sequence[int]):
-    """A submission file: a bare float tensor (N, C, H, W), pre-normalised. Returns (x, labels)."""
-    path = Path(path)
-    x = atomic.read_torch(path, "a package tensor N x C x H x W")
-    if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
-        raise DiffdistillError(f"{path}: expected a bare float tensor (N, C, H, W), got "
-                               f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
-    if tuple(x.shape[1:]) != tuple(image_shape):
-        raise DiffdistillError(f"{path}: images are {tuple(x.shape[1:])}; expected {tuple(image_shape)} like the test set")
-    if not torch.isfinite(x).all():
-        raise DiffdistillError(f"{path}: contains NaN or infinite values")
-    try:
-        labels = labels_by_position(x.shape[0], num_classes, ipc)
-    except DiffdistillError as err:
-        raise DiffdistillError(f"{path}: {err}") from err
-    return x.float(), labels
-
-
 def load_training_set(path: str | os.PathLike, train_format: str, test: LabeledImages, mean, std, *,
                       ipc: int | None = None, random_ipc: int | None = None, rounds: int = 1,
                       seed: int | None = None):
@@ -92,7 +65,7 @@ def load_training_set(path: str | os.PathLike, train_format: str, test: LabeledI
     if train_format == "package":
         if ipc is None or random_ipc is not None:
             raise DiffdistillError("a package training set needs ipc (and takes no random_ipc)")
-        x, y = load_package(path, test.num_classes, ipc, test.images.shape[1:])
+        x, y = submission.load_package(path, test.num_classes, ipc, test.images.shape[1:])
         return x, y, f"package ipc {ipc}", None
     train = load_images(path)
     if train.classes != test.classes or train.images.shape[1:] != test.images.shape[1:]:

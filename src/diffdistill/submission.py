@@ -1,10 +1,11 @@
-"""The challenge submission: pick IPC images per class from the sampled pool, normalise, validate.
+"""The challenge submission: pick IPC images per class from the sampled pool, normalise, validate,
+write; and read a package back (labels by position) for evaluation.
 
-Contract of the First Dataset Distillation Challenge (docs/reference.md, "Challenge protocol"): one file per data set
-(``cifar100.pt``, ``tinyimagenet.pt``) holding a *bare* float tensor (N, 3, H, W), no labels, no
-dict. Labels are implied by position: class-major blocks, class i in rows i*IPC .. (i+1)*IPC - 1 in
-class-index order. Images are stored pre-normalised with the challenge's per-channel constants.
-Track 1 asserts N = 10 * classes: [1000, 3, 32, 32] and [2000, 3, 64, 64].
+Contract of the First Dataset Distillation Challenge (docs/reference.md, "Challenge protocol"): one
+file per data set (``cifar100.pt``, ``tinyimagenet.pt``) holding a *bare* float tensor (N, 3, H, W),
+no labels, no dict. Labels are implied by position: class-major blocks, class i in rows
+i*IPC .. (i+1)*IPC - 1 in class-index order. Images are stored pre-normalised with the challenge's
+per-channel constants. Track 1 asserts N = 10 * classes: [1000, 3, 32, 32] and [2000, 3, 64, 64].
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -262,3 +264,32 @@ def save_package(tensor: torch.Tensor, path: str | os.PathLike, dataset: str, **
             return validate(tmp, dataset, **contract)
         except DiffdistillError as err:  # name the destination, not the temporary file
             raise DiffdistillError(str(err).replace(str(tmp), str(path))) from err
+
+
+# --- reading a package back ------------------------------------------------------------------------
+
+
+def labels_by_position(n: int, num_classes: int, ipc: int) -> torch.Tensor:
+    """Labels of a packaged file: class i owns rows i*ipc .. (i+1)*ipc - 1. (n,) int64."""
+    if ipc < 1 or n != num_classes * ipc:
+        raise DiffdistillError(f"package has {n} images; expected ipc * classes = {ipc} * {num_classes} "
+                               f"= {ipc * num_classes}")
+    return torch.arange(num_classes).repeat_interleave(ipc)  # (n,)
+
+
+def load_package(path: str | os.PathLike, num_classes: int, ipc: int, image_shape: Sequence[int]):
+    """A submission file: a bare float tensor (N, C, H, W), pre-normalised. Returns (x, labels)."""
+    path = Path(path)
+    x = atomic.read_torch(path, "a package tensor N x C x H x W")
+    if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
+        raise DiffdistillError(f"{path}: expected a bare float tensor (N, C, H, W), got "
+                               f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+    if tuple(x.shape[1:]) != tuple(image_shape):
+        raise DiffdistillError(f"{path}: images are {tuple(x.shape[1:])}; expected {tuple(image_shape)} like the test set")
+    if not torch.isfinite(x).all():
+        raise DiffdistillError(f"{path}: contains NaN or infinite values")
+    try:
+        labels = labels_by_position(x.shape[0], num_classes, ipc)
+    except DiffdistillError as err:
+        raise DiffdistillError(f"{path}: {err}") from err
+    return x.float(), labels
