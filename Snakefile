@@ -17,6 +17,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/training.smk"
 include: "workflow/rules/scoring.smk"
 include: "workflow/rules/sampling.smk"
+include: "workflow/rules/package.smk"
 include: "workflow/rules/evaluation.smk"
 include: "workflow/rules/report.smk"
 
