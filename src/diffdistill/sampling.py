@@ -212,44 +212,81 @@ def sample_budgeted(
     """Class-balanced batches until the next one would overrun ``budget_s`` (or ``max_images``).
 
     ``clock`` is read at the first batch (the budget starts there) and after every batch; tests pass
-    a fake clock. ``on_batch(images, labels)`` sees each finished batch (e.g. to save progress).
+    a fake clock. ``on_batch(images, labels)`` sees each kept batch (e.g. to save progress).
     ``label_offset`` shifts the class cycle (shards start at different classes). A batch that ends
     past the budget (only possible when the estimate was wrong, e.g. the first batch) was not made
     within it: it is dropped and counted in ``dropped_images``.
     """
     _check_budget_args(budget_s, batch_size, max_images)
     generator = torch.Generator(device=torch.device(device)).manual_seed(int(seed))
-    images, labels, batches = [], [], []
-    done, dropped, kept_until = 0, 0, 0.0
-    start = clock()
-    while max_images is None or done < max_images:
-        size = batch_size if max_images is None else min(batch_size, max_images - done)
-        elapsed = clock() - start
-        if batches and elapsed + estimate_batch_s(batches, size) > budget_s:
-            break
-        batch_labels = balanced_labels(num_classes, size, offset=done + label_offset)  # (size,)
-        t0 = clock()
+    run = _BudgetRun(budget_s, clock, max_images, start=clock())
+    while size := run.next_size(batch_size):
+        batch_labels = balanced_labels(num_classes, size, offset=run.done + label_offset)  # (size,)
+        began = clock()
         batch_images, batch_size = generate_halving(model, batch_labels, settings, device=device,
                                                     generator=generator, batch_size=batch_size)
-        end = clock()
-        batches.append({"size": size, "seconds": end - t0})
-        if end - start > budget_s:
-            dropped = size
-            log.warning("a batch of %d images ended %.1f s past the %.1f s budget: dropped", size,
-                        end - start - budget_s, budget_s)
+        if not run.finish(batch_images, batch_labels, began):
             break
-        images.append(batch_images)
-        labels.append(batch_labels)
-        done, kept_until = done + size, end - start
         if on_batch is not None:
             on_batch(batch_images, batch_labels)
-        _log_progress(done, kept_until, budget_s)
-    if not images:
-        raise DiffdistillError(f"no batch finished within the {budget_s} s budget (the first took "
-                               f"{batches[0]['seconds']:.1f} s): lower the batch size or raise the budget")
-    result = _result(images, labels, batches, num_classes, kept_until, batch_size)
-    result.dropped_images = dropped
-    return result
+    return run.result(num_classes, batch_size)
+
+
+@dataclass
+class _BudgetRun:
+    """The state of one budgeted run: the clock, the finished batches and the images kept so far."""
+
+    budget_s: float
+    clock: Callable[[], float]
+    max_images: int | None
+    start: float
+    images: list = field(default_factory=list)
+    labels: list = field(default_factory=list)
+    batches: list = field(default_factory=list)  # {"size", "seconds"} per finished batch
+    done: int = 0
+    dropped: int = 0
+    kept_until: float = 0.0
+
+    def next_size(self, batch_size: int) -> int:
+        """The next batch's size; 0 once ``max_images`` are made or the batch would overrun the budget."""
+        if self.max_images is not None and self.done >= self.max_images:
+            return 0
+        size = batch_size if self.max_images is None else min(batch_size, self.max_images - self.done)
+        elapsed = self.clock() - self.start
+        if self.batches and elapsed + estimate_batch_s(self.batches, size) > self.budget_s:
+            return 0
+        return size
+
+    def finish(self, images: torch.Tensor, labels: torch.Tensor, began: float) -> bool:
+        """Record a batch begun at ``began``; keep it if it ended within the budget, else drop it (False)."""
+        end, size = self.clock(), labels.numel()
+        self.batches.append({"size": size, "seconds": end - began})
+        if end - self.start > self.budget_s:
+            self.dropped = size
+            log.warning("a batch of %d images ended %.1f s past the %.1f s budget: dropped", size,
+                        end - self.start - self.budget_s, self.budget_s)
+            return False
+        self.images.append(images)
+        self.labels.append(labels)
+        self.done, self.kept_until = self.done + size, end - self.start
+        _log_progress(self.done, self.kept_until, self.budget_s)
+        return True
+
+    def result(self, num_classes: int, batch_size: int) -> BudgetResult:
+        if not self.images:
+            raise DiffdistillError(f"no batch finished within the {self.budget_s} s budget (the first took "
+                                   f"{self.batches[0]['seconds']:.1f} s): lower the batch size or raise the budget")
+        all_labels = torch.cat(self.labels)  # (N,)
+        return BudgetResult(
+            images=torch.cat(self.images),  # (N, C, H, W)
+            labels=all_labels,
+            counts=torch.bincount(all_labels, minlength=num_classes).tolist(),
+            images_per_s=all_labels.numel() / self.kept_until if self.kept_until > 0 else float("inf"),
+            sampling_s=self.kept_until,
+            batches=self.batches,
+            batch_size_final=batch_size,
+            dropped_images=self.dropped,
+        )
 
 
 def _check_budget_args(budget_s: float, batch_size: int, max_images: int | None) -> None:
@@ -264,19 +301,6 @@ def _check_budget_args(budget_s: float, batch_size: int, max_images: int | None)
 def _log_progress(done: int, elapsed: float, budget_s: float) -> None:
     rate = done / elapsed if elapsed > 0 else float("inf")
     log.info("%d images, %.1f images/s, %.1f s of %.1f s left", done, rate, max(budget_s - elapsed, 0.0), budget_s)
-
-
-def _result(images, labels, batches, num_classes, sampling_s, batch_size) -> BudgetResult:
-    all_labels = torch.cat(labels)  # (N,)
-    return BudgetResult(
-        images=torch.cat(images),  # (N, C, H, W)
-        labels=all_labels,
-        counts=torch.bincount(all_labels, minlength=num_classes).tolist(),
-        images_per_s=all_labels.numel() / sampling_s if sampling_s > 0 else float("inf"),
-        sampling_s=sampling_s,
-        batches=batches,
-        batch_size_final=batch_size,
-    )
 
 
 def shard_label_offset(shard: int, num_shards: int, num_classes: int) -> int:
