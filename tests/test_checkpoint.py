@@ -119,6 +119,15 @@ def test_missing_file_names_the_file(tmp_path):
         checkpoint.load_checkpoint(tmp_path / "nothing_here.pt")
 
 
+def test_missing_pretrained_weights_say_where_the_public_files_come_from_and_go(tmp_path):
+    with pytest.raises(DiffdistillError) as err:
+        checkpoint.load_pretrained(_model(0, num_classes=5), tmp_path / "cifar10_uvit_small.pth")
+    message = str(err.value)
+    for needle in ("github.com/baofff/U-ViT", "cifar10_uvit_small.pth", "imagenet64_uvit_mid.pth",
+                   "resources/weights/", "pretrained.path", str(tmp_path)):
+        assert needle in message, needle
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_non_tensor_pickle_is_refused(tmp_path):
     path = tmp_path / "evil.pth"

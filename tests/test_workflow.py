@@ -65,6 +65,15 @@ def test_dry_run_of_paper_configs_builds_expected_jobs(tmp_path, name, weights, 
     assert extractors == ["inception"] * (1 + checkpoints), extractors  # reference_stats + one per checkpoint
 
 
+def test_missing_public_weights_say_where_they_come_from(tmp_path):
+    result = snakemake(
+        "-n", "--cores", "1", "--configfile", str(REPO / "config" / "cifar100.yaml"),
+        "--config", f"results={tmp_path}/results", cwd=tmp_path)
+    assert result.returncode != 0
+    for needle in ("github.com/baofff/U-ViT", "cifar10_uvit_small.pth", "resources/weights/", "pretrained.path"):
+        assert needle in result.stdout + result.stderr, needle
+
+
 def test_default_config_plans_unconditional_pretraining(tmp_path):
     result = snakemake("-n", "--cores", "2", "--configfile", str(REPO / "config" / "config.yaml"),
                        "--config", f"results={tmp_path}/results", cwd=tmp_path, check=True)

@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +37,13 @@ _KEYS = ("format", "version", "step", "model", "ema", "optimizer", "config", "ex
 _PLAIN = (str, int, float, bool, type(None))
 _WRAPPER_KEYS = ("state_dict", "model")  # common wrappers around a state_dict in public files
 _DROPPED_PREFIX = "label_emb."  # the label layer is never transferred (paper, docs/reference.md, "U-ViT")
+# The public weights the paper's configs start from: file name -> what it holds (docs/reference.md, "Method").
+PUBLIC_WEIGHTS = {
+    "cifar10_uvit_small.pth": "CIFAR-10 U-ViT-S/2, unconditional; for cifar100",
+    "imagenet64_uvit_mid.pth": "ImageNet-64 U-ViT-M/4; for tinyimagenet",
+}
+PUBLIC_WEIGHTS_SOURCE = "the U-ViT repository's published checkpoints, github.com/baofff/U-ViT"
+WEIGHTS_FOLDER = "resources/weights/"
 
 
 # --------------------------------------------------------------------------- our own checkpoints
@@ -193,6 +201,8 @@ def load_pretrained(model: UViT, path: str | os.PathLike) -> LoadReport:
     fresh init and rows 1.. get the source rows 0... Every other key must match in name and shape,
     otherwise the error lists every problem; the model is only modified once all checks pass.
     """
+    if not Path(path).is_file():
+        raise DiffdistillError(missing_weights_message(path))
     obj = atomic.read_torch(path, "a U-ViT state_dict or a diffdistill checkpoint")
     source = _source_state_dict(obj, path)
     target = model.state_dict()
@@ -206,6 +216,15 @@ def load_pretrained(model: UViT, path: str | os.PathLike) -> LoadReport:
                 target[key].copy_(value)
     log.info("%s", report.summary())
     return report
+
+
+def missing_weights_message(path: str | os.PathLike) -> str:
+    """What to do when the pretrained weights file is missing: where the public files come from and
+    where they go."""
+    files = "; ".join(f"{name} ({what})" for name, what in PUBLIC_WEIGHTS.items())
+    return (f"{path}: pretrained weights file not found. The public U-ViT weights come from "
+            f"{PUBLIC_WEIGHTS_SOURCE}, by file name: {files}. Put the file in {WEIGHTS_FOLDER} "
+            "(or where the config key pretrained.path points).")
 
 
 def _source_state_dict(obj: Any, path) -> dict[str, torch.Tensor]:

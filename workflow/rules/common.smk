@@ -42,10 +42,23 @@ def pretrained_weights():
     if source == "train":
         return checkpoint_files("pretrain", config["pretrained"]["training"])[-1]
     if source == "file":
-        if not config["pretrained"].get("path"):
+        path = config["pretrained"].get("path")
+        if not path:
             raise ValueError("config key pretrained.path: a checkpoint file is required when pretrained.source is 'file'")
-        return config["pretrained"]["path"]
+        if not Path(path).is_file():
+            raise ValueError(f"config key pretrained.path: {missing_weights_help(path)}")
+        return path
     return []
+
+
+def missing_weights_help(path):
+    """The package's advice on where the public weights come from (the package may be absent here,
+    e.g. with conda deployment, where jobs get it but Snakemake itself may not)."""
+    try:
+        from diffdistill.checkpoint import missing_weights_message
+    except ImportError:
+        return f"{path}: no such file"
+    return missing_weights_message(path)
 
 
 def resume_dir(folder, cfg):
