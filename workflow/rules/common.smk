@@ -142,5 +142,15 @@ def evaluation_args(wildcards):
     }[wildcards.kind]
 
 
+def package_convnet():
+    """Package rules 'herding' and 'coverage' pick images with the real-data feature ConvNet of FD-ConvNet scoring."""
+    name = config["package"]["rule"]
+    if name not in ("herding", "coverage"):
+        return {}
+    if config["scoring"]["extractor"] != "convnet":
+        raise ValueError(f"config key package.rule: {name!r} needs scoring.extractor 'convnet' (its feature ConvNet)")
+    return feature_convnet_output()
+
+
 def final_targets():
     return [f"{OUT}/report.md", f"{OUT}/summary.json"]

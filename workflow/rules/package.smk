@@ -1,16 +1,6 @@
 # The challenge submission made from the budgeted pool.
 
 
-def package_convnet():
-    """Package rules 'herding' and 'coverage' pick images with the real-data feature ConvNet of FD-ConvNet scoring."""
-    name = config["package"]["rule"]
-    if name not in ("herding", "coverage"):
-        return {}
-    if config["scoring"]["extractor"] != "convnet":
-        raise ValueError(f"config key package.rule: {name!r} needs scoring.extractor 'convnet' (its feature ConvNet)")
-    return feature_convnet_output()
-
-
 rule package:
     """The challenge submission: class-major IPC blocks, normalised, validated; plus the whole pool."""
     input:
