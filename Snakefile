@@ -22,13 +22,7 @@ include: "workflow/rules/evaluation.smk"
 include: "workflow/rules/report.smk"
 
 
-localrules:
-    all,
-    select_checkpoint,
-    merge_samples,
-    report,
-
-
 rule all:
+    localrule: True
     input:
         final_targets(),

@@ -74,11 +74,38 @@ def test_missing_public_weights_say_where_they_come_from(tmp_path):
         assert needle in result.stdout + result.stderr, needle
 
 
-def test_default_config_plans_unconditional_pretraining(tmp_path):
+def planned_gpus(output: str) -> dict[str, set[int]]:
+    """rule -> the gpu resource values of its jobs in a dry run's job listing (0 when none is given)."""
+    gpus: dict[str, set[int]] = {}
+    for block in re.split(r"^rule ", output, flags=re.M)[1:]:
+        rule = block.split(":", 1)[0].strip()
+        match = re.search(r"^\s+resources: .*\bgpu=(\d+)", block, flags=re.M)
+        gpus.setdefault(rule, set()).add(int(match.group(1)) if match else 0)
+    return gpus
+
+
+GPU_STAGES = ("reference_stats", "score_checkpoint", "sample_budget", "evaluate")
+
+
+def test_default_config_plans_unconditional_pretraining_on_cpu_without_warnings(tmp_path):
     result = snakemake("-n", "--cores", "2", "--configfile", str(REPO / "config" / "config.yaml"),
                        "--config", f"results={tmp_path}/results", cwd=tmp_path, check=True)
     jobs = planned_jobs(result.stdout)
     assert jobs["pretrain_unconditional"] == 1 and jobs["score_checkpoint"] == 3
+    gpus = planned_gpus(result.stdout)
+    assert all(gpus[rule] == {0} for rule in (*GPU_STAGES, "finetune", "pretrain_unconditional")), gpus
+    assert "localrules" not in result.stdout + result.stderr  # no warning about merge_samples with one shard
+
+
+def test_each_gpu_stage_takes_its_gpus_from_its_own_config(tmp_path):
+    """A CPU fine-tune with device cuda still gives the GPU stages a GPU; a stage's own gpus wins."""
+    overlay = tmp_path / "gpus.yaml"
+    overlay.write_text("device: cuda\nsampling: {gpus: 2}\n")
+    result = snakemake("-n", "--cores", "2", "--configfile", str(REPO / "config" / "config.yaml"), str(overlay),
+                       "--config", f"results={tmp_path}/results", cwd=tmp_path, check=True)
+    gpus = planned_gpus(result.stdout)
+    assert gpus["finetune"] == {0} and gpus["sample_budget"] == {2}, gpus
+    assert all(gpus[rule] == {1} for rule in ("reference_stats", "score_checkpoint", "evaluate")), gpus
 
 
 @pytest.mark.parametrize(

@@ -61,11 +61,33 @@ def missing_weights_help(path):
     return missing_weights_message(path)
 
 
-def resume_dir(folder, cfg):
-    """Where a training job keeps its resumable checkpoints, outside Snakemake's outputs (which it
-    deletes before a rerun). Keyed by the settings, so a changed config starts afresh."""
+def resume_dir(folder, name):
+    """The one resume convention: a job keeps what it resumes from in <OUT>/<folder>/.resume/<name>,
+    outside Snakemake's outputs (which it deletes before a rerun). The script checks the state it
+    finds there against its own settings (training refuses a mismatch, evaluation ignores it)."""
+    return f"{OUT}/{folder}/.resume/{name}"
+
+
+def settings_key(cfg):
+    """A name for a training run's resume folder, keyed by its settings: a changed config starts afresh
+    (the trainer would refuse another run's checkpoints)."""
     settings = json.dumps([cfg, config["model"], config["pretrained"], config["seed"], DATASET], sort_keys=True)
-    return f"{OUT}/{folder}/.resume/{hashlib.sha1(settings.encode()).hexdigest()[:10]}"
+    return hashlib.sha1(settings.encode()).hexdigest()[:10]
+
+
+# Every stage derives its seed from config["seed"] by its own offset, so that no two stages share a stream.
+SEED_OFFSETS = {
+    "finetune": 0,
+    "pretrain_unconditional": 1,
+    "reference_stats": 2,
+    "score_checkpoint": 3,
+    "sample_budget": 4,
+    "evaluate": 5,
+}
+
+
+def stage_seed(rule_name):
+    return config["seed"] + SEED_OFFSETS[rule_name]
 
 
 def training_args(cfg):
@@ -102,11 +124,12 @@ def scoring_sampler():
     return config["scoring"].get("sampler") or config["sampler"]
 
 
-def gpu_count(cfg=None):
-    """GPUs a job asks the scheduler for: 0 on CPU-only configs."""
-    if cfg is not None:
-        return cfg.get("gpus", 0)
-    return 0 if config["device"] == "cpu" or config["finetune"].get("gpus", 0) == 0 else 1
+def gpu_count(cfg):
+    """GPUs a job asks the scheduler for, from its own stage's config block: ``gpus`` when set; for
+    scoring, sampling and evaluation ``gpus: null`` means 1 when config["device"] names CUDA, else 0."""
+    if cfg["gpus"] is not None:
+        return cfg["gpus"]
+    return 1 if config["device"].startswith("cuda") else 0
 
 
 def feature_convnet_output():

@@ -11,16 +11,16 @@ rule evaluate:
         args=evaluation_args,
         rounds=config["evaluation"]["rounds"],
         batch_size=config["evaluation"].get("batch_size", 256),
-        seed=config["seed"] + 5,
+        seed=stage_seed("evaluate"),
         # Outside the outputs (Snakemake deletes those before a rerun); keyed inside by settings and data.
-        resume=lambda wildcards: f"{OUT}/evaluation/.resume/{wildcards.kind}",
+        resume=lambda wildcards: resume_dir("evaluation", wildcards.kind),
     log:
         f"{LOGS}/evaluate/{{kind}}.log",
     benchmark:
         f"{OUT}/benchmarks/evaluate/{{kind}}.tsv"
     threads: 1
     resources:
-        gpu=gpu_count(),
+        gpu=gpu_count(config["evaluation"]),
         mem_mb=16000,
         runtime=240,
     conda:

@@ -18,6 +18,7 @@ rule report:
         ipc=config["package"]["ipc"],
     log:
         f"{LOGS}/report.log",
+    localrule: True
     conda:
         "../../envs/diffdistill.yaml"
     shell:

@@ -16,7 +16,7 @@ rule sample_budget:
             f"--max-images {config['sampling']['max_images']}" if config["sampling"].get("max_images") else ""
         ),
         sampler=sampler_args(config["sampler"]),
-        seed=config["seed"] + 4,
+        seed=stage_seed("sample_budget"),
         shard=lambda wildcards: f"--shard {wildcards.shard} --num-shards {SHARDS}" if SHARDS > 1 else "",
     log:
         f"{LOGS}/sample_budget{'_{shard}' if SHARDS > 1 else ''}.log",
@@ -24,7 +24,7 @@ rule sample_budget:
         f"{OUT}/benchmarks/sample_budget{'_{shard}' if SHARDS > 1 else ''}.tsv"
     threads: 8
     resources:
-        gpu=gpu_count(),
+        gpu=gpu_count(config["sampling"]),
         mem_mb=16000,
         runtime=config["sampling"].get("runtime_min", 30),
     conda:
@@ -49,6 +49,7 @@ if SHARDS > 1:
             script=f"{SCRIPTS}/merge_samples.py",
         log:
             f"{LOGS}/merge_samples.log",
+        localrule: True
         conda:
             "../../envs/diffdistill.yaml"
         shell:

@@ -17,13 +17,13 @@ rule reference_stats:
         ),
         epochs=config["scoring"].get("convnet_epochs", 50),
         convnet_out=lambda wildcards, output: f"--convnet-out {output.convnet}" if "convnet" in output.keys() else "",
-        seed=config["seed"] + 2,
+        seed=stage_seed("reference_stats"),
     log:
         f"{LOGS}/reference_stats.log",
     cache: True
     threads: 8
     resources:
-        gpu=gpu_count(),
+        gpu=gpu_count(config["scoring"]),
         mem_mb=16000,
         runtime=120,
     conda:
@@ -52,14 +52,14 @@ rule score_checkpoint:
         num_images=config["scoring"]["num_images"],
         batch_size=config["scoring"]["batch_size"],
         sampler=sampler_args(scoring_sampler()),
-        seed=config["seed"] + 3,
+        seed=stage_seed("score_checkpoint"),
     log:
         f"{LOGS}/score_checkpoint/step_{{step}}.log",
     benchmark:
         f"{OUT}/benchmarks/score_checkpoint/step_{{step}}.tsv"
     threads: 1
     resources:
-        gpu=gpu_count(),
+        gpu=gpu_count(config["scoring"]),
         mem_mb=16000,
         runtime=120,
     conda:
@@ -83,6 +83,7 @@ rule select_checkpoint:
         script=f"{SCRIPTS}/select_checkpoint.py",
     log:
         f"{LOGS}/select_checkpoint.log",
+    localrule: True
     conda:
         "../../envs/diffdistill.yaml"
     shell:

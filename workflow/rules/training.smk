@@ -13,8 +13,8 @@ rule pretrain_unconditional:
         overrides=json.dumps(config["model"].get("overrides", {})),
         args=training_args(config["pretrained"].get("training", config["finetune"])),
         launcher=launcher(config["pretrained"].get("training", config["finetune"])),
-        resume_dir=resume_dir("pretrain", config["pretrained"].get("training", config["finetune"])),
-        seed=config["seed"] + 1,
+        resume_dir=resume_dir("pretrain", settings_key(config["pretrained"].get("training", config["finetune"]))),
+        seed=stage_seed("pretrain_unconditional"),
     log:
         f"{LOGS}/pretrain_unconditional.log",
     benchmark:
@@ -50,8 +50,8 @@ rule finetune:
         init=lambda wildcards, input: f"--init {input.init}" if input.init else "",
         args=training_args(config["finetune"]),
         launcher=launcher(config["finetune"]),
-        resume_dir=resume_dir("checkpoints", config["finetune"]),
-        seed=config["seed"],
+        resume_dir=resume_dir("checkpoints", settings_key(config["finetune"])),
+        seed=stage_seed("finetune"),
     log:
         f"{LOGS}/finetune.log",
     benchmark:
