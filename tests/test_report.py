@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from diffdistill import atomic, data, report
+from diffdistill.sampling_summary import SamplingSummary, ShardRun
 from helpers import load_script
 
 
@@ -34,22 +35,27 @@ def accuracy(mean):
     return {"mean": mean, "std": 0.01}
 
 
+def sampling_summary(counts, sampling_s, *, shard=0, budget_s=10.0, classes=None) -> SamplingSummary:
+    settings = {"budget_s": budget_s, "steps": 20, "method": "multistep", "algorithm": "dpmsolver++", "order": 2,
+                "guidance_scale": 2.0, "precision": "fp32"}
+    run = ShardRun(shard=shard, seed=shard, counts=counts, sampling_s=sampling_s, load_s=0.5, device_name="cpu")
+    return SamplingSummary(settings, classes or [str(k) for k in range(len(counts))], [run])
+
+
 def test_summary_has_the_contract_keys_and_markdown_shows_the_figures():
     best = {"step": 1000, "score": 1.25, "score_kind": "FD-ConvNet"}
-    meta = {"images": 500, "images_per_s": 50.0, "budget_s": 10.0, "sampling_s": 9.8, "load_s": 0.5,
-            "device_name": "cpu", "settings": {"steps": 20, "method": "multistep", "algorithm": "dpmsolver++",
-                                                "order": 2, "guidance_scale": 2.0, "precision": "fp32"}}
+    meta = sampling_summary([100] * 5, 10.0)
     acc = {k: accuracy(v) for k, v in zip(report.ACCURACY_ROWS, (0.9, 0.92, 0.95, 0.99))}
-    summary = report.build_summary(dataset="digits", best=best, pool_meta=meta, accuracy=acc)
+    summary = report.build_summary(dataset="digits", best=best, sampling=meta, accuracy=acc)
     assert summary["best_step"] == 1000 and summary["pool_images"] == 500
     assert summary["sampling_images_per_s_per_shard"] == [50.0]
     assert summary["accuracy"]["real_ipc"] == {"mean": 0.95, "std": 0.01}
     text = report.render_markdown(summary, ipc=10, scores=[{"step": 500, "score": 2.0}, {"step": 1000, "score": 1.25}],
-                                  pool_meta=meta, figures={"curve": "c.png", "grid": "g.png"})
+                                  sampling=meta, figures={"curve": "c.png", "grid": "g.png"})
     assert "| 1000 | 1.250 ← |" in text and "50.0 images/s" in text and "90.00 ± 1.00" in text
     assert "synthetic, IPC-10 package" in text and "![score curve](c.png)" in text
     with pytest.raises(ValueError, match="real_full"):
-        report.build_summary(dataset="digits", best=best, pool_meta=meta,
+        report.build_summary(dataset="digits", best=best, sampling=meta,
                              accuracy={k: v for k, v in acc.items() if k != "real_full"})
 
 
@@ -59,9 +65,7 @@ def test_merge_samples_script_joins_shards(tmp_path):
     for shard in range(2):
         pool = labelled(n_per_class=shard + 1, offset=shard)
         data.save_images(pool, tmp_path / f"s{shard}.pt")
-        (tmp_path / f"s{shard}.json").write_text(json.dumps(
-            {"images": len(pool), "counts": pool.counts(), "images_per_s": 2.0 + shard, "sampling_s": 5.0,
-             "budget_s": 5.0, "settings": {"seed": shard}}))
+        sampling_summary(pool.counts(), len(pool) / (2.0 + shard), shard=shard).write(tmp_path / f"s{shard}.json")
         paths.append(shard)
     out, meta = tmp_path / "pool.pt", tmp_path / "pool.json"
     args = ["--shards", *(str(tmp_path / f"s{i}.pt") for i in paths),
@@ -69,10 +73,9 @@ def test_merge_samples_script_joins_shards(tmp_path):
     assert merge.main(args) == 0
     merged = data.load_images(out)
     assert len(merged) == 12 and merged.counts() == [3, 3, 3, 3]
-    summary = json.loads(meta.read_text())
-    assert summary["images_per_s"] == 5.0 and summary["shards"] == 2
-    (tmp_path / "s1.json").write_text(json.dumps({"images": 99, "counts": [0] * 4, "images_per_s": 1.0,
-                                                  "sampling_s": 1.0, "budget_s": 5.0}))
+    summary = SamplingSummary.read(meta)
+    assert summary.images_per_s == pytest.approx(5.0) and len(summary.shards) == 2 and summary.images == 12
+    sampling_summary([99, 0, 0, 0], 1.0, shard=1).write(tmp_path / "s1.json")  # counts the files do not hold
     out.unlink(), meta.unlink()
     assert merge_fails(merge, args)
     assert not out.exists() and not meta.exists()
@@ -88,8 +91,7 @@ def test_report_script_end_to_end(tmp_path):
     script = load_script("report")
     pool = labelled()
     data.save_images(pool, tmp_path / "pool.pt")
-    (tmp_path / "pool.json").write_text(json.dumps({"images": 12, "images_per_s": 3.0, "budget_s": 4.0,
-                                                    "sampling_s": 4.0, "settings": {}}))
+    sampling_summary(pool.counts(), 4.0, budget_s=4.0).write(tmp_path / "pool.json")
     (tmp_path / "best.json").write_text(json.dumps({"step": 6, "score": 0.5, "score_kind": "FID",
                                                     "checkpoint": "x.pt"}))
     pd.DataFrame([{"step": 3, "score": 0.7}, {"step": 6, "score": 0.5}]).to_csv(tmp_path / "scores.csv", index=False)

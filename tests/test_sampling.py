@@ -1,5 +1,6 @@
 """Sampling: one guided batch, class-balanced labels, the time budget (fake clock) and OOM halving."""
 
+import json
 import math
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 from diffdistill import sampling, uvit
 from diffdistill.errors import DiffdistillError
 from diffdistill.sampling import SamplerSettings, balanced_labels, generate, sample_budgeted
+from diffdistill.sampling_summary import SamplingSummary, ShardRun
 
 FAST = dict(steps=3, order=2, method="multistep", algorithm="dpmsolver++", t_end=1e-3)
 
@@ -168,7 +170,8 @@ def test_a_batch_ending_past_the_budget_is_dropped_not_kept(monkeypatch):
     result = sample_budgeted(object(), 3, SamplerSettings(), budget_s=4.5, batch_size=3, device="cpu", seed=0,
                              clock=clock)
     assert len(calls) == 4 and len(result) == 9 and result.dropped_images == 3
-    assert result.sampling_s == pytest.approx(3.0) and result.summary()["dropped_images"] == 3
+    run = result.shard_run(shard=0, seed=0, load_s=0.0, device_name="cpu")
+    assert result.sampling_s == pytest.approx(3.0) and run.dropped_images == 3 and run.images == 9
 
 
 def test_a_first_batch_longer_than_the_budget_is_an_error(monkeypatch):
@@ -194,18 +197,37 @@ def test_shards_start_their_class_cycles_apart_and_merge_balanced(monkeypatch):
     assert counts.max() - counts.min() <= 1  # 12 images over 10 classes: 2 classes twice
 
 
-def test_merge_shard_meta_adds_up_images_and_throughput():
-    metas = [{"images": 40, "counts": [20, 20], "images_per_s": 4.0, "sampling_s": 10.0, "budget_s": 10.0,
-              "device_name": "gpu0", "settings": {"seed": s}} for s in (4, 5)]
-    metas[1].update(images=30, counts=[15, 15], images_per_s=3.0, sampling_s=9.5, device_name="gpu1")
-    merged = sampling.merge_shard_meta(metas)
-    assert (merged["images"], merged["counts"], merged["images_per_s"]) == (70, [35, 35], 7.0)
-    assert merged["sampling_s"] == 10.0 and merged["shards"] == 2
-    assert [s["images_per_s"] for s in merged["per_shard"]] == [4.0, 3.0]
-    assert [s["seed"] for s in merged["per_shard"]] == [4, 5]
-    metas[1]["budget_s"] = 20.0
-    with pytest.raises(DiffdistillError, match="different budgets"):
-        sampling.merge_shard_meta(metas)
+def shard_summary(shard, counts, sampling_s, budget_s=10.0):
+    run = ShardRun(shard=shard, seed=4 + shard, counts=counts, sampling_s=sampling_s, load_s=0.5 + shard,
+                   device_name=f"gpu{shard}")
+    return SamplingSummary({"budget_s": budget_s, "steps": 20}, ["a", "b"], [run])
+
+
+def test_sampling_summary_merge_adds_up_images_and_throughput_and_keeps_each_shard():
+    merged = SamplingSummary.merge([shard_summary(0, [20, 20], 10.0), shard_summary(1, [15, 15], 10.0)],
+                                   sources=["s0.pt", "s1.pt"])
+    assert (merged.images, merged.counts, merged.images_per_s) == (70, [35, 35], 7.0)
+    assert merged.images_per_s_per_shard == [4.0, 3.0] and [s.seed for s in merged.shards] == [4, 5]
+    assert (merged.sampling_s, merged.load_s, merged.budget_s) == (10.0, 1.5, 10.0)
+    assert merged.device_name == "gpu0, gpu1"
+    with pytest.raises(DiffdistillError, match=r"settings \['budget_s'\] differ"):
+        SamplingSummary.merge([shard_summary(0, [1, 1], 1.0), shard_summary(1, [1, 1], 1.0, budget_s=20.0)])
+
+
+def test_sampling_summary_json_round_trip_stores_nothing_twice(tmp_path):
+    single = shard_summary(0, [3, 2], 2.5)
+    single.write(tmp_path / "pool.json")
+    doc = json.loads((tmp_path / "pool.json").read_text())
+    assert set(doc) == {"format", "version", "settings", "classes", "shards", "sources", "environment"}
+    assert set(doc["shards"][0]).isdisjoint(doc["settings"])  # budget_s lives in settings only
+    back = SamplingSummary.read(tmp_path / "pool.json")
+    assert back == single and back.images == 5 and back.images_per_s == 2.0
+    doc["shards"][0].pop("counts")
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(DiffdistillError, match=r"bad.json, shards\[0\]: expected .*counts"):
+        SamplingSummary.read(tmp_path / "bad.json")
+    with pytest.raises(DiffdistillError, match="expected a sampling summary"):
+        SamplingSummary.from_json({"images": 5}, "old.json")
 
 
 def test_budget_zero_or_negative_samples_nothing(monkeypatch):

@@ -13,6 +13,7 @@ from diffdistill import checkpoint, feature_convnet, uvit
 from diffdistill.cli import run_main
 from diffdistill.data import LabeledImages, load_images, save_images
 from diffdistill.errors import DiffdistillError
+from diffdistill.sampling_summary import SamplingSummary
 from diffdistill.submission import (labels_by_position, load_package, package, save_package, select_indices,
                                     submission_filename, validate)
 from helpers import load_script
@@ -215,10 +216,11 @@ def test_sample_then_package_end_to_end(tmp_path, tiny_checkpoint, pool):
     assert run_main(load_script("sample_budget").main, argv) == 0
     samples = load_images(out)
     assert len(samples) == 10 and samples.classes == ["apple", "bee", "cat"] and samples.counts() == [4, 3, 3]
-    doc = json.loads(meta.read_text())
-    assert doc["images"] == 10 and doc["counts"] == [4, 3, 3] and doc["settings"]["steps"] == 3
-    assert doc["settings"]["guidance_scale"] == 2.0 and doc["settings"]["precision"] == "fp32"
-    assert doc["images_per_s"] > 0 and doc["load_s"] >= 0 and doc["sampling_s"] > 0 and doc["budget_s"] == 60
+    doc = SamplingSummary.read(meta)
+    assert doc.images == 10 and doc.counts == [4, 3, 3] and doc.settings["steps"] == 3
+    assert doc.settings["guidance_scale"] == 2.0 and doc.settings["precision"] == "fp32"
+    assert doc.images_per_s > 0 and doc.load_s >= 0 and doc.sampling_s > 0 and doc.budget_s == 60
+    assert doc.classes == ["apple", "bee", "cat"] and doc.shards[0].seed == 3
 
     save_images(pool, tmp_path / "real.pt")  # stands in for the real train split of "toy"
     argv = ["--pool", str(out), "--dataset", "toy", "--ipc", "3", "--real-train", str(tmp_path / "real.pt"),

@@ -146,6 +146,7 @@ def tiny_snakemake(workdir, *args):
 
 def test_tiny_run_outputs_meet_their_contracts(tiny_run):
     from diffdistill import checkpoint, data, submission
+    from diffdistill.sampling_summary import SamplingSummary
 
     out = tiny_run / "results" / "digits"
     train, test = data.load_images(out / "data" / "train.pt"), data.load_images(out / "data" / "test.pt")
@@ -163,9 +164,9 @@ def test_tiny_run_outputs_meet_their_contracts(tiny_run):
     assert (out / "scoring" / "score_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     pool = data.load_images(out / "samples" / "pool.pt")
-    meta = json.loads((out / "samples" / "pool.json").read_text())
-    assert len(pool) == meta["images"] > 0 and max(pool.counts()) - min(pool.counts()) <= 1
-    assert meta["budget_s"] == 2 and meta["images_per_s"] > 0 and meta["settings"]["steps"] == 3
+    meta = SamplingSummary.read(out / "samples" / "pool.json")
+    assert len(pool) == meta.images > 0 and max(pool.counts()) - min(pool.counts()) <= 1
+    assert meta.budget_s == 2 and meta.images_per_s > 0 and meta.settings["steps"] == 3
 
     package = out / "package" / "digits.pt"
     checks = submission.validate(package, "digits", num_classes=10, ipc=2, image_shape=(1, 8, 8),
@@ -252,15 +253,17 @@ def test_two_process_finetuning_and_sharded_sampling_through_the_workflow(tiny_r
         worst = max(float((single[k] - double[k]).abs().max()) for k in single)
         assert worst < 1e-5, (step, worst)
     out = tmp_path / "results" / "digits"
-    shards = [json.loads((out / f"samples/shards/shard_{i}.json").read_text()) for i in range(2)]
-    assert shards[0]["settings"]["seed"] != shards[1]["settings"]["seed"]
+    from diffdistill.sampling_summary import SamplingSummary
+
+    shards = [SamplingSummary.read(out / f"samples/shards/shard_{i}.json") for i in range(2)]
+    assert shards[0].shards[0].seed != shards[1].shards[0].seed
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["sampling_images_per_s_per_shard"]) == 2
     assert summary["sampling_images_per_s"] == pytest.approx(sum(summary["sampling_images_per_s_per_shard"]))
     from diffdistill import data
 
     pool = data.load_images(out / "samples" / "pool.pt")
-    assert len(pool) == summary["pool_images"] == sum(s["images"] for s in shards)
+    assert len(pool) == summary["pool_images"] == sum(s.images for s in shards)
     assert max(pool.counts()) - min(pool.counts()) <= 2
 
 

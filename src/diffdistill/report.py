@@ -13,6 +13,7 @@ import math
 import torch
 
 from .data import LabeledImages
+from .sampling_summary import SamplingSummary
 
 ACCURACY_ROWS = {
     "synthetic_ipc": "synthetic, IPC-{ipc} package",
@@ -46,7 +47,7 @@ def grid_scale(image_side: int) -> int:
     return max(1, math.ceil(32 / image_side))
 
 
-def build_summary(*, dataset: str, best: dict, pool_meta: dict, accuracy: dict[str, dict]) -> dict:
+def build_summary(*, dataset: str, best: dict, sampling: SamplingSummary, accuracy: dict[str, dict]) -> dict:
     """The summary.json document from the stage outputs (see the module docstring for keys)."""
     missing = [key for key in ACCURACY_ROWS if key not in accuracy]
     if missing:
@@ -56,17 +57,17 @@ def build_summary(*, dataset: str, best: dict, pool_meta: dict, accuracy: dict[s
         "best_step": int(best["step"]),
         "best_score": float(best["score"]),
         "score_kind": best["score_kind"],
-        "pool_images": int(pool_meta["images"]),
-        "sampling_images_per_s": float(pool_meta["images_per_s"]),
-        "sampling_images_per_s_per_shard": [float(shard["images_per_s"])
-                                            for shard in pool_meta.get("per_shard", [pool_meta])],
-        "budget_s": float(pool_meta["budget_s"]),
+        "pool_images": sampling.images,
+        "sampling_images_per_s": sampling.images_per_s,
+        "sampling_images_per_s_per_shard": sampling.images_per_s_per_shard,
+        "budget_s": sampling.budget_s,
         "accuracy": {key: {"mean": float(accuracy[key]["mean"]), "std": float(accuracy[key]["std"])}
                      for key in ACCURACY_ROWS},
     }
 
 
-def render_markdown(summary: dict, *, ipc: int, scores: list[dict], pool_meta: dict, figures: dict[str, str],
+def render_markdown(summary: dict, *, ipc: int, scores: list[dict], sampling: SamplingSummary,
+                    figures: dict[str, str],
                     accuracy_details: dict[str, dict] | None = None) -> str:
     """report.md: what was chosen, how fast it sampled, and the accuracy table, with figure links."""
     acc = summary["accuracy"]
@@ -88,10 +89,10 @@ def render_markdown(summary: dict, *, ipc: int, scores: list[dict], pool_meta: d
         "",
         "## Budgeted sampling",
         "",
-        f"{summary['pool_images']} labelled images in {pool_meta.get('sampling_s', float('nan')):.1f} s of a "
+        f"{summary['pool_images']} labelled images in {sampling.sampling_s:.1f} s of a "
         f"{summary['budget_s']:.0f} s budget{_shard_text(summary)}: **{summary['sampling_images_per_s']:.1f} images/s** on "
-        f"{pool_meta.get('device_name', 'unknown device')} ({_solver_text(pool_meta)}). Model loading took "
-        f"{pool_meta.get('load_s', float('nan')):.1f} s and is not part of the budget.",
+        f"{sampling.device_name} ({_solver_text(sampling.settings)}). Model loading took "
+        f"{sampling.load_s:.1f} s and is not part of the budget.",
         "",
         f"![samples, one row per class]({figures['grid']})",
         "",
@@ -119,8 +120,7 @@ def _shard_text(summary: dict) -> str:
     return f" in each of {len(per_shard)} parallel shards ({', '.join(f'{r:.1f}' for r in per_shard)} images/s)"
 
 
-def _solver_text(meta: dict) -> str:
-    solver = meta.get("settings", {})
+def _solver_text(solver: dict) -> str:
     if "steps" not in solver:
         return "solver settings in the sampling metadata"
     return (f"DPM-Solver {solver.get('method', '?')} {solver.get('algorithm', '?')} order {solver.get('order', '?')}, "

@@ -24,6 +24,7 @@ from . import dpm_solver
 from .data import from_model_range
 from .errors import DiffdistillError
 from .guidance import guided_noise_fn
+from .sampling_summary import ShardRun
 
 log = logging.getLogger(__name__)
 
@@ -139,14 +140,11 @@ class BudgetResult:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def summary(self) -> dict:
-        """Everything but the tensors, for a JSON sidecar."""
-        return {
-            "images": len(self), "counts": self.counts, "images_per_s": self.images_per_s,
-            "sampling_s": self.sampling_s, "num_batches": len(self.batches),
-            "batch_size_final": self.batch_size_final, "dropped_images": self.dropped_images,
-            "batches": self.batches,
-        }
+    def shard_run(self, *, shard: int, seed: int, load_s: float, device_name: str) -> ShardRun:
+        """Everything but the tensors, as one shard's entry of a :class:`SamplingSummary`."""
+        return ShardRun(shard=shard, seed=seed, counts=self.counts, sampling_s=self.sampling_s, load_s=load_s,
+                        device_name=device_name, dropped_images=self.dropped_images,
+                        batch_size_final=self.batch_size_final, batches=self.batches)
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -307,29 +305,3 @@ def shard_label_offset(shard: int, num_shards: int, num_classes: int) -> int:
     """Where shard ``shard`` starts the class cycle, spreading the shards' starts over the classes so
     that the merged pool stays balanced (each shard is balanced on its own)."""
     return (shard * num_classes) // max(num_shards, 1)
-
-
-def merge_shard_meta(metas: list[dict]) -> dict:
-    """One sampling summary from per-shard sidecars: shards run in parallel on their own devices, so
-    images add up, throughput adds up, and the wall time is the slowest shard's."""
-    if not metas:
-        raise DiffdistillError("no shard metadata to merge")
-    budgets = {m["budget_s"] for m in metas}
-    if len(budgets) != 1:
-        raise DiffdistillError(f"shards were sampled with different budgets {sorted(budgets)}")
-    counts = [sum(column) for column in zip(*(m["counts"] for m in metas))]
-    return {
-        "images": sum(m["images"] for m in metas),
-        "counts": counts,
-        "images_per_s": sum(m["images_per_s"] for m in metas),
-        "sampling_s": max(m["sampling_s"] for m in metas),
-        "load_s": max(m.get("load_s", 0.0) for m in metas),
-        "budget_s": metas[0]["budget_s"],
-        "shards": len(metas),
-        "per_shard": [{"images": m["images"], "images_per_s": m["images_per_s"], "sampling_s": m["sampling_s"],
-                       "device_name": m.get("device_name"), "seed": m.get("settings", {}).get("seed")}
-                      for m in metas],
-        "dropped_images": sum(m.get("dropped_images", 0) for m in metas),
-        "device_name": ", ".join(sorted({str(m.get("device_name")) for m in metas})),
-        "settings": metas[0].get("settings", {}),
-    }

@@ -3,8 +3,8 @@
     python workflow/scripts/merge_samples.py --shards s0.pt s1.pt --metas s0.json s1.json \\
         --out results/digits/samples/pool.pt --meta results/digits/samples/pool.json
 
-Each shard sampled on its own device against the same budget; the merged summary adds up images and
-images/s and keeps each shard's figures under ``per_shard``.
+Each shard sampled on its own device against the same budget; the merged summary keeps every
+shard's figures (its totals add up images and images/s) in the layout of a single job's summary.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffdistill import atomic, cli, sampling
+from diffdistill import cli
 from diffdistill.data import concat_images, load_images, save_images
 from diffdistill.errors import DiffdistillError
+from diffdistill.sampling_summary import SamplingSummary
 
 
 def main(argv=None) -> int:
@@ -30,13 +31,14 @@ def main(argv=None) -> int:
         raise DiffdistillError(f"{len(args.shards)} shard files but {len(args.metas)} JSON files")
     with cli.cleanup_on_failure([args.out, args.meta]):
         pool = concat_images([load_images(path) for path in args.shards], split="synthetic")
-        summary = sampling.merge_shard_meta([atomic.read_json(path, "a shard's sampling JSON") for path in args.metas])
-        if summary["images"] != len(pool):
-            raise DiffdistillError(f"the shard JSONs count {summary['images']} images, the files hold {len(pool)}")
+        summary = SamplingSummary.merge([SamplingSummary.read(path) for path in args.metas],
+                                        environment=cli.environment(), sources=args.shards)
+        if summary.images != len(pool):
+            raise DiffdistillError(f"the shard JSONs count {summary.images} images, the files hold {len(pool)}")
         save_images(pool, args.out)
-        atomic.write_json(args.meta, {**summary, "shard_files": args.shards, "environment": cli.environment()})
-    cli.log.info("merged %d shards: %d images, %.1f images/s in total", summary["shards"], len(pool),
-                 summary["images_per_s"])
+        summary.write(args.meta)
+    cli.log.info("merged %d shards: %d images, %.1f images/s in total", len(summary.shards), len(pool),
+                 summary.images_per_s)
     return 0
 
 

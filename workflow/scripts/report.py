@@ -20,6 +20,7 @@ import pandas as pd
 from diffdistill import atomic, cli, report
 from diffdistill.data import load_images
 from diffdistill.errors import DiffdistillError
+from diffdistill.sampling_summary import SamplingSummary
 
 
 def main(argv=None) -> int:
@@ -36,13 +37,13 @@ def main(argv=None) -> int:
     with cli.cleanup_on_failure([args.report, args.summary, args.grid]):
         evaluations = {Path(p).stem: atomic.read_json(p, "an evaluation JSON") for p in args.evaluations}
         best = atomic.read_json(args.best, "select_checkpoint's best.json")
-        pool_meta = atomic.read_json(args.pool_meta, "the sampling JSON")
+        sampling = SamplingSummary.read(args.pool_meta)
         pool = load_images(args.pool)
         grid = report.sample_grid(pool, per_class=10, pixel_scale=report.grid_scale(pool.images.shape[-1]))
         with atomic.atomic_path(args.grid) as tmp:
             grid.save(tmp, format="PNG")
         try:
-            summary = report.build_summary(dataset=args.dataset, best=best, pool_meta=pool_meta, accuracy=evaluations)
+            summary = report.build_summary(dataset=args.dataset, best=best, sampling=sampling, accuracy=evaluations)
         except (KeyError, ValueError) as err:
             raise DiffdistillError(f"stage outputs incomplete for the summary: {err}") from err
         scores = pd.read_csv(args.scores).to_dict("records")
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
         figures = {"curve": os.path.relpath(args.curve, report_dir), "grid": os.path.relpath(args.grid, report_dir)}
         details = {kind: ev.get("settings", {}) | {k: ev[k] for k in ("rounds", "epochs") if k in ev}
                    for kind, ev in evaluations.items()}
-        text = report.render_markdown(summary, ipc=args.ipc, scores=scores, pool_meta=pool_meta,
+        text = report.render_markdown(summary, ipc=args.ipc, scores=scores, sampling=sampling,
                                       figures=figures, accuracy_details=details)
         atomic.write_json(args.summary, summary)
         atomic.write_text(args.report, text)

@@ -9,6 +9,7 @@ import sys
 from diffdistill import atomic, checkpoint, cli, sampling
 from diffdistill.data import LabeledImages, save_images
 from diffdistill.errors import DiffdistillError
+from diffdistill.sampling_summary import SamplingSummary
 
 
 def parse(argv):
@@ -63,15 +64,12 @@ def main(argv=None) -> int:
             label_offset=sampling.shard_label_offset(args.shard, args.num_shards, model.num_classes))
         save_images(LabeledImages(result.images, result.labels, classes, str(data_config.get("name", "")),
                                   "synthetic"), args.out)
-        summary = result.summary()
-        cli.write_sidecar(
-            args.meta, settings={**settings.to_dict(), "budget_s": args.budget_s, "batch_size": args.batch_size,
-                                 "max_images": args.max_images, "weights": args.weights, "seed": args.seed + args.shard,
-                                 "shard": args.shard, "num_shards": args.num_shards,
-                                 "checkpoint": args.checkpoint},
-            timings={"load_s": load.seconds, "sampling_s": result.sampling_s}, device=device,
-            device_name=cli.device_name(device), budget_s=args.budget_s, load_s=load.seconds,
-            classes=classes, **summary)
+        shared = {**settings.to_dict(), "budget_s": args.budget_s, "batch_size": args.batch_size,
+                  "max_images": args.max_images, "weights": args.weights, "num_shards": args.num_shards,
+                  "checkpoint": args.checkpoint}
+        run = result.shard_run(shard=args.shard, seed=args.seed + args.shard, load_s=load.seconds,
+                               device_name=cli.device_name(device))
+        SamplingSummary(shared, classes, [run], environment=cli.environment(device)).write(args.meta)
     cli.log.info("%d images in %.1f s (%.1f images/s), model load %.1f s",
                  len(result), result.sampling_s, result.images_per_s, load.seconds)
     return 0

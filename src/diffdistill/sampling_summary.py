@@ -1,0 +1,145 @@
+"""The summary of budgeted sampling: one JSON layout for a single sampling job and for the merge of
+several shards.
+
+The file holds what was measured and nothing twice: the settings every shard shares (solver,
+``budget_s``, batch size, checkpoint, ...), the class names, and one entry per shard (its index,
+seed, images per class, sampling and loading seconds, device, batches). The pool's totals (images,
+images/s of all shards together, the slowest shard's time) are derived from the shards, so a single
+job is simply a summary with one shard.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+from . import atomic
+from .errors import DiffdistillError
+
+FORMAT = "diffdistill-sampling-summary"
+VERSION = 1
+
+
+@dataclass
+class ShardRun:
+    """One sampling job's figures: images per class, sampling and loading seconds, device, batches."""
+
+    shard: int
+    seed: int
+    counts: list[int]
+    sampling_s: float
+    load_s: float
+    device_name: str
+    dropped_images: int = 0  # made after the budget ran out, not kept
+    batch_size_final: int = 0
+    batches: list[dict] = field(default_factory=list)  # {"size", "seconds"} per finished batch
+
+    @property
+    def images(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.sampling_s if self.sampling_s > 0 else math.inf
+
+
+@dataclass
+class SamplingSummary:
+    """The settings shared by every shard, the class names and one :class:`ShardRun` per shard;
+    the pool's totals are properties. ``sources`` names the shard files of a merged pool."""
+
+    settings: dict
+    classes: list[str]
+    shards: list[ShardRun]
+    environment: dict = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def budget_s(self) -> float:
+        return float(self.settings["budget_s"])
+
+    @property
+    def counts(self) -> list[int]:
+        return [sum(column) for column in zip(*(s.counts for s in self.shards))]
+
+    @property
+    def images(self) -> int:
+        return sum(s.images for s in self.shards)
+
+    @property
+    def images_per_s(self) -> float:
+        """All shards together: they run in parallel on their own devices, so their rates add up."""
+        return sum(s.images_per_s for s in self.shards)
+
+    @property
+    def images_per_s_per_shard(self) -> list[float]:
+        return [s.images_per_s for s in self.shards]
+
+    @property
+    def sampling_s(self) -> float:
+        """The slowest shard's sampling time (the pool's wall time)."""
+        return max(s.sampling_s for s in self.shards)
+
+    @property
+    def load_s(self) -> float:
+        return max(s.load_s for s in self.shards)
+
+    @property
+    def device_name(self) -> str:
+        return ", ".join(sorted({s.device_name for s in self.shards}))
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "settings": self.settings, "classes": self.classes,
+                "shards": [asdict(s) for s in self.shards], "sources": self.sources,
+                "environment": self.environment}
+
+    @classmethod
+    def from_json(cls, doc, where: str = "sampling summary") -> "SamplingSummary":
+        """Read :meth:`to_json`'s layout; errors name ``where`` and the key that is wrong."""
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise DiffdistillError(f"{where}: expected a sampling summary (format {FORMAT!r}) written by "
+                                   "sample_budget or merge_samples")
+        for key, kind in (("settings", dict), ("classes", list), ("shards", list)):
+            if not isinstance(doc.get(key), kind):
+                raise DiffdistillError(f"{where}: key {key!r} missing or not a {kind.__name__}")
+        if "budget_s" not in doc["settings"] or not doc["shards"]:
+            raise DiffdistillError(f"{where}: expected settings['budget_s'] and at least one entry in 'shards'")
+        return cls(settings=doc["settings"], classes=list(doc["classes"]),
+                   shards=[_shard_from_json(entry, f"{where}, shards[{i}]") for i, entry in enumerate(doc["shards"])],
+                   environment=doc.get("environment", {}), sources=list(doc.get("sources", [])))
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "SamplingSummary":
+        return cls.from_json(atomic.read_json(path, "a sampling summary JSON"), str(path))
+
+    def write(self, path: str | os.PathLike) -> None:
+        atomic.write_json(path, self.to_json())
+
+    @classmethod
+    def merge(cls, parts: list["SamplingSummary"], *, environment: dict | None = None,
+              sources: list[str] | None = None) -> "SamplingSummary":
+        """One summary of the shards' summaries: same settings and classes required; shards kept in order."""
+        if not parts:
+            raise DiffdistillError("no shard summaries to merge")
+        for i, part in enumerate(parts[1:], 1):
+            if part.settings != parts[0].settings:
+                differ = sorted(k for k in {*part.settings, *parts[0].settings}
+                                if part.settings.get(k) != parts[0].settings.get(k))
+                raise DiffdistillError(f"shard summary {i}: settings {differ} differ from shard summary 0's")
+            if part.classes != parts[0].classes:
+                raise DiffdistillError(f"shard summary {i}: classes differ from shard summary 0's")
+        return cls(settings=dict(parts[0].settings), classes=list(parts[0].classes),
+                   shards=[s for part in parts for s in part.shards], environment=environment or {},
+                   sources=list(sources or []))
+
+
+def _shard_from_json(entry, where: str) -> ShardRun:
+    known = {f.name for f in fields(ShardRun)}
+    if not isinstance(entry, dict) or not {"shard", "seed", "counts", "sampling_s", "load_s",
+                                           "device_name"} <= set(entry):
+        raise DiffdistillError(f"{where}: expected shard, seed, counts, sampling_s, load_s and device_name")
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise DiffdistillError(f"{where}: unknown keys {unknown}")
+    return ShardRun(**entry)
