@@ -270,7 +270,8 @@ def files(tmp_path):
 
 def run(script, files, *args):
     common = ["--test", str(files / "test.pt"), "--dataset", "stripes", "--real-train", str(files / "real.pt"),
-              "--epochs", "1", "--rounds", "2", "--device", "cpu", "--seed", "0", "--out", str(files / "out.json"),
+              "--epochs", "1", "--rounds", "2", "--batch-size", "256", "--device", "cpu", "--seed", "0",
+              "--out", str(files / "out.json"),
               "--log", str(files / "log.txt")]
     return run_main(script.main, [*args, *common])
 
@@ -307,7 +308,8 @@ def test_script_bad_input_exits_2_without_output(script, files, args):
 
 def test_script_needs_real_train_for_other_data_sets(script, files):
     argv = ["--train", str(files / "pool.pt"), "--train-format", "images", "--test", str(files / "test.pt"),
-            "--dataset", "stripes", "--epochs", "0", "--rounds", "1", "--device", "cpu", "--out", str(files / "o.json")]
+            "--dataset", "stripes", "--epochs", "0", "--rounds", "1", "--batch-size", "256", "--device", "cpu",
+            "--out", str(files / "o.json")]
     assert run_main(script.main, argv) == 2 and not (files / "o.json").exists()
 
 

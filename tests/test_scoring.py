@@ -194,7 +194,7 @@ def test_missing_stats_file_exits_2_and_leaves_no_output(workdir):
     out = workdir / "never.json"
     assert cli.run_main(script("score_checkpoint").main, [
         "--checkpoint", str(workdir / "step_0000100.pt"), "--stats", str(workdir / "missing.npz"),
-        "--extractor", "convnet", "--convnet", str(workdir / "none.pt"), "--num-images", "4",
+        "--extractor", "convnet", "--convnet", str(workdir / "none.pt"), "--num-images", "4", "--batch-size", "4",
         "--device", "cpu", "--out", str(out)]) == 2
     assert not out.exists()
 
@@ -210,7 +210,7 @@ def test_corrupt_checkpoint_exits_2_and_leaves_no_output(workdir, tmp_path, refe
     fid.save_stats(stats, fid.FeatureStats(np.zeros(128), np.eye(128), 10, "convnet"))
     assert cli.run_main(script("score_checkpoint").main, [
         "--checkpoint", str(corrupt), "--stats", str(stats), "--extractor", "convnet", "--convnet", str(convnet),
-        "--num-images", "4", *FAST_FLAGS, "--device", "cpu", "--out", str(out)]) == 2
+        "--num-images", "4", "--batch-size", "4", *FAST_FLAGS, "--device", "cpu", "--out", str(out)]) == 2
     assert not out.exists()
 
 
@@ -218,10 +218,11 @@ def test_reference_stats_bad_input_exits_2_and_leaves_nothing(workdir, tmp_path)
     stats, convnet = tmp_path / "ref.npz", tmp_path / "fc.pt"
     reference_stats = script("reference_stats").main
     assert cli.run_main(reference_stats, ["--real-train", str(workdir / "train.pt"), "--extractor", "convnet",
-                                          "--stats-out", str(stats), "--device", "cpu"]) == 2  # no --convnet-out
+                                          "--convnet-epochs", "1", "--stats-out", str(stats),
+                                          "--device", "cpu"]) == 2  # no --convnet-out
     assert cli.run_main(reference_stats, ["--real-train", str(tmp_path / "missing.pt"), "--extractor", "convnet",
-                                          "--convnet-out", str(convnet), "--stats-out", str(stats),
-                                          "--device", "cpu"]) == 2
+                                          "--convnet-epochs", "1", "--convnet-out", str(convnet),
+                                          "--stats-out", str(stats), "--device", "cpu"]) == 2
     assert list(tmp_path.iterdir()) == []
 
 

@@ -269,13 +269,21 @@ def run_script_in_process(flags) -> int:
         root.setLevel(level)
 
 
+# Every flag train.py requires besides data, preset, steps and outputs: what the workflow always passes.
+REQUIRED = [("--batch-size", "8"), ("--grad-accum", "1"), ("--lr", "1e-3"), ("--betas", "0.99,0.999"),
+            ("--weight-decay", "0.03"), ("--warmup-steps", "1"), ("--ema-rate", "0.9"), ("--label-dropout", "0.1"),
+            ("--hflip",)]
+TRAIN_FLAGS = [arg for flag in REQUIRED for arg in flag]
+
+
 def test_script_killed_then_rerun_matches_uninterrupted(tmp_path):
     data_file = tmp_path / "data.pt"
     save_images(toy_data(), data_file)
     config = make_config(total_steps=60, checkpoint_steps=[5], log_every=50)
     flags = ["--data", str(data_file), "--preset", "uvit_tiny_test", "--total-steps", "60", "--checkpoint-steps",
-             "5", "--checkpoint-dir", str(tmp_path / "ckpt"), "--batch-size", "8", "--lr", "1e-3",
-             "--warmup-steps", "3", "--ema-rate", "0.9", "--label-dropout", "0.1", "--seed", "3",
+             "5", "--checkpoint-dir", str(tmp_path / "ckpt"), "--batch-size", "8", "--grad-accum", "1", "--lr", "1e-3",
+             "--betas", "0.99,0.999", "--weight-decay", "0.03", "--warmup-steps", "3", "--ema-rate", "0.9",
+             "--label-dropout", "0.1", "--hflip", "--seed", "3",
              "--log-every", "50", "--device", "cpu", "--sidecar", str(tmp_path / "train.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *flags], env=env, stderr=subprocess.DEVNULL)
@@ -302,8 +310,17 @@ def test_script_rejects_wrong_number_of_checkpoint_files(tmp_path):
     data_file = tmp_path / "data.pt"
     save_images(toy_data(), data_file)
     flags = ["--data", str(data_file), "--preset", "uvit_tiny_test", "--total-steps", "4", "--checkpoint-steps", "2",
-             "--checkpoints", str(tmp_path / "only_one.pt"), "--device", "cpu"]
+             "--checkpoints", str(tmp_path / "only_one.pt"), "--device", "cpu", *TRAIN_FLAGS]
     assert cli.run_main(load_train_script().main, flags) == 2
+
+
+def test_script_requires_every_flag_the_workflow_passes(tmp_path):
+    flags = ["--data", "d.pt", "--preset", "uvit_tiny_test", "--total-steps", "4", "--checkpoint-dir", "c"]
+    for i in range(len(REQUIRED)):
+        without = [arg for flag in REQUIRED[:i] + REQUIRED[i + 1:] for arg in flag]
+        with pytest.raises(SystemExit):  # argparse: the flag is required
+            load_train_script().parse_args([*flags, *without])
+    assert load_train_script().parse_args([*flags, *TRAIN_FLAGS]).label_dropout == 0.1
 
 
 @pytest.mark.gpu

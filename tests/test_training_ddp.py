@@ -52,7 +52,8 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     save_images(toy_data(), data_file)
     flags = ["--data", str(data_file), "--preset", "uvit_tiny_test", "--total-steps", str(STEPS),
              "--checkpoint-steps", "10", "--checkpoint-dir", str(tmp_path / "ddp"), "--batch-size", "8",
-             "--grad-accum", "2", "--lr", "2e-3", "--warmup-steps", "3", "--ema-rate", "0.9",
+             "--grad-accum", "2", "--lr", "2e-3", "--betas", "0.99,0.999", "--weight-decay", "0.03",
+             "--warmup-steps", "3", "--ema-rate", "0.9",
              "--label-dropout", "0.2", "--hflip", "--seed", "11", "--log-every", "10", "--device", "cpu",
              "--sidecar", str(tmp_path / "ddp.json"), "--log", str(tmp_path / "ddp.log")]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",

@@ -29,6 +29,7 @@ from .sampling_summary import ShardRun
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+BUDGET_S = 600.0  # the challenge's 10 minutes of generation (docs/reference.md, "Challenge protocol")
 
 
 @dataclass
@@ -198,7 +199,7 @@ def sample_budgeted(
     num_classes: int,
     settings: SamplerSettings,
     *,
-    budget_s: float = 600.0,
+    budget_s: float = BUDGET_S,
     batch_size: int,
     device: torch.device | str,
     seed: int,

@@ -26,7 +26,11 @@ def checkpoint_files(folder, cfg):
 
 
 FINETUNE_CHECKPOINTS = checkpoint_files("checkpoints", config["finetune"])
-SHARDS = config["sampling"].get("shards", 1)
+SHARDS = config["sampling"]["shards"]
+# Keys whose absence means "the same as another block" (every other default is in the schema).
+PRETRAINING = config["pretrained"].get("training") or config["finetune"]
+PRETRAIN_PRESET = config["pretrained"].get("preset") or config["model"]["preset"]
+SCORING_SAMPLER = config["scoring"].get("sampler") or config["sampler"]
 
 
 def sampling_output(extension):
@@ -42,7 +46,7 @@ def pretrained_weights():
     if source == "train":
         return checkpoint_files("pretrain", config["pretrained"]["training"])[-1]
     if source == "file":
-        path = config["pretrained"].get("path")
+        path = config["pretrained"]["path"]
         if not path:
             raise ValueError("config key pretrained.path: a checkpoint file is required when pretrained.source is 'file'")
         if not Path(path).is_file():
@@ -95,17 +99,17 @@ def training_args(cfg):
     return " ".join([
         f"--total-steps {cfg['total_steps']}",
         f"--checkpoint-steps {','.join(map(str, training_steps(cfg)))}",
-        f"--batch-size {cfg['batch_size']} --grad-accum {cfg.get('grad_accum', 1)}",
+        f"--batch-size {cfg['batch_size']} --grad-accum {cfg['grad_accum']}",
         f"--lr {cfg['lr']} --betas {cfg['betas'][0]},{cfg['betas'][1]}",
         f"--weight-decay {cfg['weight_decay']} --warmup-steps {cfg['warmup_steps']}",
-        f"--ema-rate {cfg['ema_rate']} --label-dropout {cfg.get('label_dropout', 0.0)}",
-        "--hflip" if cfg.get("hflip", False) else "--no-hflip",
+        f"--ema-rate {cfg['ema_rate']} --label-dropout {cfg['label_dropout']}",
+        "--hflip" if cfg["hflip"] else "--no-hflip",
     ])
 
 
 def launcher(cfg):
     """python, or torchrun with one process per GPU (or per configured CPU process, on gloo)."""
-    processes = cfg.get("gpus", 0) or cfg.get("processes", 1)
+    processes = cfg["gpus"] or cfg["processes"]
     if processes <= 1:
         return "python"
     # "--" ends torchrun's own options: it would read the script's --log as one of them.
@@ -118,10 +122,6 @@ def sampler_args(settings):
         f"--algorithm {settings['algorithm']} --skip-type {settings['skip_type']} --t-end {settings['t_end']}",
         f"--guidance-scale {settings['guidance_scale']} --precision {settings['precision']}",
     ])
-
-
-def scoring_sampler():
-    return config["scoring"].get("sampler") or config["sampler"]
 
 
 def gpu_count(cfg):

@@ -10,7 +10,7 @@ rule evaluate:
         dataset=DATASET,
         args=evaluation_args,
         rounds=config["evaluation"]["rounds"],
-        batch_size=config["evaluation"].get("batch_size", 256),
+        batch_size=config["evaluation"]["batch_size"],
         seed=stage_seed("evaluate"),
         # Outside the outputs (Snakemake deletes those before a rerun); keyed inside by settings and data.
         resume=lambda wildcards: resume_dir("evaluation", wildcards.kind),

@@ -13,7 +13,7 @@ rule sample_budget:
         budget=config["sampling"]["budget_s"],
         batch_size=config["sampling"]["batch_size"],
         max_images=(
-            f"--max-images {config['sampling']['max_images']}" if config["sampling"].get("max_images") else ""
+            f"--max-images {config['sampling']['max_images']}" if config["sampling"]["max_images"] else ""
         ),
         sampler=sampler_args(config["sampler"]),
         seed=stage_seed("sample_budget"),
@@ -26,7 +26,7 @@ rule sample_budget:
     resources:
         gpu=gpu_count(config["sampling"]),
         mem_mb=16000,
-        runtime=config["sampling"].get("runtime_min", 30),
+        runtime=config["sampling"]["runtime_min"],
     conda:
         "../../envs/diffdistill.yaml"
     shell:

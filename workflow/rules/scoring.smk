@@ -12,10 +12,10 @@ rule reference_stats:
         extractor=config["scoring"]["extractor"],
         weights=(
             f"--inception-weights {config['scoring']['inception_weights']}"
-            if config["scoring"].get("inception_weights")
+            if config["scoring"]["inception_weights"]
             else ""
         ),
-        epochs=config["scoring"].get("convnet_epochs", 50),
+        epochs=config["scoring"]["convnet_epochs"],
         convnet_out=lambda wildcards, output: f"--convnet-out {output.convnet}" if "convnet" in output.keys() else "",
         seed=stage_seed("reference_stats"),
     log:
@@ -51,7 +51,7 @@ rule score_checkpoint:
         convnet=lambda wildcards, input: f"--convnet {input.convnet}" if "convnet" in input.keys() else "",
         num_images=config["scoring"]["num_images"],
         batch_size=config["scoring"]["batch_size"],
-        sampler=sampler_args(scoring_sampler()),
+        sampler=sampler_args(SCORING_SAMPLER),
         seed=stage_seed("score_checkpoint"),
     log:
         f"{LOGS}/score_checkpoint/step_{{step}}.log",

@@ -4,16 +4,16 @@ rule pretrain_unconditional:
     input:
         data=f"{OUT}/data/train.pt",
     output:
-        checkpoints=checkpoint_files("pretrain", config["pretrained"].get("training", config["finetune"])),
+        checkpoints=checkpoint_files("pretrain", PRETRAINING),
         sidecar=f"{OUT}/pretrain/train.json",
     params:
         script=f"{SCRIPTS}/train.py",
         device=config["device"],
-        preset=config["pretrained"].get("preset", config["model"]["preset"]),
-        overrides=json.dumps(config["model"].get("overrides", {})),
-        args=training_args(config["pretrained"].get("training", config["finetune"])),
-        launcher=launcher(config["pretrained"].get("training", config["finetune"])),
-        resume_dir=resume_dir("pretrain", settings_key(config["pretrained"].get("training", config["finetune"]))),
+        preset=PRETRAIN_PRESET,
+        overrides=json.dumps(config["model"]["overrides"]),
+        args=training_args(PRETRAINING),
+        launcher=launcher(PRETRAINING),
+        resume_dir=resume_dir("pretrain", settings_key(PRETRAINING)),
         seed=stage_seed("pretrain_unconditional"),
     log:
         f"{LOGS}/pretrain_unconditional.log",
@@ -21,9 +21,9 @@ rule pretrain_unconditional:
         f"{OUT}/benchmarks/pretrain_unconditional.tsv"
     threads: 8
     resources:
-        gpu=gpu_count(config["pretrained"].get("training", config["finetune"])),
-        mem_mb=config["pretrained"].get("training", config["finetune"]).get("mem_mb", 16000),
-        runtime=config["pretrained"].get("training", config["finetune"]).get("runtime_min", 600),
+        gpu=gpu_count(PRETRAINING),
+        mem_mb=PRETRAINING["mem_mb"],
+        runtime=PRETRAINING["runtime_min"],
     conda:
         "../../envs/diffdistill.yaml"
     shell:
@@ -46,7 +46,7 @@ rule finetune:
         script=f"{SCRIPTS}/train.py",
         device=config["device"],
         preset=config["model"]["preset"],
-        overrides=json.dumps(config["model"].get("overrides", {})),
+        overrides=json.dumps(config["model"]["overrides"]),
         init=lambda wildcards, input: f"--init {input.init}" if input.init else "",
         args=training_args(config["finetune"]),
         launcher=launcher(config["finetune"]),
@@ -59,8 +59,8 @@ rule finetune:
     threads: 8
     resources:
         gpu=gpu_count(config["finetune"]),
-        mem_mb=config["finetune"].get("mem_mb", 32000),
-        runtime=config["finetune"].get("runtime_min", 1440),
+        mem_mb=config["finetune"]["mem_mb"],
+        runtime=config["finetune"]["runtime_min"],
     conda:
         "../../envs/diffdistill.yaml"
     shell:

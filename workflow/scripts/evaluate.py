@@ -24,9 +24,9 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--test", required=True, help="real test split (labelled image file)")
     p.add_argument("--dataset", required=True, help="data set name (cifar100/tinyimagenet use fixed stats)")
     p.add_argument("--real-train", help="real train split, for the normalisation stats of other data sets")
-    p.add_argument("--epochs", type=int, default=1000)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=256, help="SGD batch (the challenge uses 256)")
+    p.add_argument("--epochs", type=int, required=True, help="the challenge uses 1000")
+    p.add_argument("--rounds", type=int, required=True, help="the challenge uses 3")
+    p.add_argument("--batch-size", type=int, required=True, help="SGD batch (the challenge uses 256)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--resume-dir", help="keep resume state here (finished rounds, every --checkpoint-every "
                    "epochs of the running one); removed once the result is written")

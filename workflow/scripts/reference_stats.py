@@ -21,7 +21,7 @@ def parse(argv):
     p.add_argument("--real-train", required=True, help="prepared real training split (LabeledImages)")
     p.add_argument("--extractor", choices=sorted(fid.SCORE_KINDS), required=True)
     p.add_argument("--inception-weights", help="local Inception weights (.pth or TorchScript); default: torch.hub")
-    p.add_argument("--convnet-epochs", type=int, default=50, help="epochs of the feature ConvNet")
+    p.add_argument("--convnet-epochs", type=int, required=True, help="epochs of the feature ConvNet")
     p.add_argument("--convnet-out", help="the trained feature ConvNet (required for --extractor convnet)")
     p.add_argument("--stats-out", required=True, help="npz with float64 mu and sigma")
     p.add_argument("--meta", help="optional JSON sidecar (default: none)")

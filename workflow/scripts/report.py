@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     for flag in ("--best", "--scores", "--curve", "--pool", "--pool-meta", "--report", "--summary", "--grid"):
         parser.add_argument(flag, required=True)
     parser.add_argument("--evaluations", nargs="+", required=True, help="<kind>.json files of the evaluate stage")
-    parser.add_argument("--ipc", type=int, default=10)
+    parser.add_argument("--ipc", type=int, required=True)
     parser.add_argument("--log")
     args = parser.parse_args(argv)
     cli.start("report", sys.argv[1:] if argv is None else argv, args.log)

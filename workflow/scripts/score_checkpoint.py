@@ -21,7 +21,7 @@ def parse(argv):
     p.add_argument("--convnet", help="feature ConvNet file (for --extractor convnet)")
     p.add_argument("--inception-weights", help="local Inception weights (.pth or TorchScript); default: torch.hub")
     p.add_argument("--num-images", type=int, required=True, help="samples; keep it fixed across checkpoints")
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--batch-size", type=int, required=True)
     cli.add_sampler_flags(p)
     p.add_argument("--out", required=True, help="score JSON")
     p.add_argument("--device", default="auto")

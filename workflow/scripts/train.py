@@ -19,8 +19,11 @@ from diffdistill.cli import run_main
 from diffdistill.data import load_images
 from diffdistill.errors import DiffdistillError
 
+# --batch-size etc., typed from TrainConfig; the workflow passes the first seven (required), the rest
+# default to TrainConfig's values.
 CONFIG_FLAGS = ("batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "ema_rate", "label_dropout",
-                "seed", "t_min", "log_every")  # --batch-size etc., typed and defaulted from TrainConfig
+                "seed", "t_min", "log_every")
+REQUIRED_FLAGS = CONFIG_FLAGS[:7]
 
 
 def parse_args(argv):
@@ -37,9 +40,11 @@ def parse_args(argv):
     where.add_argument("--checkpoints", nargs="+", help="explicit files, one per step in ascending order")
     defaults = training.TrainConfig(total_steps=1)
     for name, value in ((name, getattr(defaults, name)) for name in CONFIG_FLAGS):
-        p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
-    p.add_argument("--betas", type=lambda s: [float(v) for v in s.split(",")], default=list(defaults.betas))
-    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True)
+        required = name in REQUIRED_FLAGS
+        p.add_argument("--" + name.replace("_", "-"), type=type(value), required=required,
+                       default=None if required else value)
+    p.add_argument("--betas", type=lambda s: [float(v) for v in s.split(",")], required=True)
+    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, required=True)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="autocast on CUDA")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore existing checkpoints")
     p.add_argument("--resume-dir", help="keep the resumable checkpoints here and copy them to the outputs at the "
