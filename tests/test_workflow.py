@@ -1,5 +1,7 @@
 """The Snakemake workflow: lint, dry runs of the paper configs, config validation, and the whole
-DAG on a tiny config (tests/configs/tiny.yaml) with every output checked against its contract."""
+DAG on a tiny config (tests/configs/tiny.yaml) with each stage's outputs checked against their
+contract in a test of its own. The whole-DAG runs are marked slow; a test that changes a run copies
+it first (copy_run)."""
 
 from __future__ import annotations
 
@@ -144,52 +146,102 @@ def tiny_snakemake(workdir, *args):
                      cwd=workdir, check=True)
 
 
-def test_tiny_run_outputs_meet_their_contracts(tiny_run):
-    from diffdistill import checkpoint, data, submission
-    from diffdistill.sampling_summary import SamplingSummary
+def digits_out(tiny_run: Path) -> Path:
+    return tiny_run / "results" / "digits"
 
-    out = tiny_run / "results" / "digits"
+
+@pytest.mark.slow
+def test_tiny_run_prepares_the_digits_splits(tiny_run):
+    from diffdistill import data
+
+    out = digits_out(tiny_run)
     train, test = data.load_images(out / "data" / "train.pt"), data.load_images(out / "data" / "test.pt")
     assert (len(train), len(test)) == (1257, 540) and train.classes == [str(i) for i in range(10)]
+
+
+@pytest.mark.slow
+def test_tiny_run_pretrains_unconditionally_and_finetunes_with_ema(tiny_run):
+    from diffdistill import checkpoint
+
+    out = digits_out(tiny_run)
     for step in (3, 6):
         ckpt = checkpoint.load_checkpoint(out / "checkpoints" / f"step_{step:07d}.pt")
         assert ckpt["step"] == step and ckpt["config"]["model"]["num_classes"] == 10 and ckpt["ema"] is not None
     pretrained = checkpoint.load_checkpoint(out / "pretrain" / "step_0000004.pt")
     assert pretrained["config"]["model"]["num_classes"] == 0  # the unconditional stand-in
+    assert (tiny_run / "logs" / "digits" / "finetune.log").read_text().count("step 6/6") == 1
 
+
+@pytest.mark.slow
+def test_tiny_run_scores_every_checkpoint_and_picks_the_best(tiny_run):
+    out = digits_out(tiny_run)
     scores = pd_read(out / "scoring" / "scores.csv")
     assert list(scores["step"]) == [3, 6] and set(scores["score_kind"]) == {"FD-ConvNet"}
     best = json.loads((out / "scoring" / "best.json").read_text())
     assert best["score"] == scores["score"].min() and Path(tiny_run / best["checkpoint"]).is_file()
     assert (out / "scoring" / "score_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+@pytest.mark.slow
+def test_tiny_run_samples_a_balanced_pool_within_the_budget(tiny_run):
+    from diffdistill import data
+    from diffdistill.sampling_summary import SamplingSummary
+
+    out = digits_out(tiny_run)
     pool = data.load_images(out / "samples" / "pool.pt")
     meta = SamplingSummary.read(out / "samples" / "pool.json")
     assert len(pool) == meta.images > 0 and max(pool.counts()) - min(pool.counts()) <= 1
     assert meta.budget_s == 2 and meta.images_per_s > 0 and meta.settings["steps"] == 3
 
-    package = out / "package" / "digits.pt"
-    checks = submission.validate(package, "digits", num_classes=10, ipc=2, image_shape=(1, 8, 8),
-                                 mean=json.loads((out / "package" / "package.json").read_text())["mean"],
-                                 std=json.loads((out / "package" / "package.json").read_text())["std"])
+
+@pytest.mark.slow
+def test_tiny_run_package_is_a_valid_submission(tiny_run):
+    from diffdistill import submission
+
+    out = digits_out(tiny_run)
+    sidecar = json.loads((out / "package" / "package.json").read_text())
+    checks = submission.validate(out / "package" / "digits.pt", "digits", num_classes=10, ipc=2,
+                                 image_shape=(1, 8, 8), mean=sidecar["mean"], std=sidecar["std"])
     assert all(check["status"] != "fail" for check in checks)
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["synthetic_ipc", "synthetic_pool", "real_ipc", "real_full"])
+def test_tiny_run_evaluates_each_training_set_resumably(tiny_run, kind):
+    out = digits_out(tiny_run)
+    evaluation = json.loads((out / "evaluation" / f"{kind}.json").read_text())
+    assert 0.0 <= evaluation["mean"] <= 1.0
+    assert "--resume-dir" in (tiny_run / "logs" / "digits" / "evaluate" / f"{kind}.log").read_text()
+    assert not (out / "evaluation" / ".resume" / kind).exists()  # cleared once the result is written
+    if kind == "real_ipc":
+        assert "fresh subset per round" in evaluation["settings"]["train_set"]
+
+
+@pytest.mark.slow
+def test_tiny_run_summary_and_report(tiny_run):
+    from diffdistill import data
+
+    out = digits_out(tiny_run)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"dataset", "best_step", "best_score", "score_kind", "pool_images",
                             "sampling_images_per_s", "sampling_images_per_s_per_shard", "budget_s", "accuracy"}
-    assert summary["best_step"] == best["step"] and summary["pool_images"] == len(pool)
+    best = json.loads((out / "scoring" / "best.json").read_text())
+    assert summary["best_step"] == best["step"]
+    assert summary["pool_images"] == len(data.load_images(out / "samples" / "pool.pt"))
     for kind in ("synthetic_ipc", "synthetic_pool", "real_ipc", "real_full"):
         evaluation = json.loads((out / "evaluation" / f"{kind}.json").read_text())
         assert summary["accuracy"][kind] == {"mean": evaluation["mean"], "std": evaluation["std"]}
-        assert 0.0 <= evaluation["mean"] <= 1.0
-        assert "--resume-dir" in (tiny_run / "logs" / "digits" / "evaluate" / f"{kind}.log").read_text()
-        assert not (out / "evaluation" / ".resume" / kind).exists()  # cleared once the result is written
-    assert "fresh subset per round" in json.loads((out / "evaluation" / "real_ipc.json").read_text())["settings"]["train_set"]
     report = (out / "report.md").read_text()
     for needle in ("Checkpoint selection", "score_curve.png", "sample_grid.png", "images/s", "IPC-2 package"):
         assert needle in report
     assert (out / "sample_grid.png").is_file()
-    assert (tiny_run / "logs" / "digits" / "finetune.log").read_text().count("step 6/6") == 1
+
+
+def copy_run(tiny_run: Path, folder: Path) -> Path:
+    """A copy of the tiny run (outputs and Snakemake's records) that a test may change."""
+    for name in ("results", "logs", ".snakemake"):
+        subprocess.run(["cp", "-a", str(tiny_run / name), str(folder / name)], check=True)  # -a: keep mtimes
+    return folder
 
 
 def pd_read(path):
@@ -198,6 +250,7 @@ def pd_read(path):
     return pd.read_csv(path)
 
 
+@pytest.mark.slow
 def test_forcerun_of_one_stage_reruns_it_and_only_what_depends_on_it(tiny_run):
     jobs = planned_jobs(tiny_snakemake(tiny_run, "-n", "--forcerun", "sample_budget").stdout)
     assert jobs == {"sample_budget": 1, "package": 1, "evaluate": 2, "report": 1, "all": 1}
@@ -205,20 +258,24 @@ def test_forcerun_of_one_stage_reruns_it_and_only_what_depends_on_it(tiny_run):
     assert planned_jobs(tiny_snakemake(tiny_run, "-n", "-f", "sample_budget").stdout) == {"sample_budget": 1}
 
 
-def test_a_target_file_makes_just_what_it_needs(tiny_run):
-    (tiny_run / "results" / "digits" / "scoring" / "step_0000003.json").unlink()
+@pytest.mark.slow
+def test_a_target_file_makes_just_what_it_needs(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path)
+    (run / "results" / "digits" / "scoring" / "step_0000003.json").unlink()
     target = "results/digits/scoring/step_0000003.json"
-    assert planned_jobs(tiny_snakemake(tiny_run, "-n", target).stdout) == {"score_checkpoint": 1}
-    tiny_snakemake(tiny_run, target)
-    assert (tiny_run / target).is_file()
+    assert planned_jobs(tiny_snakemake(run, "-n", target).stdout) == {"score_checkpoint": 1}
+    tiny_snakemake(run, target)
+    assert (run / target).is_file()
 
 
-def test_rerun_of_finetuning_resumes_from_the_newest_kept_checkpoint(tiny_run):
-    out = tiny_run / "results" / "digits" / "checkpoints"
+@pytest.mark.slow
+def test_rerun_of_finetuning_resumes_from_the_newest_kept_checkpoint(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path)
+    out = run / "results" / "digits" / "checkpoints"
     before = checkpoint_state(out / "step_0000006.pt")
     (resume,) = (out / ".resume").iterdir()
     (resume / "step_0000006.pt").unlink()  # as if the job died between step 3 and step 6
-    tiny_snakemake(tiny_run, "-f", "finetune", "--until", "finetune")
+    tiny_snakemake(run, "-f", "finetune", "--until", "finetune")
     sidecar = json.loads((out / "train.json").read_text())
     assert sidecar["start_step"] == 3 and sidecar["final_step"] == 6
     after = checkpoint_state(out / "step_0000006.pt")
@@ -238,6 +295,7 @@ def torch_allclose(a, b):
     return torch.allclose(a, b, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_two_process_finetuning_and_sharded_sampling_through_the_workflow(tiny_run, tmp_path):
     """finetune under torchrun with 2 gloo processes gives the checkpoints of 1 process (same global
     batch) to 1e-5; sampling split into 2 shards merges into one balanced pool."""
@@ -267,6 +325,7 @@ def test_two_process_finetuning_and_sharded_sampling_through_the_workflow(tiny_r
     assert max(pool.counts()) - min(pool.counts()) <= 2
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_rerun_incomplete_from_the_kept_checkpoint(tiny_run, tmp_path):
     """SIGKILL snakemake (and its job) during fine-tuning, then --rerun-incomplete: the job continues
     from its newest complete checkpoint instead of starting over."""
@@ -274,8 +333,7 @@ def test_killed_run_resumes_with_rerun_incomplete_from_the_kept_checkpoint(tiny_
     import signal
     import time
 
-    for name in ("results", ".snakemake"):  # data and pretraining are already made
-        subprocess.run(["cp", "-r", str(tiny_run / name), str(tmp_path / name)], check=True)
+    copy_run(tiny_run, tmp_path)  # data and pretraining are already made
     subprocess.run(["rm", "-rf", str(tmp_path / "results/digits/checkpoints")], check=True)
     overlay = tmp_path / "longer.yaml"
     overlay.write_text("finetune: {total_steps: 3000, checkpoint_steps: [3, 3000]}\n")
