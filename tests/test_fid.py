@@ -168,17 +168,17 @@ def test_compute_stats_refuses_too_few_or_non_uint8_images():
 
 def test_convnet_extractor_normalises_and_returns_embed():
     torch.manual_seed(0)
-    net = ConvNet(channel=1, num_classes=10, net_width=8, net_depth=2, im_size=(8, 8))
+    net = ConvNet(channel=1, num_classes=10, net_width=8, net_depth=3, im_size=(8, 8))  # features 8 x 1 x 1
     mean, std = (0.3,), (0.2,)
     extractor = fid.ConvNetExtractor(net, mean, std, "cpu")
     images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
     feats = extractor(images)
-    assert extractor.name == "convnet" and feats.shape == (6, 8 * 2 * 2) and feats.dtype == torch.float32
+    assert extractor.name == "convnet" and feats.shape == (6, 8) and feats.dtype == torch.float32
     with torch.no_grad():
         expected = net.embed(normalize(images, mean, std))
     torch.testing.assert_close(feats, expected)
     stats = fid.compute_stats(extractor, images, batch_size=4)
-    assert stats.score_kind == "FD-ConvNet" and stats.mu.shape == (32,)
+    assert stats.score_kind == "FD-ConvNet" and stats.mu.shape == (8,)
     with pytest.raises(DiffdistillError, match="3 channels"):
         extractor(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
 
