@@ -242,7 +242,7 @@ def test_sample_then_package_end_to_end(tmp_path, tiny_checkpoint, pool):
 def test_sample_budget_zero_exits_2_and_writes_nothing(tmp_path, tiny_checkpoint):
     out, meta = tmp_path / "samples.pt", tmp_path / "samples.json"
     argv = ["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--meta", str(meta), "--budget-s", "0",
-            "--device", "cpu", *SOLVER]
+            "--batch-size", "4", "--device", "cpu", *SOLVER]
     assert run_main(load_script("sample_budget").main, argv) == 2
     assert not out.exists() and not meta.exists()
 
