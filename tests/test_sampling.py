@@ -174,6 +174,39 @@ def test_a_batch_ending_past_the_budget_is_dropped_not_kept(monkeypatch):
     assert result.sampling_s == pytest.approx(3.0) and run.dropped_images == 3 and run.images == 9
 
 
+def test_budget_prefix_holds_only_images_whose_batch_finished_inside_its_time(monkeypatch):
+    clock = FakeClock()
+    # Batches of 3 end at 2, 3, 4 and 6 s (the last past the 5.5 s budget: dropped, not in the pool).
+    run, _ = fake_generate(clock, [2.0, 1.0, 1.0, 2.0])
+    monkeypatch.setattr(sampling, "generate", run)
+    result = sample_budgeted(object(), 3, SamplerSettings(), budget_s=5.5, batch_size=3, device="cpu", seed=0,
+                             clock=clock)
+    assert [b["end_s"] for b in result.batches] == [2.0, 3.0, 4.0, 6.0] and len(result) == 9
+    summary = SamplingSummary({"budget_s": 5.5}, ["a", "b", "c"],
+                              [result.shard_run(shard=0, seed=0, load_s=0.0, device_name="cpu")])
+    assert summary.finished_within(1.9) == [] and summary.finished_within(2.0) == [0, 1, 2]
+    assert summary.finished_within(3.5) == list(range(6)) and summary.finished_within(100.0) == list(range(9))
+    assert summary.budget_prefix(0.5) == (2.75, [0, 1, 2])
+    assert summary.budget_prefix(1.0) == (5.5, list(range(9)))  # the dropped batch never counts
+    with pytest.raises(DiffdistillError, match=r"in \(0, 1\]"):
+        summary.budget_prefix(0.0)
+
+
+def test_budget_prefix_of_merged_shards_takes_each_shard_by_its_own_clock():
+    def shard(index, ends):
+        batches = [{"size": 2, "seconds": 1.0, "end_s": end} for end in ends]
+        return SamplingSummary({"budget_s": 4.0}, ["a", "b"], [ShardRun(
+            shard=index, seed=index, counts=[len(ends), len(ends)], sampling_s=ends[-1], load_s=0.0,
+            device_name="cpu", batches=batches)])
+
+    merged = SamplingSummary.merge([shard(0, [1.0, 2.0, 3.0]), shard(1, [1.5, 3.5])])
+    assert merged.finished_within(2.0) == [0, 1, 2, 3, 6, 7]  # shard 1's images start at position 6
+    old = SamplingSummary.from_json({**merged.to_json(), "shards": [
+        {**merged.to_json()["shards"][0], "batches": [{"size": 6, "seconds": 3.0}]}]}, "old.json")
+    with pytest.raises(DiffdistillError, match=r"shards\[0\]: batches\[0\] has no 'end_s'"):
+        old.finished_within(1.0)
+
+
 def test_a_first_batch_longer_than_the_budget_is_an_error(monkeypatch):
     clock = FakeClock()
     run, _ = fake_generate(clock, [10.0])

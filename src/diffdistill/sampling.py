@@ -134,7 +134,7 @@ class BudgetResult:
     counts: list[int]
     images_per_s: float
     sampling_s: float
-    batches: list[dict] = field(default_factory=list)  # {"size", "seconds"} per finished batch
+    batches: list[dict] = field(default_factory=list)  # {"size", "seconds", "end_s"} per finished batch
     batch_size_final: int = 0
     dropped_images: int = 0  # made after the budget ran out, not kept
 
@@ -241,7 +241,7 @@ class _BudgetRun:
     start: float
     images: list = field(default_factory=list)
     labels: list = field(default_factory=list)
-    batches: list = field(default_factory=list)  # {"size", "seconds"} per finished batch
+    batches: list = field(default_factory=list)  # {"size", "seconds", "end_s"} per finished batch
     done: int = 0
     dropped: int = 0
     kept_until: float = 0.0
@@ -259,7 +259,8 @@ class _BudgetRun:
     def finish(self, images: torch.Tensor, labels: torch.Tensor, began: float) -> bool:
         """Record a batch begun at ``began``; keep it if it ended within the budget, else drop it (False)."""
         end, size = self.clock(), labels.numel()
-        self.batches.append({"size": size, "seconds": end - began})
+        # end_s: when the batch finished, in seconds from the budget clock's start (budget prefixes).
+        self.batches.append({"size": size, "seconds": end - began, "end_s": end - self.start})
         if end - self.start > self.budget_s:
             self.dropped = size
             log.warning("a batch of %d images ended %.1f s past the %.1f s budget: dropped", size,

@@ -33,11 +33,30 @@ class ShardRun:
     device_name: str
     dropped_images: int = 0  # made after the budget ran out, not kept
     batch_size_final: int = 0
-    batches: list[dict] = field(default_factory=list)  # {"size", "seconds"} per finished batch
+    # {"size", "seconds", "end_s"} per finished batch, in sampling order; end_s: when it finished, in
+    # seconds from the budget clock's start. A dropped batch (ended past the budget) is the last entry.
+    batches: list[dict] = field(default_factory=list)
 
     @property
     def images(self) -> int:
         return sum(self.counts)
+
+    def images_finished_within(self, seconds: float, where: str = "shard") -> int:
+        """How many of the kept images (the first ones of this shard's pool, in sampling order) were in
+        batches that finished within ``seconds`` of the budget clock's start."""
+        kept, count = 0, 0
+        for i, batch in enumerate(self.batches):
+            if kept >= self.images:
+                break  # the rest (a dropped batch) is not in the pool
+            if "end_s" not in batch:
+                raise DiffdistillError(f"{where}: batches[{i}] has no 'end_s' (a summary from before finish times "
+                                       "were recorded): rerun sample_budget")
+            kept += int(batch["size"])
+            if float(batch["end_s"]) <= seconds:
+                count = kept
+        if kept != self.images:
+            raise DiffdistillError(f"{where}: its batches hold {kept} kept images, its counts {self.images}")
+        return count
 
     @property
     def images_per_s(self) -> float:
@@ -88,6 +107,23 @@ class SamplingSummary:
     @property
     def device_name(self) -> str:
         return ", ".join(sorted({s.device_name for s in self.shards}))
+
+    def finished_within(self, seconds: float) -> list[int]:
+        """Positions in the pool (the shards' images one after another, in shard order) of the images
+        whose batch finished within ``seconds`` of the budget clock's start; each shard's clock
+        started at its own first batch."""
+        positions, offset = [], 0
+        for i, shard in enumerate(self.shards):
+            positions += range(offset, offset + shard.images_finished_within(seconds, f"shards[{i}]"))
+            offset += shard.images
+        return positions
+
+    def budget_prefix(self, fraction: float) -> tuple[float, list[int]]:
+        """(seconds, pool positions) of the images made within the first ``fraction`` of the budget."""
+        if not 0.0 < fraction <= 1.0:
+            raise DiffdistillError(f"budget fraction must be in (0, 1], got {fraction}")
+        seconds = fraction * self.budget_s
+        return seconds, self.finished_within(seconds)
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "settings": self.settings, "classes": self.classes,
