@@ -306,6 +306,26 @@ def test_script_bad_input_exits_2_without_output(script, files, args):
     assert not (files / "out.json").exists()
 
 
+def test_script_budget_prefix_trains_only_on_images_made_within_its_time(script, files):
+    from diffdistill.sampling_summary import SamplingSummary, ShardRun
+
+    batches = [{"size": 6, "seconds": 1.0, "end_s": 1.0}, {"size": 6, "seconds": 1.0, "end_s": 2.0},
+               {"size": 3, "seconds": 0.5, "end_s": 2.5}]
+    SamplingSummary({"budget_s": 4.0}, ["0", "1", "2"], [ShardRun(
+        shard=0, seed=0, counts=[5, 5, 5], sampling_s=2.5, load_s=0.0, device_name="cpu", batches=batches,
+    )]).write(files / "pool.json")
+    prefix = ["--train", str(files / "pool.pt"), "--train-format", "images", "--pool-meta", str(files / "pool.json")]
+    assert run(script, files, *prefix, "--budget-fraction", "0.5") == 0
+    doc = json.loads((files / "out.json").read_text())
+    assert doc["budget_prefix"] == {"fraction": 0.5, "seconds": 2.0, "images": 12} and doc["train_size"] == 12
+    assert run(script, files, *prefix, "--budget-fraction", "0.2") == 0  # 0.8 s: no batch had finished
+    doc = json.loads((files / "out.json").read_text())
+    assert doc["budget_prefix"]["images"] == 0 and doc["mean"] is None and doc["accuracies"] == []
+    (files / "out.json").unlink()
+    assert run(script, files, *prefix[:-2], "--pool-meta", str(files / "missing.json"),
+               "--budget-fraction", "0.5") == 2 and not (files / "out.json").exists()
+
+
 def test_script_needs_real_train_for_other_data_sets(script, files):
     argv = ["--train", str(files / "pool.pt"), "--train-format", "images", "--test", str(files / "test.pt"),
             "--dataset", "stripes", "--epochs", "0", "--rounds", "1", "--batch-size", "256", "--device", "cpu",

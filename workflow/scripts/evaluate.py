@@ -9,10 +9,14 @@ JSON written to ``--out`` is the result: mean, std, accuracies (fractions), sett
 import argparse
 import sys
 
+import torch
+
 from diffdistill import cli, evaluation
 from diffdistill.data import load_images
+from diffdistill.errors import DiffdistillError
 from diffdistill.evaluation_state import EvaluationState, data_fingerprint
 from diffdistill.normalize import normalize
+from diffdistill.sampling_summary import SamplingSummary
 
 
 def parse(argv) -> argparse.Namespace:
@@ -21,6 +25,9 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--train-format", required=True, choices=["images", "package"])
     p.add_argument("--ipc", type=int, help="images per class of a package (labels by position)")
     p.add_argument("--random-ipc", type=int, help="train each round on its own K random images per class of --train")
+    p.add_argument("--budget-fraction", type=float, help="train only on the images of --train made within this "
+                   "fraction of the sampling budget (a budget prefix; needs --pool-meta)")
+    p.add_argument("--pool-meta", help="sampling summary (pool.json) of --train, for --budget-fraction")
     p.add_argument("--test", required=True, help="real test split (labelled image file)")
     p.add_argument("--dataset", required=True, help="data set name (cifar100/tinyimagenet use fixed stats)")
     p.add_argument("--real-train", help="real train split, for the normalisation stats of other data sets")
@@ -49,20 +56,41 @@ def main(argv=None) -> int:
             x, y, what, round_indices = evaluation.load_training_set(
                 args.train, args.train_format, test, mean, std, ipc=args.ipc, random_ipc=args.random_ipc,
                 rounds=args.rounds, seed=args.seed)
+            prefix = None
+            if args.budget_fraction is not None:
+                x, y, what, prefix = budget_prefix(args, x, y)
         _, channel, height, width = test.images.shape
+        settings = {**vars(args), "train_set": what, "mean_std": [mean, std], "num_classes": test.num_classes}
+        if len(x) == 0:  # no batch finished within the prefix's time: nothing to train on
+            cli.log.warning("%s: no images, no accuracy", what)
+            cli.write_sidecar(args.out, settings=settings, device=device, mean=None, std=None, accuracies=[],
+                              epochs=args.epochs, rounds=args.rounds, train_size=0, budget_prefix=prefix)
+            return 0
         state = resume_state(args, x, y, test) if args.resume_dir else None
         result = evaluation.train_and_evaluate(
             x, y, normalize(test.images, mean, std), test.labels, num_classes=test.num_classes, channel=channel,
             im_size=(height, width), epochs=args.epochs, rounds=args.rounds, device=device, seed=args.seed,
             round_indices=round_indices, batch_size=args.batch_size, log_every=args.log_every, state=state)
         cli.log.info("%s: test accuracy %.4f +- %.4f over %d rounds", what, result["mean"], result["std"], args.rounds)
-        settings = {**vars(args), "train_set": what, "mean_std": [mean, std], "num_classes": test.num_classes}
         timings = {"load": loading.seconds, "train_and_test": result.pop("seconds"),
                    "per_round": result.pop("seconds_per_round")}
-        cli.write_sidecar(args.out, settings=settings, timings=timings, device=device, **result)
+        extra = {} if prefix is None else {"budget_prefix": prefix}
+        cli.write_sidecar(args.out, settings=settings, timings=timings, device=device, **result, **extra)
     if state is not None:
         state.clear()
     return 0
+
+
+def budget_prefix(args, x, y):
+    """The images of the pool made within --budget-fraction of the budget, and what they are."""
+    summary = SamplingSummary.read(args.pool_meta or "(no --pool-meta)")
+    if args.train_format != "images" or args.random_ipc is not None or summary.images != len(x):
+        raise DiffdistillError(f"--budget-fraction: {args.pool_meta} counts {summary.images} images, {args.train} "
+                               f"holds {len(x)} (expected the pool and its summary, --train-format images)")
+    seconds, positions = summary.budget_prefix(args.budget_fraction)
+    info = {"fraction": args.budget_fraction, "seconds": seconds, "images": len(positions)}
+    index = torch.tensor(positions, dtype=torch.long)  # (n,)
+    return x[index], y[index], f"images made within {seconds:.3g} s: {len(positions)}", info
 
 
 def resume_state(args, x, y, test) -> EvaluationState:
