@@ -104,11 +104,45 @@ def test_report_script_end_to_end(tmp_path):
     args = ["--dataset", "digits", "--best", str(tmp_path / "best.json"), "--scores", str(tmp_path / "scores.csv"),
             "--curve", str(tmp_path / "curve.png"), "--pool", str(tmp_path / "pool.pt"),
             "--pool-meta", str(tmp_path / "pool.json"), "--evaluations", *evals, "--ipc", "3",
-            "--report", str(out["report.md"]), "--summary", str(out["summary.json"]), "--grid", str(out["grid.png"])]
+            "--report", str(out["report.md"]), "--summary", str(out["summary.json"]), "--grid", str(out["grid.png"]),
+            "--accuracy-table", str(tmp_path / "out" / "accuracy.tsv")]
     assert script.main(args) == 0
-    assert json.loads(out["summary.json"].read_text())["accuracy"]["real_full"] == {"mean": 0.5, "std": 0.1}
+    summary = json.loads(out["summary.json"].read_text())
+    assert summary["accuracy"]["real_full"] == {"mean": 0.5, "std": 0.1}
+    assert summary["budget_curve"] == [] and summary["sweep"] == []  # off: empty lists
     assert "](../curve.png)" in out["report.md"].read_text()
+    assert "What the budget buys" not in out["report.md"].read_text()
     assert Image.open(out["grid.png"]).size == (10 * 9 * 4, 4 * 9 * 4)
+    table = pd.read_csv(tmp_path / "out" / "accuracy.tsv", sep="\t")
+    assert table["accuracy mean (%)"].tolist() == [50.0] * 4 and "IPC-3" in table["training set"][0]
+
+    # With a budget curve and a sweep: their numbers in summary.json, figures and tables beside report.md.
+    budget = []
+    for fraction, images, mean in ((0.5, 0, None), (1.0, 16, 0.6)):
+        path = tmp_path / f"budget_{fraction}.json"
+        path.write_text(json.dumps({"mean": mean, "std": None if mean is None else 0.02, "budget_prefix": {
+            "fraction": fraction, "seconds": 4.0 * fraction, "images": images}}))
+        budget.append(str(path))
+    (tmp_path / "sweep" / "s10_w2").mkdir(parents=True)
+    sampling_summary([5, 5, 5, 5], 2.0, budget_s=4.0).write(tmp_path / "sweep" / "s10_w2" / "pool.json")
+    (tmp_path / "sweep_s10_w2.json").write_text(json.dumps({"mean": 0.4, "std": 0.0}))
+    extra = {name: tmp_path / "out" / name for name in ("budget.png", "sweep.png", "sweep.tsv")}
+    assert script.main([*args, "--budget-evaluations", *reversed(budget), "--budget-plot", str(extra["budget.png"]),
+                        "--sweep-metas", str(tmp_path / "sweep" / "s10_w2" / "pool.json"),
+                        "--sweep-evaluations", str(tmp_path / "sweep_s10_w2.json"),
+                        "--sweep-plot", str(extra["sweep.png"]), "--sweep-table", str(extra["sweep.tsv"])]) == 0
+    summary = json.loads(out["summary.json"].read_text())
+    assert summary["budget_curve"] == [
+        {"fraction": 0.5, "seconds": 2.0, "images": 0, "accuracy": {"mean": None, "std": None}},
+        {"fraction": 1.0, "seconds": 4.0, "images": 16, "accuracy": {"mean": 0.6, "std": 0.02}}]
+    row, = summary["sweep"]
+    assert (row["name"], row["images"], row["images_per_s"], row["accuracy"]) == ("s10_w2", 20, 10.0,
+                                                                                 {"mean": 0.4, "std": 0.0})
+    assert row["settings"]["steps"] == 20 and "budget_s" not in row["settings"]
+    text = out["report.md"].read_text()
+    assert "](budget.png)" in text and "](sweep.png)" in text and "| 0.5 | 2.0 | 0 | no images |" in text
+    assert all(Image.open(path).size[0] > 0 for path in (extra["budget.png"], extra["sweep.png"]))
+    assert pd.read_csv(extra["sweep.tsv"], sep="\t")["variant"].tolist() == ["s10_w2"]
 
 
 def test_publish_links_or_copies_atomically(tmp_path):

@@ -2,15 +2,22 @@
 
 The summary keys are a contract other tools read: ``dataset``, ``best_step``, ``best_score``,
 ``score_kind``, ``pool_images``, ``sampling_images_per_s`` (all shards together),
-``sampling_images_per_s_per_shard``, ``budget_s`` and ``accuracy`` ->
-{``synthetic_ipc``, ``synthetic_pool``, ``real_ipc``, ``real_full``} -> {``mean``, ``std``}.
+``sampling_images_per_s_per_shard``, ``budget_s``, ``accuracy`` ->
+{``synthetic_ipc``, ``synthetic_pool``, ``real_ipc``, ``real_full``} -> {``mean``, ``std``},
+``budget_curve`` (a list of {``fraction``, ``seconds``, ``images``, ``accuracy``: {``mean``, ``std``}}: the
+pool's images made within each fraction of the budget) and ``sweep`` (a list of {``name``, ``settings``,
+``images``, ``images_per_s``, ``accuracy``: {``mean``, ``std``}}: one budgeted pool per sampler variant).
+Both lists are empty when the workflow does not make them; an empty budget prefix has accuracy null.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
+
+from . import atomic
 
 from .data import LabeledImages
 from .sampling_summary import SamplingSummary
@@ -47,8 +54,10 @@ def grid_scale(image_side: int) -> int:
     return max(1, math.ceil(32 / image_side))
 
 
-def build_summary(*, dataset: str, best: dict, sampling: SamplingSummary, accuracy: dict[str, dict]) -> dict:
-    """The summary.json document from the stage outputs (see the module docstring for keys)."""
+def build_summary(*, dataset: str, best: dict, sampling: SamplingSummary, accuracy: dict[str, dict],
+                  budget_curve: list[dict] = (), sweep: list[dict] = ()) -> dict:
+    """The summary.json document from the stage outputs (see the module docstring for keys);
+    ``budget_curve`` and ``sweep`` as made by :func:`budget_curve` and :func:`sweep_rows`."""
     missing = [key for key in ACCURACY_ROWS if key not in accuracy]
     if missing:
         raise ValueError(f"accuracy results missing for {missing}")
@@ -61,9 +70,113 @@ def build_summary(*, dataset: str, best: dict, sampling: SamplingSummary, accura
         "sampling_images_per_s": sampling.images_per_s,
         "sampling_images_per_s_per_shard": sampling.images_per_s_per_shard,
         "budget_s": sampling.budget_s,
-        "accuracy": {key: {"mean": float(accuracy[key]["mean"]), "std": float(accuracy[key]["std"])}
-                     for key in ACCURACY_ROWS},
+        "accuracy": {key: _mean_std(accuracy[key]) for key in ACCURACY_ROWS},
+        "budget_curve": list(budget_curve),
+        "sweep": list(sweep),
     }
+
+
+def _mean_std(result: dict) -> dict:
+    """{mean, std} of an evaluation result; null for an evaluation that had nothing to train on."""
+    return {key: None if result[key] is None else float(result[key]) for key in ("mean", "std")}
+
+
+def budget_curve(evaluations: list[dict]) -> list[dict]:
+    """The budget curve from evaluate's results of budget prefixes (each with ``budget_prefix``), by fraction."""
+    points = []
+    for result in evaluations:
+        prefix = result["budget_prefix"]
+        points.append({"fraction": float(prefix["fraction"]), "seconds": float(prefix["seconds"]),
+                       "images": int(prefix["images"]), "accuracy": _mean_std(result)})
+    return sorted(points, key=lambda point: point["fraction"])
+
+
+RUN_KEYS = ("budget_s", "batch_size", "max_images", "weights", "num_shards", "checkpoint")  # not the sampler's
+
+
+def sweep_rows(variants: list[tuple[str, SamplingSummary, dict]]) -> list[dict]:
+    """One row per sampler variant from (name, its pool's sampling summary, evaluate's result of the pool);
+    ``settings`` are the variant's sampler settings (the summary's settings less the run's own)."""
+    return [{"name": name, "settings": {k: v for k, v in sampling.settings.items() if k not in RUN_KEYS},
+             "images": sampling.images, "images_per_s": sampling.images_per_s, "accuracy": _mean_std(result)}
+            for name, sampling, result in variants]
+
+
+def accuracy_table(summary: dict, ipc: int):
+    """The accuracy table as a DataFrame (percent), for a TSV beside report.md."""
+    import pandas as pd
+
+    rows = [{"training set": label.format(ipc=ipc, pool=summary["pool_images"]),
+             "accuracy mean (%)": 100 * summary["accuracy"][key]["mean"],
+             "accuracy std (%)": 100 * summary["accuracy"][key]["std"]} for key, label in ACCURACY_ROWS.items()]
+    return pd.DataFrame(rows)
+
+
+def sweep_table(sweep: list[dict]):
+    """The sweep as a DataFrame: variant, its settings, images made, images/s and accuracy (percent)."""
+    import pandas as pd
+
+    return pd.DataFrame([{"variant": row["name"], **row["settings"], "images": row["images"], "images/s": row["images_per_s"],
+                          "accuracy mean (%)": _percent(row["accuracy"]["mean"]),
+                          "accuracy std (%)": _percent(row["accuracy"]["std"])} for row in sweep])
+
+
+def _percent(value):
+    return None if value is None else 100 * value
+
+
+def _figure(width: float, height: float, columns: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=120)
+    FigureCanvasAgg(figure)  # Agg canvas without touching pyplot's global backend
+    return figure, figure.subplots(1, columns)
+
+
+def _save(figure, path: str | os.PathLike) -> None:
+    figure.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+
+
+def plot_budget_curve(curve: list[dict], references: dict[str, dict], path: str | os.PathLike) -> None:
+    """Accuracy against sampling seconds (error bars: std over rounds), the images made on a second
+    axis, and ``references`` (label -> {mean, std}) as horizontal lines; PNG, atomic."""
+    figure, axes = _figure(6, 4)
+    scored = [p for p in curve if p["accuracy"]["mean"] is not None]
+    axes.errorbar([p["seconds"] for p in scored], [100 * p["accuracy"]["mean"] for p in scored],
+                  yerr=[100 * p["accuracy"]["std"] for p in scored], marker="o", capsize=3,
+                  label="synthetic: the pool's images made so far")
+    for (label, acc), style in zip(references.items(), ("--", ":", "-.")):
+        axes.axhline(100 * acc["mean"], linestyle=style, color="grey", label=label)
+    axes.set_xlabel("sampling seconds")
+    axes.set_ylabel("ConvNet test accuracy (%)")
+    axes.grid(alpha=0.3)
+    images = axes.twinx()
+    images.plot([p["seconds"] for p in curve], [p["images"] for p in curve], color="tab:orange", marker="s",
+                linestyle="none", label="images made")
+    images.set_ylabel("images made", color="tab:orange")
+    images.set_ylim(bottom=0)
+    lines = [*axes.get_legend_handles_labels()[0], *images.get_legend_handles_labels()[0]]
+    axes.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="lower right")
+    _save(figure, path)
+
+
+def plot_sweep(sweep: list[dict], path: str | os.PathLike) -> None:
+    """Per sampler variant: images made within the budget (left) and accuracy of its pool (right); PNG, atomic."""
+    figure, (made, accuracy) = _figure(max(6, 1.2 * len(sweep) + 2), 3.5, columns=2)
+    names = [row["name"] for row in sweep]
+    made.bar(names, [row["images"] for row in sweep], color="tab:orange")
+    made.set_ylabel("images made in the budget")
+    scored = [row for row in sweep if row["accuracy"]["mean"] is not None]
+    accuracy.errorbar([row["name"] for row in scored], [100 * row["accuracy"]["mean"] for row in scored],
+                      yerr=[100 * row["accuracy"]["std"] for row in scored], fmt="o", capsize=3)
+    accuracy.set_ylabel("ConvNet test accuracy (%)")
+    for axes in (made, accuracy):
+        axes.tick_params(axis="x", labelrotation=45, labelsize=8)
+        axes.grid(axis="y", alpha=0.3)
+    _save(figure, path)
 
 
 def render_markdown(summary: dict, *, ipc: int, scores: list[dict], sampling: SamplingSummary,
@@ -109,8 +222,43 @@ def render_markdown(summary: dict, *, ipc: int, scores: list[dict], sampling: Sa
         info = details.get(key, {})
         lines.append(f"| {label.format(ipc=ipc, pool=summary['pool_images'])} | {pct(acc[key])} | "
                      f"{info.get('rounds', '')} | {info.get('epochs', '')} |")
+    lines += _budget_curve_lines(summary, figures) + _sweep_lines(summary, figures)
     lines += ["", "Plain numbers: `summary.json`.", ""]
     return "\n".join(lines)
+
+
+def _accuracy_text(acc: dict) -> str:
+    return "no images" if acc["mean"] is None else f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}"
+
+
+def _budget_curve_lines(summary: dict, figures: dict[str, str]) -> list[str]:
+    curve = summary.get("budget_curve", [])
+    if not curve:
+        return []
+    return [
+        "", "## What the budget buys", "",
+        f"The pool's images made within the first part of the {summary['budget_s']:.0f} s budget, each set evaluated "
+        "like the full pool; the lines are the random real IPC and full real accuracies.", "",
+        "| fraction | seconds | images | accuracy (%) |", "|---:|---:|---:|---:|",
+        *[f"| {p['fraction']:g} | {p['seconds']:.1f} | {p['images']} | {_accuracy_text(p['accuracy'])} |"
+          for p in curve],
+        "", f"![accuracy against sampling seconds]({figures['budget']})" if "budget" in figures else "",
+    ]
+
+
+def _sweep_lines(summary: dict, figures: dict[str, str]) -> list[str]:
+    sweep = summary.get("sweep", [])
+    if not sweep:
+        return []
+    return [
+        "", "## Sampler sweep", "",
+        f"Each variant sampled from the same checkpoint for the same {summary['budget_s']:.0f} s budget; its "
+        "whole pool evaluated like the main pool.", "",
+        "| variant | solver | images | images/s | accuracy (%) |", "|---|---|---:|---:|---:|",
+        *[f"| {row['name']} | {_solver_text(row['settings'])} | {row['images']} | {row['images_per_s']:.1f} | "
+          f"{_accuracy_text(row['accuracy'])} |" for row in sweep],
+        "", f"![images made and accuracy per variant]({figures['sweep']})" if "sweep" in figures else "",
+    ]
 
 
 def _shard_text(summary: dict) -> str:

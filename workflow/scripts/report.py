@@ -5,7 +5,11 @@
         --pool results/digits/samples/pool.pt --pool-meta results/digits/samples/pool.json \
         --evaluations results/digits/evaluation/*.json --ipc 10 \
         --report results/digits/report.md --summary results/digits/summary.json \
-        --grid results/digits/sample_grid.png
+        --grid results/digits/sample_grid.png --accuracy-table results/digits/accuracy.tsv
+
+With a budget curve, add --budget-evaluations (evaluate's budget_<fraction>.json) and --budget-plot; with
+a sampler sweep, --sweep-metas (sweep/<name>/pool.json), --sweep-evaluations (sweep_<name>.json, same
+order), --sweep-plot and --sweep-table.
 """
 
 from __future__ import annotations
@@ -26,16 +30,24 @@ from diffdistill.sampling_summary import SamplingSummary
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True)
-    for flag in ("--best", "--scores", "--curve", "--pool", "--pool-meta", "--report", "--summary", "--grid"):
+    for flag in ("--best", "--scores", "--curve", "--pool", "--pool-meta", "--report", "--summary", "--grid",
+                 "--accuracy-table"):
         parser.add_argument(flag, required=True)
     parser.add_argument("--evaluations", nargs="+", required=True, help="<kind>.json files of the evaluate stage")
+    for flag in ("--budget-evaluations", "--sweep-metas", "--sweep-evaluations"):
+        parser.add_argument(flag, nargs="*", default=[])
+    for flag in ("--budget-plot", "--sweep-plot", "--sweep-table"):
+        parser.add_argument(flag)
     parser.add_argument("--ipc", type=int, required=True)
     parser.add_argument("--log")
     args = parser.parse_args(argv)
     cli.start("report", sys.argv[1:] if argv is None else argv, args.log)
 
-    with cli.cleanup_on_failure([args.report, args.summary, args.grid]):
+    outputs = [args.report, args.summary, args.grid, args.accuracy_table, args.budget_plot, args.sweep_plot,
+               args.sweep_table]
+    with cli.cleanup_on_failure(outputs):
         evaluations = {Path(p).stem: atomic.read_json(p, "an evaluation JSON") for p in args.evaluations}
+        curve, sweep = budget_and_sweep(args)
         best = atomic.read_json(args.best, "select_checkpoint's best.json")
         sampling = SamplingSummary.read(args.pool_meta)
         pool = load_images(args.pool)
@@ -43,12 +55,15 @@ def main(argv=None) -> int:
         with atomic.atomic_path(args.grid) as tmp:
             grid.save(tmp, format="PNG")
         try:
-            summary = report.build_summary(dataset=args.dataset, best=best, sampling=sampling, accuracy=evaluations)
+            summary = report.build_summary(dataset=args.dataset, best=best, sampling=sampling, accuracy=evaluations,
+                                           budget_curve=curve, sweep=sweep)
         except (KeyError, ValueError) as err:
             raise DiffdistillError(f"stage outputs incomplete for the summary: {err}") from err
         scores = pd.read_csv(args.scores).to_dict("records")
         report_dir = Path(args.report).parent
         figures = {"curve": os.path.relpath(args.curve, report_dir), "grid": os.path.relpath(args.grid, report_dir)}
+        figures |= plots(args, summary, report_dir)
+        atomic.write_text(args.accuracy_table, report.accuracy_table(summary, args.ipc).to_csv(sep="\t", index=False))
         details = {kind: ev.get("settings", {}) | {k: ev[k] for k in ("rounds", "epochs") if k in ev}
                    for kind, ev in evaluations.items()}
         text = report.render_markdown(summary, ipc=args.ipc, scores=scores, sampling=sampling,
@@ -56,6 +71,36 @@ def main(argv=None) -> int:
         atomic.write_json(args.summary, summary)
         atomic.write_text(args.report, text)
     return 0
+
+
+def budget_and_sweep(args):
+    """The budget curve and the sweep rows from their evaluate results and sampling summaries."""
+    if len(args.sweep_metas) != len(args.sweep_evaluations):
+        raise DiffdistillError(f"{len(args.sweep_metas)} --sweep-metas but {len(args.sweep_evaluations)} "
+                               "--sweep-evaluations")
+    try:
+        curve = report.budget_curve([atomic.read_json(p, "a budget prefix evaluation") for p in args.budget_evaluations])
+    except KeyError as err:
+        raise DiffdistillError(f"--budget-evaluations: a result lacks {err} (made by evaluate --budget-fraction?)")
+    variants = [(Path(meta).parent.name, SamplingSummary.read(meta), atomic.read_json(result, "a sweep evaluation"))
+                for meta, result in zip(args.sweep_metas, args.sweep_evaluations)]
+    return curve, report.sweep_rows(variants)
+
+
+def plots(args, summary, report_dir) -> dict:
+    """The budget curve and sweep figures (and the sweep's TSV) that were asked for; their links."""
+    figures = {}
+    if args.budget_plot:
+        references = {report.ACCURACY_ROWS[key].format(ipc=args.ipc, pool=""): summary["accuracy"][key]
+                      for key in ("real_ipc", "real_full")}
+        report.plot_budget_curve(summary["budget_curve"], references, args.budget_plot)
+        figures["budget"] = os.path.relpath(args.budget_plot, report_dir)
+    if args.sweep_plot:
+        report.plot_sweep(summary["sweep"], args.sweep_plot)
+        figures["sweep"] = os.path.relpath(args.sweep_plot, report_dir)
+    if args.sweep_table:
+        atomic.write_text(args.sweep_table, report.sweep_table(summary["sweep"]).to_csv(sep="\t", index=False))
+    return figures
 
 
 if __name__ == "__main__":
