@@ -4,16 +4,24 @@ import hashlib
 import json
 from pathlib import Path
 
+import jsonschema
+import yaml
+
 DATASET = config["dataset"]
 OUT = f"{config['results']}/{DATASET}"
 LOGS = f"logs/{DATASET}"
 SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
 
 
+FRACTION_RE = r"[0-9][0-9.e-]*"  # str(float(fraction)): 0.1, 0.25, 1.0
+VARIANT_RE = r"[A-Za-z0-9][A-Za-z0-9_.+-]*"  # the schema's pattern for sweep names
+
+
 wildcard_constraints:
     step=r"\d{7}",
-    kind=r"synthetic_ipc|synthetic_pool|real_ipc|real_full",
+    kind=rf"synthetic_ipc|synthetic_pool|real_ipc|real_full|budget_{FRACTION_RE}|sweep_{VARIANT_RE}",
     shard=r"\d+",
+    variant=VARIANT_RE,
 
 
 def training_steps(cfg):
@@ -140,11 +148,51 @@ def feature_convnet_output():
 
 
 ACCURACY_KINDS = ["synthetic_ipc", "synthetic_pool", "real_ipc", "real_full"]
+# The budget curve: one evaluation per fraction of the pool's budget (empty: off).
+BUDGET_KINDS = [f"budget_{float(fraction)}" for fraction in config["evaluation"]["budget_fractions"]]
+SHORT_SAMPLER_KEYS = {"steps": "s", "guidance_scale": "w", "order": "o", "t_end": "t"}
+
+
+def variant_name(keys):
+    """A sweep variant's default name from its sampler keys: {steps: 10, guidance_scale: 2} -> s10_w2."""
+    parts = []
+    for key, value in keys.items():
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        parts.append(SHORT_SAMPLER_KEYS[key] + text if key in SHORT_SAMPLER_KEYS
+                     else text if isinstance(value, str) else f"{key}{text}")
+    return "_".join(parts) or "base"
+
+
+def sweep_variants():
+    """name -> sampler settings of each sweep variant (the top-level sampler with the variant's keys over
+    it), checked against the schema's sampler definition: a bad or unknown key stops the run, named."""
+    schema = yaml.safe_load((Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    validator = jsonschema.Draft202012Validator({"$defs": schema["$defs"], "$ref": "#/$defs/sampler"})
+    variants = {}
+    for i, variant in enumerate(config["sweep"]):
+        keys = {key: value for key, value in variant.items() if key != "name"}
+        for error in validator.iter_errors({**config["sampler"], **keys}):
+            where = "".join(f".{part}" for part in error.absolute_path)
+            raise ValueError(f"config key sweep[{i}]{where}: {error.message}")
+        name = variant.get("name") or variant_name(keys)
+        if name in variants:
+            raise ValueError(f"config key sweep[{i}].name: {name!r} names two variants; give each its own name")
+        variants[name] = {**config["sampler"], **keys}
+    return variants
+
+
+SWEEP = sweep_variants()
+SWEEP_KINDS = [f"sweep_{name}" for name in SWEEP]
 
 
 def evaluation_inputs(wildcards):
-    """What the ConvNet trains on for each of the four rows of the accuracy table."""
+    """What the ConvNet trains on: the four rows of the accuracy table, a budget prefix of the pool, or a
+    sweep variant's pool."""
     real = {"test": f"{OUT}/data/test.pt", "real_train": f"{OUT}/data/train.pt"}
+    if wildcards.kind.startswith("budget_"):
+        return {"train": f"{OUT}/samples/pool.pt", "pool_meta": f"{OUT}/samples/pool.json", **real}
+    if wildcards.kind.startswith("sweep_"):
+        return {"train": f"{OUT}/sweep/{wildcards.kind[len('sweep_'):]}/pool.pt", **real}
     train = {
         "synthetic_ipc": f"{OUT}/package/{DATASET}.pt",
         "synthetic_pool": f"{OUT}/samples/pool.pt",
@@ -157,6 +205,12 @@ def evaluation_inputs(wildcards):
 def evaluation_args(wildcards):
     ipc = config["package"]["ipc"]
     ev = config["evaluation"]
+    if wildcards.kind.startswith("budget_"):
+        fraction = wildcards.kind[len("budget_"):]
+        return (f"--train-format images --epochs {ev['pool_epochs']} --pool-meta {OUT}/samples/pool.json "
+                f"--budget-fraction {fraction}")
+    if wildcards.kind.startswith("sweep_"):
+        return f"--train-format images --epochs {ev['pool_epochs']}"
     return {
         "synthetic_ipc": f"--train-format package --ipc {ipc} --epochs {ev['epochs']}",
         "synthetic_pool": f"--train-format images --epochs {ev['pool_epochs']}",
@@ -173,6 +227,30 @@ def package_convnet():
     if config["scoring"]["extractor"] != "convnet":
         raise ValueError(f"config key package.rule: {name!r} needs scoring.extractor 'convnet' (its feature ConvNet)")
     return feature_convnet_output()
+
+
+def study_outputs():
+    """The report's figures of the budget curve and the sweep (and the sweep's table), when they are on."""
+    outputs = {}
+    if BUDGET_KINDS:
+        outputs["budget_plot"] = report(f"{OUT}/budget_curve.png", caption="../report/budget_curve.rst",
+                                        category="Budget curve")
+    if SWEEP:
+        outputs["sweep_plot"] = report(f"{OUT}/sweep.png", caption="../report/sweep.rst", category="Sampler sweep")
+        outputs["sweep_table"] = report(f"{OUT}/sweep.tsv", caption="../report/sweep_table.rst",
+                                        category="Sampler sweep")
+    return outputs
+
+
+def study_args(input, output):
+    """The report script's flags for the budget curve and the sweep, when they are on."""
+    args = []
+    if BUDGET_KINDS:
+        args += ["--budget-evaluations", *input.budget, "--budget-plot", output.budget_plot]
+    if SWEEP:
+        args += ["--sweep-metas", *input.sweep_metas, "--sweep-evaluations", *input.sweep_evaluations,
+                 "--sweep-plot", output.sweep_plot, "--sweep-table", output.sweep_table]
+    return " ".join(args)
 
 
 def final_targets():

@@ -55,3 +55,38 @@ if SHARDS > 1:
         shell:
             "python {params.script} --shards {input.pools} --metas {input.metas} --out {output.pool} "
             "--meta {output.meta} --log {log}"
+
+
+rule sample_sweep:
+    """One sampler variant of the sweep (config key sweep): budgeted sampling from the same checkpoint,
+    with the same budget, batch size and seed as sample_budget and the variant's sampler settings. One
+    job per variant, so a cluster runs them side by side."""
+    input:
+        best=rules.select_checkpoint.output.best,
+        checkpoints=FINETUNE_CHECKPOINTS,
+    output:
+        pool=f"{OUT}/sweep/{{variant}}/pool.pt",
+        meta=f"{OUT}/sweep/{{variant}}/pool.json",
+    params:
+        script=f"{SCRIPTS}/sample_budget.py",
+        device=config["device"],
+        budget=config["sampling"]["budget_s"],
+        batch_size=config["sampling"]["batch_size"],
+        max_images=rules.sample_budget.params.max_images,
+        sampler=lambda wildcards: sampler_args(SWEEP[wildcards.variant]),
+        seed=stage_seed("sample_budget"),
+    log:
+        f"{LOGS}/sweep/{{variant}}.log",
+    benchmark:
+        f"{OUT}/benchmarks/sweep/{{variant}}.tsv"
+    threads: 8
+    resources:
+        gpu=gpu_count(config["sampling"]),
+        mem_mb=16000,
+        runtime=config["sampling"]["runtime_min"],
+    conda:
+        "../../envs/diffdistill.yaml"
+    shell:
+        "python {params.script} --best {input.best} --out {output.pool} --meta {output.meta} "
+        "--budget-s {params.budget} --batch-size {params.batch_size} {params.max_images} {params.sampler} "
+        "--device {params.device} --seed {params.seed} --log {log}"

@@ -78,7 +78,8 @@ rule select_checkpoint:
     output:
         csv=f"{OUT}/scoring/scores.csv",
         best=f"{OUT}/scoring/best.json",
-        plot=f"{OUT}/scoring/score_curve.png",
+        plot=report(f"{OUT}/scoring/score_curve.png", caption="../report/score_curve.rst",
+                    category="Checkpoint selection"),
     params:
         script=f"{SCRIPTS}/select_checkpoint.py",
     log:
