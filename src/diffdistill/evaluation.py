@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import submission
 from .convnet import ConvNet
 from .data import LabeledImages, load_images
-from .dsa import DSAParams, augment
+from .dsa import DSAParams, apply_params, draw_family, draw_params
 from .errors import DiffdistillError
 from .evaluation_state import EvaluationState
 from .normalize import normalize, stats_for
@@ -106,18 +106,42 @@ def _sgd(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; from the CPU to CUDA through pinned memory, so the host does not wait."""
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _epoch_draws(n: int, batch_size: int, use_dsa: bool, dsa_params, generator, shape, device):
+    """The epoch's random draws, in the order a batch-by-batch loop makes them (the sample order, then
+    per batch a DSA family and its per-sample parameters), drawn up front on the generator's device
+    and moved to ``device`` without a host synchronisation. Returns (order, [(family, params)])."""
+    source = generator.device if generator is not None else device
+    order = torch.randperm(n, generator=generator, device=source)  # (N,)
+    plans = []
+    for start in range(0, n if use_dsa else 0, batch_size):
+        family = draw_family(generator, dsa_params)
+        drawn = draw_params(family, (min(batch_size, n - start), *shape), generator, source, dsa_params)
+        plans.append((family, {k: _to_device(v, device) for k, v in drawn.items()}))
+    return _to_device(order, device), plans
+
+
 def _train_epoch(model, optimizer, x, y, batch_size, use_dsa, dsa_params, generator) -> tuple[float, float]:
-    """One shuffled pass (last batch partial), DSA on each batch. Returns (mean loss, train accuracy)."""
+    """One shuffled pass (last batch partial), DSA on each batch. Returns (mean loss, train accuracy).
+
+    No host synchronisation per batch (docs/reference.md, "DSA augmentation": per-batch Python and
+    waiting costs more than DSA itself): draws are made up front, loss and accuracy summed on the device.
+    """
     model.train()
-    source = generator.device if generator is not None else x.device
-    order = torch.randperm(len(x), generator=generator, device=source).to(x.device)  # (N,)
+    order, plans = _epoch_draws(len(x), batch_size, use_dsa, dsa_params, generator, x.shape[1:], x.device)
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device)
-    for start in range(0, len(x), batch_size):
+    for i, start in enumerate(range(0, len(x), batch_size)):
         index = order[start:start + batch_size]  # (B,)
         images, labels = x[index], y[index]  # (B, C, H, W), (B,)
         if use_dsa:
-            images = augment(images, generator, dsa_params)
+            images = apply_params(images, *plans[i], dsa_params)
         logits = model(images)  # (B, classes)
         loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from . import dpm_solver
+from . import dpm_solver, speed
 from .data import from_model_range
 from .errors import DiffdistillError
 from .guidance import guided_noise_fn
@@ -28,7 +28,7 @@ from .sampling_summary import ShardRun
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16}  # tf32: fp32 with TF32 matmuls (CUDA)
 BUDGET_S = 600.0  # the challenge's 10 minutes of generation (docs/reference.md, "Challenge protocol")
 
 
@@ -38,7 +38,9 @@ class SamplerSettings:
 
     ``guidance_scale`` is w in eps = eps_u + w (eps_c - eps_u) (see :mod:`diffdistill.guidance`):
     1 is plain conditional sampling and needs no null class. ``precision`` "bf16" runs only the
-    network under autocast; the solver state stays fp32.
+    network under autocast; the solver state stays fp32; "tf32" runs fp32 matmuls on TF32 tensor
+    cores (CUDA only). ``compile`` (not "none") samples through :class:`diffdistill.speed.FixedBatchNetwork`,
+    torch.compile at one batch shape in that mode ("reduce-overhead": CUDA graphs).
     """
 
     steps: int = 50
@@ -49,6 +51,7 @@ class SamplerSettings:
     t_end: float = 1e-4
     guidance_scale: float = 1.0
     precision: str = "fp32"
+    compile: str = "none"
 
     def __post_init__(self):
         problems = []
@@ -57,7 +60,8 @@ class SamplerSettings:
         if int(self.order) not in (1, 2, 3):
             problems.append(f"order must be 1, 2 or 3, got {self.order}")
         choices = (("method", dpm_solver.METHODS), ("algorithm", dpm_solver.ALGORITHMS),
-                   ("skip_type", dpm_solver.SKIP_TYPES), ("precision", tuple(PRECISIONS)))
+                   ("skip_type", dpm_solver.SKIP_TYPES), ("precision", tuple(PRECISIONS)),
+                   ("compile", speed.COMPILE_MODES))
         for key, allowed in choices:
             if getattr(self, key) not in allowed:
                 problems.append(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
@@ -90,12 +94,14 @@ def generate(
     device: torch.device | str,
     generator: torch.Generator | None = None,
     seed: int | None = None,
-) -> torch.Tensor:
+    wait: bool = True,
+) -> torch.Tensor | speed.HostImages:
     """One batch: x_T ~ N(0, I), DPM-Solver on the guided noise prediction -> uint8 (N, C, H, W) on CPU.
 
     The noise comes from ``generator`` (which must live on ``device``), else from a fresh generator
     seeded with ``seed``, else from torch's global generator. The model is used as it is (the caller
-    puts it in eval mode on ``device``).
+    puts it in eval mode on ``device``). With ``wait`` False the images come as a
+    :class:`~diffdistill.speed.HostImages` whose copy to the host is still running (CUDA).
     """
     device = torch.device(device)
     if generator is None and seed is not None:
@@ -108,12 +114,14 @@ def generate(
     except ValueError as err:  # guidance asked of a model without a null class
         raise DiffdistillError(f"guidance_scale: {err}") from err
     shape = (labels.shape[0], *image_shape(model))
-    with torch.inference_mode():
+    with torch.inference_mode(), speed.tf32(settings.precision == "tf32", device):
         x_T = torch.randn(shape, generator=generator, device=device)  # (N, C, H, W)
         x_0 = dpm_solver.sample(
             noise_fn, x_T, steps=settings.steps, order=settings.order, method=settings.method,
             algorithm=settings.algorithm, skip_type=settings.skip_type, t_start=1.0, t_end=settings.t_end,
         )  # (N, C, H, W) in [-1, 1]
+        if not wait:
+            return speed.to_host(from_model_range(x_0))
         # .cpu() also waits for the device, so the caller's clock sees the batch as finished.
         return from_model_range(x_0).cpu()
 
@@ -137,6 +145,7 @@ class BudgetResult:
     batches: list[dict] = field(default_factory=list)  # {"size", "seconds", "end_s"} per finished batch
     batch_size_final: int = 0
     dropped_images: int = 0  # made after the budget ran out, not kept
+    compile_s: float | None = None  # torch.compile's first call (sampler compile), inside sampling_s
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -145,7 +154,8 @@ class BudgetResult:
         """Everything but the tensors, as one shard's entry of a :class:`SamplingSummary`."""
         return ShardRun(shard=shard, seed=seed, counts=self.counts, sampling_s=self.sampling_s, load_s=load_s,
                         device_name=device_name, dropped_images=self.dropped_images,
-                        batch_size_final=self.batch_size_final, batches=self.batches)
+                        batch_size_final=self.batch_size_final, batches=self.batches,
+                        compile_s=self.compile_s)
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -164,9 +174,12 @@ def generate_halving(model, labels, settings, *, device, generator, batch_size: 
     state = generator.get_state() if generator is not None else None
     while True:
         try:
-            parts = [generate(model, part, settings, device=device, generator=generator)
-                     for part in labels.split(batch_size)]
-            return torch.cat(parts), batch_size
+            chunks = labels.split(batch_size)
+            # Several chunks on CUDA: each chunk's copy to the host overlaps the next chunk's work.
+            overlap = {"wait": False} if len(chunks) > 1 and torch.device(device).type == "cuda" else {}
+            parts = [generate(model, part, settings, device=device, generator=generator, **overlap)
+                     for part in chunks]
+            return torch.cat([p.wait() if overlap else p for p in parts]), batch_size
         except Exception as err:
             if not is_out_of_memory(err):
                 raise
@@ -217,6 +230,7 @@ def sample_budgeted(
     within it: it is dropped and counted in ``dropped_images``.
     """
     _check_budget_args(budget_s, batch_size, max_images)
+    model = speed.sampling_network(model, settings.compile)  # compiled in the first batch, inside the budget
     generator = torch.Generator(device=torch.device(device)).manual_seed(int(seed))
     run = _BudgetRun(budget_s, clock, max_images, start=clock())
     while size := run.next_size(batch_size):
@@ -228,7 +242,9 @@ def sample_budgeted(
             break
         if on_batch is not None:
             on_batch(batch_images, batch_labels)
-    return run.result(num_classes, batch_size)
+    result = run.result(num_classes, batch_size)
+    result.compile_s = getattr(model, "compile_s", None)  # compile + first forward, part of sampling_s
+    return result
 
 
 @dataclass

@@ -36,6 +36,7 @@ class ShardRun:
     # {"size", "seconds", "end_s"} per finished batch, in sampling order; end_s: when it finished, in
     # seconds from the budget clock's start. A dropped batch (ended past the budget) is the last entry.
     batches: list[dict] = field(default_factory=list)
+    compile_s: float | None = None  # sampler compile: the first network call, inside sampling_s
 
     @property
     def images(self) -> int:

@@ -20,7 +20,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from . import atomic, checkpoint, fid, sampling
+from . import atomic, checkpoint, fid, sampling, speed
 from .errors import DiffdistillError
 from .feature_convnet import load_feature_convnet
 
@@ -52,6 +52,7 @@ def sample_for_scoring(model, num_images: int, batch_size: int, settings: sampli
         raise DiffdistillError("scoring samples class-balanced images: expected a class-conditional model")
     labels = sampling.balanced_labels(model.num_classes, num_images)  # (N,)
     generator = torch.Generator(device=torch.device(device)).manual_seed(int(seed))
+    model = speed.sampling_network(model, settings.compile)
     images, _ = sampling.generate_halving(model, labels, settings, device=device, generator=generator,
                                           batch_size=batch_size)
     return images

@@ -37,12 +37,14 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import LabeledImages, to_model_range
 from .errors import DiffdistillError
 from .schedule import TIME_SCALE, VPSchedule
+from .speed import tf32
 
 log = logging.getLogger(__name__)
 
 # Settings that change the training trajectory: a checkpoint written with other values cannot be
-# continued. total_steps / checkpoint_steps (extending a run is fine), grad_accum and bf16 (how the
-# same global batch is computed) and log_every are free to change between runs.
+# continued. total_steps / checkpoint_steps (extending a run is fine), grad_accum, bf16 and the speed
+# options compile / fused_adamw / tf32 (how the same global batch is computed) and log_every are free
+# to change between runs.
 RESUME_KEYS = ("batch_size", "lr", "betas", "weight_decay", "warmup_steps", "ema_rate", "label_dropout",
                "hflip", "seed", "t_min")
 
@@ -69,6 +71,9 @@ class TrainConfig:
     t_min: float = 1e-5
     bf16: bool = True  # autocast on CUDA only; CPU runs stay in fp32
     log_every: int = 100
+    compile: bool = False  # torch.compile of the network (forward and backward)
+    fused_adamw: bool = False  # AdamW's fused kernel (one launch for all parameters)
+    tf32: bool = False  # TF32 tensor cores for the remaining fp32 matmuls (CUDA only)
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -240,7 +245,9 @@ class Trainer:
         self.net = nn.parallel.DistributedDataParallel(model, device_ids=_device_ids(device)) if self.world > 1 else model
         self.ema = copy.deepcopy(model).float().requires_grad_(False).eval()
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas,
-                                           weight_decay=config.weight_decay)
+                                           weight_decay=config.weight_decay, fused=config.fused_adamw or None)
+        if config.compile:  # the EMA and the checkpoints keep using the plain module's parameters
+            self.net = torch.compile(self.net)
         self.images = data.images.to(device)  # (N, C, H, W) uint8, indexed per micro-batch
         self.labels = data.labels.to(device) if model.num_classes > 0 else None  # (N,)
         self.null_label = model.null_label
@@ -447,6 +454,18 @@ def _loop(trainer: Trainer, start: int, paths: Mapping[int, Path], run_config: d
     progress = _Progress(trainer)
     t0 = time.perf_counter()
     trainer.model.train()
+    with tf32(config.tf32, trainer.device):
+        _steps(trainer, start, paths, run_config, init_report, progress)
+    seconds = time.perf_counter() - t0
+    steps = config.total_steps - start
+    return {"final_step": config.total_steps, "steps_run": steps, "final_loss": progress.last_loss,
+            "images_per_s": steps * config.batch_size / seconds if seconds > 0 else math.nan,
+            "train_seconds": seconds, "loss_history": progress.history}
+
+
+def _steps(trainer: Trainer, start: int, paths: Mapping[int, Path], run_config: dict, init_report,
+           progress: _Progress) -> None:
+    config = trainer.config
     for step in range(start + 1, config.total_steps + 1):
         progress.update(step, trainer.step(step))
         if step in paths:
@@ -456,8 +475,3 @@ def _loop(trainer: Trainer, start: int, paths: Mapping[int, Path], run_config: d
                                 optimizer=trainer.optimizer, extra=extra)
                 log.info("checkpoint step %d -> %s", step, paths[step])
             _barrier(trainer.world)  # no rank runs ahead (or exits) before the file is complete
-    seconds = time.perf_counter() - t0
-    steps = config.total_steps - start
-    return {"final_step": config.total_steps, "steps_run": steps, "final_loss": progress.last_loss,
-            "images_per_s": steps * config.batch_size / seconds if seconds > 0 else math.nan,
-            "train_seconds": seconds, "loss_history": progress.history}

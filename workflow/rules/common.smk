@@ -112,6 +112,7 @@ def training_args(cfg):
         f"--weight-decay {cfg['weight_decay']} --warmup-steps {cfg['warmup_steps']}",
         f"--ema-rate {cfg['ema_rate']} --label-dropout {cfg['label_dropout']}",
         "--hflip" if cfg["hflip"] else "--no-hflip",
+        " ".join(f"--{'' if cfg[key] else 'no-'}{key.replace('_', '-')}" for key in ("compile", "fused_adamw", "tf32")),
     ])
 
 
@@ -129,6 +130,7 @@ def sampler_args(settings):
         f"--steps {settings['steps']} --order {settings['order']} --method {settings['method']}",
         f"--algorithm {settings['algorithm']} --skip-type {settings['skip_type']} --t-end {settings['t_end']}",
         f"--guidance-scale {settings['guidance_scale']} --precision {settings['precision']}",
+        f"--compile {settings['compile']}",
     ])
 
 

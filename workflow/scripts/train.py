@@ -24,6 +24,8 @@ from diffdistill.errors import DiffdistillError
 CONFIG_FLAGS = ("batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "ema_rate", "label_dropout",
                 "seed", "t_min", "log_every")
 REQUIRED_FLAGS = CONFIG_FLAGS[:7]
+SPEED_FLAGS = {"compile": "torch.compile of the network", "fused_adamw": "AdamW's fused kernel",
+               "tf32": "TF32 matmuls (CUDA)"}
 
 
 def parse_args(argv):
@@ -46,6 +48,9 @@ def parse_args(argv):
     p.add_argument("--betas", type=lambda s: [float(v) for v in s.split(",")], required=True)
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, required=True)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="autocast on CUDA")
+    for flag, what in SPEED_FLAGS.items():
+        p.add_argument("--" + flag.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                       default=getattr(defaults, flag), help=what)
     p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore existing checkpoints")
     p.add_argument("--resume-dir", help="keep the resumable checkpoints here and copy them to the outputs at the "
                    "end (Snakemake deletes a job's declared outputs before a rerun)")
@@ -69,6 +74,7 @@ def main(argv=None) -> int:
     device = cli.start("train", argv, log_file=args.log if rank == 0 else None, device=args.device, seed=args.seed)
     config = training.TrainConfig(total_steps=args.total_steps, checkpoint_steps=args.checkpoint_steps,
                                   betas=args.betas, hflip=args.hflip, bf16=args.bf16,
+                                  **{name: getattr(args, name) for name in SPEED_FLAGS},
                                   **{name: getattr(args, name) for name in CONFIG_FLAGS})
     paths = checkpoint_paths(args, config)
     state = training.checkpoint_paths_in(args.resume_dir, config.checkpoint_steps) if args.resume_dir else paths
