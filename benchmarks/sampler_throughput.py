@@ -6,13 +6,17 @@ step counts and guidance, with achieved TFLOP/s against a roofline.
     python benchmarks/sampler_throughput.py --device cuda --presets uvit_small_2 uvit_mid_4 \
         --batch-sizes 256 --precisions bf16 --compile off on --steps 50 --sampler ss3
 
-Random weights (speed does not depend on them), a conditional model with a null class, eval mode,
-torch.inference_mode. Guidance w > 1 runs the network at batch 2B (images/s counts B). ms/forward is
-the wall time of one sampler call over its network evaluations (solver arithmetic included).
+Random weights (speed does not depend on them), a conditional model with a null class, eval mode.
+Each timed call is the package's own batch: diffdistill.sampling.generate (noise, DPM-Solver, uint8
+images on the host), with compile "on" through diffdistill.speed.FixedBatchNetwork in --compile-mode
+(the sampler.compile setting; "reduce-overhead" adds CUDA graphs). Guidance w > 1 runs the network
+at batch 2B (images/s counts B). ms/forward is the wall time of one sampler call over its network
+evaluations (solver arithmetic included). Precision tf32 is fp32 with TF32 matmuls (CUDA).
 FLOPs per forward are counted once per preset with torch.utils.flop_counter (attention through the
 math backend so that it is counted on every device); docs/reference.md, "Throughput" gives 24.5 GFLOP for the
 conditional S/2 and 70.5 GFLOP for M/4. The roofline is --peak-tflops; by default 790 (bf16) / 67
 (fp32) TFLOP/s on CUDA (H100, docs/reference.md, "Throughput") and a quick matmul measurement on CPU.
+first_call_s is the warm-up call (with compile "on": compilation, the sampler's compile_s, plus one batch).
 fp32 runs with TF32 off, so that the fp32 roofline holds. Nothing here asserts a speed.
 """
 
@@ -29,18 +33,18 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffdistill import dpm_solver, uvit
+from diffdistill import sampling, speed, uvit
 from diffdistill.cli import resolve_device
-from diffdistill.guidance import guided_noise_fn
 
 # name -> dpm_solver.sample keyword arguments; ms2 for strong guidance (docs/reference.md, "DPM-Solver")
 SAMPLERS = {
     "ms2": dict(method="multistep", algorithm="dpmsolver++", order=2),
     "ss3": dict(method="singlestep", algorithm="dpmsolver", order=3),  # U-ViT's own 50-NFE sampler
 }
-CUDA_PEAK_TFLOPS = {"bf16": 790.0, "fp32": 67.0}  # H100, docs/reference.md, "Throughput"
+# H100/H200, docs/reference.md, "Throughput"; tf32: the datasheet's dense TF32 rate
+CUDA_PEAK_TFLOPS = {"bf16": 790.0, "fp32": 67.0, "tf32": 495.0}
 COLUMNS = ["preset", "device", "batch", "precision", "compile", "steps", "guidance", "images/s",
-           "ms/forward", "GFLOP/img-fwd", "TFLOP/s", "%roofline"]
+           "ms/forward", "GFLOP/img-fwd", "TFLOP/s", "%roofline", "first_call_s"]
 
 
 def parse_args(argv):
@@ -48,9 +52,10 @@ def parse_args(argv):
     presets = list(uvit.PRESETS)
     p.add_argument("--presets", nargs="+", choices=presets, default=["uvit_tiny_test", "uvit_digits"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[64])
-    p.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    p.add_argument("--precisions", nargs="+", default=["fp32"], choices=list(sampling.PRECISIONS))
     p.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"])
-    p.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. max-autotune")
+    p.add_argument("--compile-mode", default="default", choices=speed.COMPILE_MODES[1:],
+                   help="torch.compile mode for compile 'on' (reduce-overhead: CUDA graphs)")
     p.add_argument("--steps", nargs="+", type=int, default=[10])
     p.add_argument("--guidance", nargs="+", type=float, default=[1.0], help="w; w > 1 doubles the batch")
     p.add_argument("--sampler", choices=list(SAMPLERS), default="ms2")
@@ -90,30 +95,23 @@ def cpu_peak_tflops(precision: str, n: int = 1024, seconds: float = 0.5) -> floa
     return 2 * n**3 * calls / (time.perf_counter() - start) / 1e12
 
 
-def time_sampler(net, model, args, device, batch, precision, steps, w) -> float:
-    """Median seconds of one sampler call with ``net`` (``model``, maybe compiled) after a warm-up call."""
-    cfg = model.config
-    y = torch.randint(0, args.num_classes, (batch,), device=device)
-    dtype = torch.bfloat16 if precision == "bf16" else None  # autocast on the network only
-    noise_fn = guided_noise_fn(net, y, w, null_label=model.null_label, autocast_dtype=dtype)
-    x_T = torch.randn(batch, cfg["in_chans"], cfg["img_size"], cfg["img_size"], device=device)  # (B, C, H, W)
+def settings_for(args, precision: str, steps: int, w: float, compile_mode: str) -> sampling.SamplerSettings:
     t_end = 1e-4 if steps > 15 else 1e-3  # docs/reference.md, "DPM-Solver"
+    return sampling.SamplerSettings(steps=steps, t_end=t_end, guidance_scale=w, precision=precision,
+                                    compile=compile_mode, **SAMPLERS[args.sampler])
+
+
+def time_sampler(net, args, device, batch, settings) -> tuple[float, float]:
+    """(median seconds of one sampler call after a warm-up call, seconds of the warm-up call)."""
+    labels = torch.randint(0, args.num_classes, (batch,))
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     times = []
     for _ in range(1 + args.repeats):
         synchronize(device)
         start = time.perf_counter()
-        dpm_solver.sample(noise_fn, x_T, steps=steps, t_end=t_end, **SAMPLERS[args.sampler])
-        synchronize(device)
+        sampling.generate(net, labels, settings, device=device, generator=generator)  # ends on the host
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
-
-
-def cudagraph_safe(net, mode: str):
-    """Under CUDA graphs (compile modes reduce-overhead and max-autotune) the next call overwrites the
-    output buffer, while the solvers keep outputs across calls (docs/reference.md, "Throughput"): hand out copies."""
-    if mode not in ("reduce-overhead", "max-autotune"):
-        return net
-    return lambda x, t, y=None: net(x, t, y).clone()
+    return statistics.median(times[1:]), times[0]
 
 
 def peak_for(args, device, precision, cache) -> float:
@@ -135,16 +133,15 @@ def run(args, device):
         for batch, precision, comp, steps, w in itertools.product(
             args.batch_sizes, args.precisions, args.compile, args.steps, args.guidance
         ):
-            net = model
-            if comp == "on":
-                torch._dynamo.reset()  # a fresh compile per fixed batch shape, no dynamic-shape fallback
-                net = cudagraph_safe(torch.compile(model, mode=args.compile_mode, dynamic=False), args.compile_mode)
-            seconds = time_sampler(net, model, args, device, batch, precision, steps, w)
+            mode = args.compile_mode if comp == "on" else "none"
+            torch._dynamo.reset()  # a fresh compile per fixed batch shape, within dynamo's recompile limit
+            net = speed.sampling_network(model, mode)
+            seconds, first = time_sampler(net, args, device, batch, settings_for(args, precision, steps, w, mode))
             forward_batch = batch * (2 if w not in (0.0, 1.0) else 1)
             tflops = gflop * forward_batch * steps / seconds / 1e3
             peak = peak_for(args, device, precision, peaks)
             yield [preset, device.type, batch, precision, comp, steps, w, batch / seconds,
-                   1e3 * seconds / steps, gflop, tflops, 100 * tflops / peak]
+                   1e3 * seconds / steps, gflop, tflops, 100 * tflops / peak, first]
 
 
 def format_row(row) -> str:
