@@ -231,17 +231,24 @@ def package_convnet():
     return feature_convnet_output()
 
 
-def study_outputs():
-    """The report's figures of the budget curve and the sweep (and the sweep's table), when they are on."""
-    outputs = {}
+def study_files():
+    """The report's files of the budget curve and the sweep, when they are on (name -> path)."""
+    files = {}
     if BUDGET_KINDS:
-        outputs["budget_plot"] = report(f"{OUT}/budget_curve.png", caption="../report/budget_curve.rst",
-                                        category="Budget curve")
+        files["budget_plot"] = f"{OUT}/budget_curve.png"
     if SWEEP:
-        outputs["sweep_plot"] = report(f"{OUT}/sweep.png", caption="../report/sweep.rst", category="Sampler sweep")
-        outputs["sweep_table"] = report(f"{OUT}/sweep.tsv", caption="../report/sweep_table.rst",
-                                        category="Sampler sweep")
-    return outputs
+        files |= {"sweep_plot": f"{OUT}/sweep.png", "sweep_table": f"{OUT}/sweep.tsv"}
+    return files
+
+
+STUDY_CAPTIONS = {"budget_plot": ("budget_curve.rst", "Budget curve"), "sweep_plot": ("sweep.rst", "Sampler sweep"),
+                  "sweep_table": ("sweep_table.rst", "Sampler sweep")}
+
+
+def study_outputs():
+    """:func:`study_files` as outputs of Snakemake's report, with their captions and categories."""
+    return {name: report(path, caption=f"../report/{STUDY_CAPTIONS[name][0]}", category=STUDY_CAPTIONS[name][1])
+            for name, path in study_files().items()}
 
 
 def study_args(input, output):
@@ -256,4 +263,6 @@ def study_args(input, output):
 
 
 def final_targets():
-    return [f"{OUT}/report.md", f"{OUT}/summary.json"]
+    """Every file of the report: turning the budget curve or the sweep on later makes their figures
+    targets, so an existing run makes just the new jobs and the report again."""
+    return [f"{OUT}/report.md", f"{OUT}/summary.json", f"{OUT}/accuracy.tsv", *study_files().values()]
