@@ -16,6 +16,9 @@ class so a test can check label order without decoding anything else:
   wnids.txt is written unsorted; the first validation image is greyscale (JPEG mode "L") with value
   ``tiny_grey(i)`` (its R, G, B come back equal).
 
+``make_public_uvit_weights`` writes a stand-in for a public U-ViT checkpoint (randomly initialised,
+official flat state_dict layout).
+
 The signatures are stable: other engineers' tests use them.
 """
 
@@ -148,3 +151,22 @@ def make_tiny_imagenet(root, num_classes: int = 3, n_train: int = 2, n_val: int 
     _tiny_val(folder, wnids, n_val)
     (folder / "test" / "images").mkdir(parents=True, exist_ok=True)  # unlabelled in the real set
     return folder
+
+
+def make_public_uvit_weights(path, preset: str, num_classes: int, seed: int = 0) -> Path:
+    """Write a stand-in for a public U-ViT checkpoint at ``path`` and return it: our U-ViT ``preset``,
+    randomly initialised, saved as the official files are (docs/reference.md, "U-ViT"): a flat fp32
+    state_dict without ``module.`` prefix, ``label_emb`` with exactly ``num_classes`` rows (no null
+    class) or none when ``num_classes`` is 0. ``("uvit_small_2", 0)`` stands in for
+    ``cifar10_uvit_small.pth``, ``("uvit_mid_4", 1000)`` for ``imagenet64_uvit_mid.pth``.
+    """
+    import torch
+
+    from diffdistill import uvit
+
+    torch.manual_seed(seed)
+    state = uvit.build(preset, num_classes=num_classes, null_class=False).state_dict()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({key: value.detach().clone() for key, value in state.items()}, path)
+    return path
