@@ -51,7 +51,7 @@ if [ "$TINY" = 1 ]; then  # one thread: small work on a busy CPU gains nothing f
     LIMITS=(300 300 300 300 300 300)
 else
     PYTEST=(-m pytest -m gpu -q -p no:cacheprovider tests)
-    LIMITS=(20 80 170 120 80 50)
+    LIMITS=(20 60 200 110 80 40)
 fi
 NAMES=(a_env b_pytest c_rehearsal d_sampler e_finetune f_evaluator)
 STEPS=(env pytest rehearsal sampler finetune evaluator)

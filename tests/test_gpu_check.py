@@ -44,7 +44,7 @@ def test_tiny_mode_step_files_hold_their_results(tiny_run):
     assert "torch " in (out / "a_env.txt").read_text()
     rehearsal = (out / "c_rehearsal.txt").read_text()
     for stage in ("prepare_data", "finetune", "reference_stats", "score_checkpoint 2", "select_checkpoint",
-                  "sample_budget", "package", "evaluate synthetic_ipc", "evaluate real_full"):
+                  "sample_budget compile none", "package", "evaluate synthetic_ipc", "evaluate real_full"):
         assert f"== stage {stage}: rc 0" in rehearsal
     assert "sampling: 100 images" in rehearsal and "stage seconds" in rehearsal
     sampler = [line.split("\t") for line in (out / "d_sampler.txt").read_text().splitlines()]
