@@ -105,14 +105,14 @@ def test_lr_drops_after_the_midpoint_with_a_new_optimizer():
 def test_batches_are_shuffled_with_a_partial_last_batch(monkeypatch):
     x, y = as_float(labeled(5, 0, "train"))  # 15 images, batch 4: 4 + 4 + 4 + 3
     sizes, firsts = [], []
-    real_augment = evaluation.augment
+    real_apply = evaluation.apply_params
 
-    def spy(images, generator, params):
+    def spy(images, family, drawn, params):
         sizes.append(len(images))
         firsts.append(images[0].clone())
-        return real_augment(images, generator, params)
+        return real_apply(images, family, drawn, params)
 
-    monkeypatch.setattr(evaluation, "augment", spy)
+    monkeypatch.setattr(evaluation, "apply_params", spy)
     evaluation.train_convnet(x, y, num_classes=3, channel=1, im_size=(8, 8), epochs=1, batch_size=4,
                              device="cpu", generator=torch.Generator().manual_seed(0), log_every=0, **SMALL)
     assert sizes == [4, 4, 4, 3] * 2  # DSA on every training batch
