@@ -117,6 +117,10 @@ def test_each_gpu_stage_takes_its_gpus_from_its_own_config(tmp_path):
         ("sampling: {budget_s: -5}", "budget_s"),
         ("sampler: {method: fastest}", "fastest"),
         ("unknown_top_level: 1", "unknown_top_level"),
+        ("evaluation: {budget_fractions: [0.5, 1.5]}", "budget_fractions"),
+        ("sweep: [{steps: 10}, {stepz: 20}]", "sweep[1]: Additional properties are not allowed ('stepz'"),
+        ("sweep: [{steps: 0}]", "sweep[0].steps"),
+        ("sweep: [{guidance_scale: 2}, {guidance_scale: 2.0}]", "sweep[1].name: 'w2' names two variants"),
     ],
 )
 def test_bad_config_fails_naming_the_key(tmp_path, override, expected):
@@ -224,7 +228,11 @@ def test_tiny_run_summary_and_report(tiny_run):
     out = digits_out(tiny_run)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"dataset", "best_step", "best_score", "score_kind", "pool_images",
-                            "sampling_images_per_s", "sampling_images_per_s_per_shard", "budget_s", "accuracy"}
+                            "sampling_images_per_s", "sampling_images_per_s_per_shard", "budget_s", "accuracy",
+                            "budget_curve", "sweep"}
+    assert summary["budget_curve"] == [] and summary["sweep"] == []  # off by default
+    assert not (out / "budget_curve.png").exists() and not (out / "sweep").exists()
+    assert (out / "accuracy.tsv").read_text().startswith("training set\taccuracy mean (%)")
     best = json.loads((out / "scoring" / "best.json").read_text())
     assert summary["best_step"] == best["step"]
     assert summary["pool_images"] == len(data.load_images(out / "samples" / "pool.pt"))
@@ -356,3 +364,105 @@ def test_killed_run_resumes_with_rerun_incomplete_from_the_kept_checkpoint(tiny_
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     sidecar = json.loads((tmp_path / "results/digits/checkpoints/train.json").read_text())
     assert sidecar["start_step"] >= 3 and sidecar["final_step"] == 3000
+
+
+# --- the budget curve, the sampler sweep and Snakemake's report --------------------------------------
+
+
+def test_budget_study_plans_one_evaluation_per_prefix_and_a_sampling_and_evaluation_job_per_variant(tmp_path):
+    common = ("-n", "--cores", "2", "--configfile", str(REPO / "config" / "config.yaml"), str(TINY))
+    off = planned_jobs(snakemake(*common, cwd=tmp_path, check=True).stdout)
+    assert off["evaluate"] == 4 and "sample_sweep" not in off  # both off by default
+    result = snakemake(*common, str(REPO / "config" / "budget_study.yaml"), cwd=tmp_path, check=True)
+    on = planned_jobs(result.stdout)
+    assert on["evaluate"] == 4 + 4 + 6 and on["sample_sweep"] == 6 and on["sample_budget"] == 1
+    assert {k: v for k, v in on.items() if k not in ("evaluate", "sample_sweep")} == {
+        k: v for k, v in off.items() if k != "evaluate"}
+    for name in ("s10_w2", "s10_w3", "s20_w2", "s20_w3", "s40_w2", "s40_w3"):
+        assert f"results/digits/sweep/{name}/pool.pt" in result.stdout
+        assert f"results/digits/evaluation/sweep_{name}.json" in result.stdout
+    for fraction in ("0.1", "0.25", "0.5", "1.0"):
+        assert f"results/digits/evaluation/budget_{fraction}.json" in result.stdout
+
+
+STUDY = """\
+evaluation: {budget_fractions: [0.05, 1.0]}
+sweep:
+  - {steps: 2}
+  - {name: w1, steps: 4, guidance_scale: 1.0}
+"""
+
+
+@pytest.fixture(scope="module")
+def study_run(tiny_run, tmp_path_factory):
+    """The tiny run with a budget curve and a 2-variant sweep turned on: only the new jobs and the report run."""
+    workdir = copy_run(tiny_run, tmp_path_factory.mktemp("study"))
+    (workdir / "study.yaml").write_text(STUDY)
+    result = snakemake("--cores", "2", "--configfile", str(REPO / "config" / "config.yaml"), str(TINY),
+                       str(workdir / "study.yaml"), cwd=workdir, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+    assert planned_jobs(result.stdout + result.stderr) == {"sample_sweep": 2, "evaluate": 4, "report": 1, "all": 1}
+    return workdir
+
+
+@pytest.mark.slow
+def test_budget_curve_prefixes_hold_only_images_finished_inside_their_time(study_run):
+    from diffdistill.sampling_summary import SamplingSummary
+
+    out = digits_out(study_run)
+    sampling = SamplingSummary.read(out / "samples" / "pool.json")
+    summary = json.loads((out / "summary.json").read_text())
+    assert [p["fraction"] for p in summary["budget_curve"]] == [0.05, 1.0]
+    for point in summary["budget_curve"]:
+        evaluation = json.loads((out / "evaluation" / f"budget_{point['fraction']}.json").read_text())
+        assert point["seconds"] == pytest.approx(point["fraction"] * sampling.budget_s)
+        kept, finished = 0, 0  # images of the kept batches that ended by the prefix's time
+        for batch in sampling.shards[0].batches:
+            kept += batch["size"]
+            if kept <= sampling.images and batch["end_s"] <= point["seconds"]:
+                finished = kept
+        assert point["images"] == finished == evaluation["budget_prefix"]["images"]
+        assert point["accuracy"] == {"mean": evaluation["mean"], "std": evaluation["std"]}
+        assert evaluation["epochs"] == 1 and evaluation["rounds"] == 1  # pool_epochs, rounds of tiny.yaml
+    assert summary["budget_curve"][-1]["images"] == summary["pool_images"]  # the whole budget: the pool
+
+
+@pytest.mark.slow
+def test_sweep_samples_each_variant_with_the_same_budget_and_checkpoint(study_run):
+    from diffdistill import data
+    from diffdistill.sampling_summary import SamplingSummary
+
+    out = digits_out(study_run)
+    main = SamplingSummary.read(out / "samples" / "pool.json")
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["name"] for row in summary["sweep"]] == ["s2", "w1"]
+    for row, (steps, guidance) in zip(summary["sweep"], [(2, 2.0), (4, 1.0)]):
+        meta = SamplingSummary.read(out / "sweep" / row["name"] / "pool.json")
+        assert (meta.settings["steps"], meta.settings["guidance_scale"]) == (steps, guidance)
+        for key in ("budget_s", "checkpoint", "batch_size", "max_images"):
+            assert meta.settings[key] == main.settings[key], key
+        assert row["settings"]["steps"] == steps and "checkpoint" not in row["settings"]
+        assert row["images"] == meta.images == len(data.load_images(out / "sweep" / row["name"] / "pool.pt"))
+        assert row["images_per_s"] == pytest.approx(meta.images_per_s)
+        evaluation = json.loads((out / "evaluation" / f"sweep_{row['name']}.json").read_text())
+        assert row["accuracy"] == {"mean": evaluation["mean"], "std": evaluation["std"]}
+    report = (out / "report.md").read_text()
+    assert "](budget_curve.png)" in report and "](sweep.png)" in report and "| w1 |" in report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["report.html", "report.zip"])
+def test_snakemake_report_holds_every_figure(study_run, name):
+    import zipfile
+
+    snakemake("--configfile", str(REPO / "config" / "config.yaml"), str(TINY), str(study_run / "study.yaml"),
+              "--report", name, cwd=study_run, check=True)
+    figures = ["score_curve.png", "sample_grid.png", "budget_curve.png", "sweep.png", "sweep.tsv", "accuracy.tsv"]
+    if name.endswith(".zip"):
+        files = {Path(member).name for member in zipfile.ZipFile(study_run / name).namelist()}
+        assert set(figures) <= files, files
+    else:
+        html = (study_run / name).read_text()
+        assert all(figure in html for figure in figures)
+        for category in ("Checkpoint selection", "Samples", "Accuracy", "Budget curve", "Sampler sweep"):
+            assert category in html, category
