@@ -378,7 +378,7 @@ def test_budget_study_plans_one_evaluation_per_prefix_and_a_sampling_and_evaluat
     assert on["evaluate"] == 4 + 4 + 6 and on["sample_sweep"] == 6 and on["sample_budget"] == 1
     assert {k: v for k, v in on.items() if k not in ("evaluate", "sample_sweep")} == {
         k: v for k, v in off.items() if k != "evaluate"}
-    for name in ("s10_w2", "s10_w3", "s20_w2", "s20_w3", "s40_w2", "s40_w3"):
+    for name in ("s10_w1", "s10_w2", "s20_w1", "s20_w2", "s40_w1", "s40_w2"):
         assert f"results/digits/sweep/{name}/pool.pt" in result.stdout
         assert f"results/digits/evaluation/sweep_{name}.json" in result.stdout
     for fraction in ("0.1", "0.25", "0.5", "1.0"):
