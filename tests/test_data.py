@@ -285,9 +285,9 @@ def test_script_prepares_both_splits_of_a_miniature_set(dataset, tmp_path, prepa
     assert {"train", "test"} <= set(side["timings_s"])
 
 
-def test_script_digits_default_needs_no_root(tmp_path, prepare_script):
+def test_script_digits_needs_no_root(tmp_path, prepare_script):
     paths, argv = _outs(tmp_path)
-    assert run_main(prepare_script.main, argv) == 0
+    assert run_main(prepare_script.main, ["--dataset", "digits", *argv]) == 0
     side = json.loads(paths["prepare.json"].read_text())
     assert side["settings"]["dataset"] == "digits"
     assert (side["splits"]["train"]["count"], side["splits"]["test"]["count"]) == (1257, 540)

@@ -223,7 +223,7 @@ def test_sample_then_package_end_to_end(tmp_path, tiny_checkpoint, pool):
     assert doc.classes == ["apple", "bee", "cat"] and doc.shards[0].seed == 3
 
     save_images(pool, tmp_path / "real.pt")  # stands in for the real train split of "toy"
-    argv = ["--pool", str(out), "--dataset", "toy", "--ipc", "3", "--real-train", str(tmp_path / "real.pt"),
+    argv = ["--pool", str(out), "--dataset", "toy", "--ipc", "3", "--rule", "first", "--real-train", str(tmp_path / "real.pt"),
             "--out-dir", str(tmp_path / "submission"), "--pool-out", str(tmp_path / "pool_norm.pt"),
             "--meta", str(tmp_path / "package.json")]
     assert run_main(load_script("package").main, argv) == 0
@@ -251,11 +251,11 @@ def test_package_bad_input_exits_2_and_writes_nothing(tmp_path, pool):
     save_images(pool, tmp_path / "pool.pt")
     outputs = ["--out-dir", str(tmp_path / "sub"), "--pool-out", str(tmp_path / "p.pt"),
                "--meta", str(tmp_path / "m.json")]
-    too_many = ["--pool", str(tmp_path / "pool.pt"), "--dataset", "toy", "--ipc", "5",
+    too_many = ["--pool", str(tmp_path / "pool.pt"), "--dataset", "toy", "--ipc", "5", "--rule", "first",
                 "--real-train", str(tmp_path / "pool.pt"), *outputs]
     assert run_main(load_script("package").main, too_many) == 2
     # A 4x4 three-class pool cannot be a CIFAR-100 Track 1 package: the validator refuses it.
-    not_cifar = ["--pool", str(tmp_path / "pool.pt"), "--dataset", "cifar100", "--ipc", "2", *outputs]
+    not_cifar = ["--pool", str(tmp_path / "pool.pt"), "--dataset", "cifar100", "--ipc", "2", "--rule", "first", *outputs]
     done = subprocess.run([sys.executable, str(ROOT / "workflow/scripts/package.py"), *not_cifar],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "track1_layout" in done.stderr

@@ -19,7 +19,7 @@ from diffdistill.errors import DiffdistillError
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", choices=datasets.DATASETS, default="digits")
+    p.add_argument("--dataset", choices=datasets.DATASETS, required=True)
     p.add_argument("--root", default=None, help="folder holding (or to receive) the raw data set")
     p.add_argument("--download", action="store_true", help="fetch the data set into --root if missing")
     p.add_argument("--train-out", required=True)
