@@ -151,8 +151,9 @@ def rehearsal(request, tmp_path_factory):
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-8000:]
     print(f"\nrehearsal {name}: snakemake --cores all took {seconds:.0f} s")
     yield Rehearsal(name, workdir, workdir / "results" / name, overlay(name), seconds, weights, inception)
-    # The checkpoints are 0.7 GB (S/2) and 2.1 GB (M/4) each, twice (hard links in .resume).
-    shutil.rmtree(workdir / "results" / name / "checkpoints", ignore_errors=True)
+    # The checkpoints are 0.7 GB (S/2) and 2.1 GB (M/4) each; the weights 0.2 GB and 0.5 GB.
+    for folder in (workdir / "results" / name / "checkpoints", workdir / "weights"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def load_json(path: Path) -> dict:
