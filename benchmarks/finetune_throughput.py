@@ -13,7 +13,6 @@ forward is counted with torch.utils.flop_counter. Nothing here asserts a speed.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import sys
 import time
@@ -22,7 +21,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffdistill import training, uvit
+from diffdistill import atomic, training, uvit
 from diffdistill.cli import resolve_device
 from diffdistill.data import LabeledImages
 
@@ -114,10 +113,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print("\t".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row), flush=True)
     if args.out_tsv:
-        with open(args.out_tsv, "w", newline="") as handle:
-            writer = csv.writer(handle, delimiter="\t")
-            writer.writerow(COLUMNS)
-            writer.writerows(rows)
+        atomic.write_tsv(args.out_tsv, COLUMNS, rows)
     return 0
 
 

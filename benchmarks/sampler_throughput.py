@@ -23,7 +23,6 @@ fp32 runs with TF32 off, so that the fp32 roofline holds. Nothing here asserts a
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import statistics
 import sys
@@ -33,7 +32,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffdistill import sampling, speed, uvit
+from diffdistill import atomic, sampling, speed, uvit
 from diffdistill.cli import resolve_device
 
 # name -> dpm_solver.sample keyword arguments; ms2 for strong guidance (docs/reference.md, "DPM-Solver")
@@ -165,10 +164,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(format_row(row), flush=True)
     if args.out_tsv:
-        with open(args.out_tsv, "w", newline="") as handle:
-            writer = csv.writer(handle, delimiter="\t")
-            writer.writerow(COLUMNS)
-            writer.writerows(rows)
+        atomic.write_tsv(args.out_tsv, COLUMNS, rows)
     return 0
 
 

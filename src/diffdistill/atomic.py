@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 
 @contextlib.contextmanager
@@ -50,6 +50,12 @@ def torch_save(obj: Any, path: str | os.PathLike) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def write_tsv(path: str | os.PathLike, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A header line and one tab-separated line per row (values as ``str``)."""
+    lines = ["\t".join(columns)] + ["\t".join(str(v) for v in row) for row in rows]
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
