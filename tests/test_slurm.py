@@ -239,7 +239,9 @@ def test_tiny_workflow_runs_every_cluster_job_through_slurm(slurm_cluster, tmp_p
 
     summary = json.loads((tmp_path / "results" / "digits" / "summary.json").read_text())
     assert set(summary) == {"dataset", "best_step", "best_score", "score_kind", "pool_images",
-                            "sampling_images_per_s", "sampling_images_per_s_per_shard", "budget_s", "accuracy"}
+                            "sampling_images_per_s", "sampling_images_per_s_per_shard", "budget_s", "accuracy",
+                            "budget_curve", "sweep"}
+    assert summary["budget_curve"] == [] and summary["sweep"] == []  # both studies are off by default
     assert summary["dataset"] == "digits" and summary["best_step"] in (3, 6)
     assert summary["score_kind"] == "FD-ConvNet" and summary["best_score"] >= 0
     assert summary["pool_images"] > 0 and summary["sampling_images_per_s"] > 0 and summary["budget_s"] == 2
