@@ -11,12 +11,13 @@ seeded rounds and prints accuracy mean +- std per rule. Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
 
 import torch
 
-from diffdistill import evaluation, scoring, submission
+from diffdistill import evaluation, feature_convnet, submission
 from diffdistill.data import load_images
 from diffdistill.normalize import normalize
 
@@ -35,30 +36,21 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def selection_inputs(run: Path, pool, real) -> dict:
-    """Features, predictions and per-class real features of the run's feature ConvNet."""
-    convnet = scoring.load_feature_convnet(run / "scoring" / "feature_convnet.pt", "cpu")
-    features, predictions = convnet.classify(pool.images)
-    real_features, _ = convnet.classify(real.images)
-    per_class = [real_features[real.labels == k] for k in range(pool.num_classes)]
-    return {"features": features, "predictions": predictions, "per_class": per_class}
-
-
 def main(argv=None) -> None:
     args = parse(argv)
     run = Path(args.run)
     pool = load_images(args.pool or run / "samples" / "pool.pt")
     real, test = load_images(run / "data" / "train.pt"), load_images(run / "data" / "test.pt")
     mean, std = evaluation.normalization_stats(args.dataset, real)
-    inputs = selection_inputs(run, pool, real)
+    extractor = feature_convnet.load_feature_convnet(run / "scoring" / "feature_convnet.pt", "cpu")
+    classify = functools.lru_cache(maxsize=2)(extractor.classify)  # pool and real features once for all rules
     common = dict(num_classes=test.num_classes, channel=test.images.shape[1], im_size=tuple(test.images.shape[2:]),
                   epochs=args.epochs, rounds=args.rounds, device="cpu", seed=args.seed, log_every=0)
     test_x = normalize(test.images, mean, std)
     rows = []
     for rule in args.rules:
-        targets = torch.stack([f.mean(0) for f in inputs["per_class"]]) if rule == "herding" else inputs["per_class"]
-        index = submission.select_indices(pool, args.ipc, rule, args.seed, features=inputs["features"],
-                                          predictions=inputs["predictions"], targets=targets)
+        inputs = submission.selection_inputs(classify, pool, real, rule)
+        index = submission.select_indices(pool, args.ipc, rule, args.seed, **inputs)
         began = time.perf_counter()
         result = evaluation.train_and_evaluate(normalize(pool.images[index], mean, std), pool.labels[index],
                                                test_x, test.labels, **common)

@@ -36,6 +36,22 @@ FEATURE_RULES = ("herding", "coverage")  # rules that need the real-data feature
 RANGE_TOLERANCE = 1e-3
 
 
+def selection_inputs(classify, pool: LabeledImages, real: LabeledImages, rule: str) -> dict:
+    """The keywords :func:`select_indices` needs for ``rule`` from a real-data classifier.
+
+    ``classify(uint8 images) -> (features (N, F), predicted labels (N,))``, e.g.
+    :meth:`diffdistill.fid.ConvNetExtractor.classify`. Herding's targets are the real class means
+    (K, F); coverage's are the real features of each class (K tensors (n_k, F)). Other rules need none.
+    """
+    if rule not in FEATURE_RULES:
+        return {}
+    features, predictions = classify(pool.images)
+    real_features, _ = classify(real.images)
+    per_class = [real_features[real.labels == k] for k in range(pool.num_classes)]  # K x (n_k, F)
+    targets = torch.stack([f.mean(0) for f in per_class]) if rule == "herding" else per_class
+    return {"features": features, "predictions": predictions, "targets": targets}
+
+
 def select_indices(pool: LabeledImages, ipc: int, rule: str = "first", seed: int = 0, *,
                    features: torch.Tensor | None = None, predictions: torch.Tensor | None = None,
                    targets: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,8 +8,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from diffdistill import atomic, cli, evaluation, feature_convnet, submission
 from diffdistill.data import load_images
 from diffdistill.errors import DiffdistillError
@@ -32,8 +30,7 @@ def parse(argv):
 
 
 def feature_inputs(args, pool, real) -> dict:
-    """Features and predictions of the real-data feature ConvNet, which rules herding and coverage need:
-    herding's targets are the real class means (K, F), coverage's the real features of each class."""
+    """What rules herding and coverage need from the real-data feature ConvNet (checked flags first)."""
     if args.rule not in submission.FEATURE_RULES:
         return {}
     if not args.feature_convnet:
@@ -41,13 +38,10 @@ def feature_inputs(args, pool, real) -> dict:
     if real is None:
         raise DiffdistillError(f"--rule {args.rule} needs --real-train (its real features are the targets)")
     convnet = feature_convnet.load_feature_convnet(args.feature_convnet, "cpu")
-    features, predictions = convnet.classify(pool.images)
-    real_features, _ = convnet.classify(real.images)
-    per_class = [real_features[real.labels == k] for k in range(pool.num_classes)]  # K x (n_k, F)
-    targets = torch.stack([f.mean(0) for f in per_class]) if args.rule == "herding" else per_class
+    inputs = submission.selection_inputs(convnet.classify, pool, real, args.rule)
     cli.log.info("feature ConvNet puts %.1f%% of the pool in its sampled class",
-                 100 * float((predictions == pool.labels).float().mean()))
-    return {"features": features, "predictions": predictions, "targets": targets}
+                 100 * float((inputs["predictions"] == pool.labels).float().mean()))
+    return inputs
 
 
 def main(argv=None) -> int:
