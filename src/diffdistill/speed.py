@@ -10,7 +10,7 @@
   "max-autotune") the next replay overwrites the output buffer, so the kept rows are copied out.
 - :func:`tf32`: TF32 tensor cores for fp32 matmuls and convolutions, on CUDA only, for a block.
 - :func:`to_host`: a non-blocking copy into pinned host memory (CUDA), waited for only when the
-  images are used, so that a copy overlaps the next batch's work.
+  images are used, so that a copy overlaps the next batch's work (sampler setting ``overlap_copy``).
 """
 
 from __future__ import annotations
@@ -114,16 +114,26 @@ def tf32(enabled: bool, device: torch.device | str) -> Iterator[None]:
 
 
 class HostImages:
-    """Images on their way to the host: :meth:`wait` returns them once the copy has finished."""
+    """Images on their way to the host, in one or more parts: :meth:`wait` returns them (the parts
+    concatenated along dim 0) once every copy has finished."""
 
     def __init__(self, images: torch.Tensor, event=None):
-        self.images, self.event = images, event
+        self.parts = [(images, event)]
+
+    @classmethod
+    def concat(cls, pieces: list["HostImages"]) -> "HostImages":
+        """One handle for several in-flight pieces, in order."""
+        joined = cls.__new__(cls)
+        joined.parts = [part for piece in pieces for part in piece.parts]
+        return joined
 
     def wait(self) -> torch.Tensor:
-        if self.event is not None:
-            self.event.synchronize()
-            self.event = None
-        return self.images
+        for _, event in self.parts:
+            if event is not None:
+                event.synchronize()
+        tensors = [images for images, _ in self.parts]
+        self.parts = [(torch.cat(tensors) if len(tensors) > 1 else tensors[0], None)]
+        return self.parts[0][0]
 
 
 def to_host(images: torch.Tensor) -> HostImages:

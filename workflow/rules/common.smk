@@ -130,7 +130,7 @@ def sampler_args(settings):
         f"--steps {settings['steps']} --order {settings['order']} --method {settings['method']}",
         f"--algorithm {settings['algorithm']} --skip-type {settings['skip_type']} --t-end {settings['t_end']}",
         f"--guidance-scale {settings['guidance_scale']} --precision {settings['precision']}",
-        f"--compile {settings['compile']}",
+        f"--compile {settings['compile']} --{'' if settings['overlap_copy'] else 'no-'}overlap-copy",
     ])
 
 
