@@ -27,7 +27,7 @@ $PY -m pip download -q --no-deps "${TARGET[@]}" -d "$DEST" pytorch-fid==0.3.0
 
 # On the GPU image already (docs: the device's package list): keep its versions.
 for name in pulp attrs certifi charset_normalizer idna jinja2 markupsafe packaging platformdirs psutil pyyaml \
-            requests typing_extensions urllib3 wrapt; do
+            requests tabulate typing_extensions urllib3 wrapt; do
     rm -f "$DEST"/"$name"-[0-9]*.whl
 done
 

@@ -26,11 +26,15 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
-if [ "$TINY" != 1 ]; then
-    if ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
-        echo "gpu_check: no CUDA GPU visible to torch here; nothing was run (use --tiny on a CPU)" | tee "$OUT/summary.txt"
-        exit 3
-    fi
+# GPU_CHECK_WHEELS=1 with --tiny: install and use the carried wheels as the full check does (a
+# rehearsal of the device command on a CPU, e.g. under the GPU image's Python and torch).
+WHEELS=${GPU_CHECK_WHEELS:-0}
+[ "$TINY" != 1 ] && WHEELS=1
+if [ "$TINY" != 1 ] && ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    echo "gpu_check: no CUDA GPU visible to torch here; nothing was run (use --tiny on a CPU)" | tee "$OUT/summary.txt"
+    exit 3
+fi
+if [ "$WHEELS" = 1 ]; then
     if ! ls .whl/pytorch_fid-*.whl .whl/snakemake-*.whl .whl/inception_fid_fp16.pt >/dev/null 2>&1; then
         echo "gpu_check: .whl/ lacks the wheels or the Inception weights: run 'bash benchmarks/fetch_wheels.sh' where pip works and carry .whl" | tee "$OUT/summary.txt"
         exit 4
@@ -41,13 +45,16 @@ if [ "$TINY" != 1 ]; then
         echo "gpu_check: installing .whl/*.whl failed (install.log)" | tee "$OUT/summary.txt"
         exit 5
     fi
-    export PYTHONPATH="$PYTHONPATH:$SITE" PATH="$SITE/bin:$PATH"  # the image's own packages keep precedence
+    # PYTHONPATH comes before site-packages: fetch_wheels.sh leaves out what the image has, so that
+    # nothing here shadows the image's own versions.
+    export PYTHONPATH="$PYTHONPATH:$SITE" PATH="$SITE/bin:$PATH"
 fi
 
 # name, time limit (s), command; limits from the device call's 9 minutes
 if [ "$TINY" = 1 ]; then  # one thread: small work on a busy CPU gains nothing from more
     export OMP_NUM_THREADS=1
     PYTEST=(-m pytest -m gpu -q -p no:cacheprovider tests/test_uvit.py)
+    [ "$WHEELS" = 1 ] && PYTEST[-1]=tests  # as on the GPU: every test module collected
     LIMITS=(300 300 300 300 300 300)
 else
     PYTEST=(-m pytest -m gpu -q -p no:cacheprovider tests)
@@ -73,10 +80,11 @@ for i in "${!NAMES[@]}"; do
     echo "${NAMES[$i]}: rc $rc, ${seconds} s${note}" | tee -a "$OUT/summary.txt"
 done
 R=$WORK/rehearsal
-if [ "$TINY" != 1 ] && [ -f "$R/inception_fid.pth" ] && $PY -c "import snakemake" 2>/dev/null; then
+if [ "$WHEELS" = 1 ] && [ -f "$R/cifar10_uvit_small.pth" ] && $PY -c "import snakemake" 2>/dev/null; then
     # The workflow's wiring of the paper config on this machine, over the rehearsal's files: a dry run.
-    printf 'device: cuda\nresults: %s\ndata: {root: %s, download: false}\npretrained: {source: file, path: %s}\nscoring: {inception_weights: %s}\n' \
-        "$WORK/smk" "$R/raw" "$R/cifar10_uvit_small.pth" "$R/inception_fid.pth" >"$WORK/paths.yaml"
+    printf 'device: cuda\nresults: %s\ndata: {root: %s, download: false}\npretrained: {source: file, path: %s}\n' \
+        "$WORK/smk" "$R/raw" "$R/cifar10_uvit_small.pth" >"$WORK/paths.yaml"
+    [ -f "$R/inception_fid.pth" ] && echo "scoring: {inception_weights: $R/inception_fid.pth}" >>"$WORK/paths.yaml"
     if $PY -m snakemake -n -q --cores 16 --configfile config/cifar100.yaml "$WORK/paths.yaml" >"$WORK/dryrun.txt" 2>&1; then
         echo "snakemake dry run of config/cifar100.yaml: ok ($(grep -c . "$WORK/dryrun.txt") lines)" | tee -a "$OUT/summary.txt"
     else
