@@ -93,3 +93,15 @@ def test_sampler_throughput_on_cuda_with_cuda_graphs(throughput, tmp_path):
                           "--sampler", "ss3", "--device", "cuda")
     assert [r["compile"] for r in rows] == ["off", "on"]
     assert all(float(r["GFLOP/img-fwd"]) == pytest.approx(24.5, rel=2e-3) for r in rows)
+
+
+def test_checkpoint_load_compares_reading_whole_and_mapped(tmp_path, capsys):
+    out = tmp_path / "load.tsv"
+    assert load_benchmark("checkpoint_load").main(["--preset", "uvit_tiny_test", "--num-classes", "3",
+                                                    "--work", str(tmp_path), "--out", str(out)]) == 0
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    assert [row["mode"] for row in rows] == ["read", "mmap"]
+    assert all(float(row["peak_rss_MB"]) > 0 and float(row["seconds"]) > 0 for row in rows)
+    assert list(tmp_path.iterdir()) == [out]  # the checkpoint went with its temporary folder
+    assert capsys.readouterr().out.startswith("preset\tfile_MB\tmode")

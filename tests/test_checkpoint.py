@@ -108,8 +108,9 @@ def test_truncated_file_names_the_file(tmp_path):
     with pytest.raises(DiffdistillError, match="cut.pth"):
         checkpoint.load_pretrained(target, path)
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
-    with pytest.raises(DiffdistillError, match="cut.pth"):
-        checkpoint.load_checkpoint(path)
+    for mmap in (False, True):
+        with pytest.raises(DiffdistillError, match="cut.pth"):
+            checkpoint.load_checkpoint(path, mmap=mmap)
 
 
 def test_missing_file_names_the_file(tmp_path):
@@ -171,6 +172,10 @@ def test_round_trip_is_exact(tmp_path):
         assert list(saved) == list(original)
         assert all(torch.equal(saved[k], original[k]) for k in original)
     _assert_optimizer_states_equal(ckpt["optimizer"], optimizer.state_dict())
+    mapped = checkpoint.load_checkpoint(path, mmap=True)  # scoring and sampling read it so
+    assert all(torch.equal(mapped["ema"][k], v) for k, v in ema.state_dict().items())
+    rebuilt = checkpoint.model_from_checkpoint(mapped, weights="ema")
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in ema.state_dict().items())
 
 
 def _assert_optimizer_states_equal(saved, original):

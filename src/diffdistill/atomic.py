@@ -86,9 +86,10 @@ def publish(source: str | os.PathLike, target: str | os.PathLike) -> None:
             shutil.copy2(source, tmp)
 
 
-def read_torch(path: str | os.PathLike, what: str, map_location="cpu") -> Any:
+def read_torch(path: str | os.PathLike, what: str, map_location="cpu", *, mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)`` (plain tensors and containers, never arbitrary pickles)
-    with errors that name the file and what was expected (``what``)."""
+    with errors that name the file and what was expected (``what``). With ``mmap`` the tensors are
+    mapped from the file and read only when used (a caller that needs a part reads only that part)."""
     import torch
 
     path = Path(path)
@@ -97,7 +98,7 @@ def read_torch(path: str | os.PathLike, what: str, map_location="cpu") -> Any:
 
         raise DiffdistillError(f"{path}: no such file (expected {what})")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # truncated zips, foreign pickles and refused objects raise many types
         from .errors import DiffdistillError
 

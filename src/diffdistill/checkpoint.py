@@ -84,9 +84,13 @@ def save_checkpoint(
     log.info("saved checkpoint %s (step %d, ema %s)", path, step, ema_state is not None)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read and validate a file written by :func:`save_checkpoint`."""
-    obj = atomic.read_torch(path, "a diffdistill checkpoint", map_location)
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict:
+    """Read and validate a file written by :func:`save_checkpoint`.
+
+    ``mmap``: the tensors stay in the file until used, so that a reader of the EMA weights alone
+    (scoring, sampling) does not read the optimizer state, half of a fine-tuning checkpoint.
+    """
+    obj = atomic.read_torch(path, "a diffdistill checkpoint", map_location, mmap=mmap)
     _validate_checkpoint(obj, path)
     return obj
 

@@ -70,7 +70,7 @@ def score_checkpoint(checkpoint_path: str | os.PathLike, reference: fid.FeatureS
     if name != reference.extractor:
         raise DiffdistillError(f"reference statistics are {reference.extractor} features; the extractor is {name}")
     began = time.perf_counter()
-    ckpt = checkpoint.load_checkpoint(checkpoint_path)
+    ckpt = checkpoint.load_checkpoint(checkpoint_path, mmap=True)  # the EMA weights alone are read
     model = checkpoint.model_from_checkpoint(ckpt, weights="ema", device=device).eval()
     images = sample_for_scoring(model, num_images, batch_size, sampler, device=device, seed=seed)
     sampled = time.perf_counter()

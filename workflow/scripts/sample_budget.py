@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     with cli.cleanup_on_failure([args.out, args.meta]):
         args.checkpoint = checkpoint_path(args)
         with cli.Timer() as load:
-            ckpt = checkpoint.load_checkpoint(args.checkpoint)
+            ckpt = checkpoint.load_checkpoint(args.checkpoint, mmap=True)  # only the weights used are read
             model = checkpoint.model_from_checkpoint(ckpt, weights=args.weights, device=device).eval()
         data_config = ckpt["config"].get("data") or {}
         classes = list(data_config.get("classes") or [str(k) for k in range(model.num_classes)])
