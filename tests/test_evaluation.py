@@ -324,6 +324,8 @@ def test_script_budget_prefix_trains_only_on_images_made_within_its_time(script,
     (files / "out.json").unlink()
     assert run(script, files, *prefix[:-2], "--pool-meta", str(files / "missing.json"),
                "--budget-fraction", "0.5") == 2 and not (files / "out.json").exists()
+    assert run(script, files, *prefix[:-2], "--budget-fraction", "0.5") == 2 and not (files / "out.json").exists()
+    assert "--budget-fraction needs --pool-meta" in (files / "log.txt").read_text()
 
 
 def test_script_needs_real_train_for_other_data_sets(script, files):

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,7 +326,9 @@ def inception_state_dict_from_torchscript(path: str | os.PathLike) -> dict[str, 
     shape is then checked against pytorch-fid's network. Returns no ``fc.*`` (not in the file).
     """
     try:
-        script = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript; this file exists only as one
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.*is deprecated", category=FutureWarning)
+            script = torch.jit.load(str(path), map_location="cpu")
     except Exception as err:
         raise DiffdistillError(f"{path}: cannot be loaded as TorchScript ({type(err).__name__}: {err})") from err
     params = {name: p.detach().clone() for name, p in script.named_parameters()}

@@ -83,7 +83,9 @@ def main(argv=None) -> int:
 
 def budget_prefix(args, x, y):
     """The images of the pool made within --budget-fraction of the budget, and what they are."""
-    summary = SamplingSummary.read(args.pool_meta or "(no --pool-meta)")
+    if not args.pool_meta:
+        raise DiffdistillError("--budget-fraction needs --pool-meta: the sampling summary (pool.json) of --train")
+    summary = SamplingSummary.read(args.pool_meta)
     if args.train_format != "images" or args.random_ipc is not None or summary.images != len(x):
         raise DiffdistillError(f"--budget-fraction: {args.pool_meta} counts {summary.images} images, {args.train} "
                                f"holds {len(x)} (expected the pool and its summary, --train-format images)")
