@@ -155,7 +155,9 @@ def test_round_trip_through_save_and_load(cifar_root, tmp_path):
 
 
 def test_download_cifar100_skips_when_present_and_needs_torchvision_otherwise(cifar_root, tmp_path, monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "torchvision", None)  # import fails like a missing package
+    # import fails like a missing package, also when torchvision.datasets was imported before this test
+    for name in ("torchvision", "torchvision.datasets"):
+        monkeypatch.setitem(__import__("sys").modules, name, None)
     assert len(datasets.prepare_dataset("cifar100", cifar_root, "test", download=True)) == 100
     with pytest.raises(DiffdistillError, match="torchvision"):
         cifar100.download_cifar100(tmp_path / "empty")
