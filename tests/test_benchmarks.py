@@ -86,6 +86,7 @@ def test_dsa_reference_style_computes_the_same_transform(family):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # torch.compile with CUDA graphs: gpu_check runs it after the quick GPU tests
 def test_sampler_throughput_on_cuda_with_cuda_graphs(throughput, tmp_path):
     # Later flags win in argparse: the CPU defaults of run_throughput are overridden here.
     rows = run_throughput(throughput, tmp_path, "--presets", "uvit_small_2", "--batch-sizes", "8", "--steps", "4",
