@@ -323,14 +323,12 @@ def step_finetune(args) -> int:
 
 def step_evaluator(args) -> int:
     data = Path(args.work) / "rehearsal" / "data"
-    if args.tiny:
-        flags = ["--classes", "4", "--per-class", "8", "--size", "8", "--epochs", "1", "--device", "cpu"]
-    elif (data / "train.pt").is_file():  # the rehearsal's real-format data: 2,000 train, 1,000 test images
-        flags = ["--train", data / "train.pt", "--test", data / "test.pt", "--dataset", "cifar100", "--epochs", "20",
-                 "--device", "cuda"]
+    epochs, device = ("1", "cpu") if args.tiny else ("20", "cuda")
+    if (data / "train.pt").is_file():  # the rehearsal's real-format data (full size: 2,000 train, 1,000 test images)
+        flags = ["--train", data / "train.pt", "--test", data / "test.pt", "--dataset", "cifar100"]
     else:
-        flags = ["--classes", "100", "--per-class", "20", "--size", "32", "--epochs", "20", "--device", "cuda"]
-    return benchmark("evaluator_speed").main([str(f) for f in flags])
+        flags = ["--classes", "100", "--per-class", "20", "--size", "32"]
+    return benchmark("evaluator_speed").main([str(f) for f in [*flags, "--epochs", epochs, "--device", device]])
 
 
 STEPS = {"env": step_env, "rehearsal": step_rehearsal, "sampler": step_sampler, "finetune": step_finetune,
