@@ -3,12 +3,14 @@ defaults equal them, and a flag the workflow always passes has no default of its
 
 from __future__ import annotations
 
+import ast
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from diffdistill import sampling, training
+from diffdistill import sampling, submission, training
 from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,3 +90,10 @@ def test_script_defaults_that_remain_come_from_the_package():
     sample = parser_defaults("sample_budget", "parse", ["--checkpoint", "c.pt", "--out", "o", "--meta", "m",
                                                         "--budget-s", "1", "--batch-size", "2"])
     assert {k: sample[k] for k in sampling.SamplerSettings().to_dict()} == sampling.SamplerSettings().to_dict()
+
+
+def test_workflow_feature_rules_are_the_package_ones():
+    # common.smk writes them out (Snakemake runs without the package under conda deployment).
+    text = (Path(__file__).parents[1] / "workflow" / "rules" / "common.smk").read_text()
+    written = re.search(r"^FEATURE_RULES = (\(.*\))$", text, re.MULTILINE)
+    assert written and ast.literal_eval(written.group(1)) == submission.FEATURE_RULES

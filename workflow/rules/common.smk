@@ -221,10 +221,16 @@ def evaluation_args(wildcards):
     }[wildcards.kind]
 
 
+# Package rules that pick images with the real-data feature ConvNet of FD-ConvNet scoring: the same as
+# diffdistill.submission.FEATURE_RULES (tests/test_defaults.py), written out so that Snakemake itself
+# runs without the package (conda deployment).
+FEATURE_RULES = ("herding", "coverage")
+
+
 def package_convnet():
-    """Package rules 'herding' and 'coverage' pick images with the real-data feature ConvNet of FD-ConvNet scoring."""
+    """The feature ConvNet as an input of the package rule, for the FEATURE_RULES."""
     name = config["package"]["rule"]
-    if name not in ("herding", "coverage"):
+    if name not in FEATURE_RULES:
         return {}
     if config["scoring"]["extractor"] != "convnet":
         raise ValueError(f"config key package.rule: {name!r} needs scoring.extractor 'convnet' (its feature ConvNet)")
