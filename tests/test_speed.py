@@ -8,6 +8,7 @@ an unpadded one to 1e-5 in the network's output.
 
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 from pathlib import Path
@@ -265,11 +266,11 @@ def test_overlap_copy_is_off_by_default_cuda_only_and_a_switch(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_overlap_copy_on_cuda_gives_the_same_images(tiny):
-    model = tiny.to("cuda")
+    model = copy.deepcopy(tiny).to("cuda")  # the module fixture stays on the CPU
     runs = [sample_budgeted(model, 3, SamplerSettings(**FAST, overlap_copy=overlap), budget_s=math.inf,
                             batch_size=4, device="cuda", seed=0, max_images=10) for overlap in (False, True)]
     assert torch.equal(runs[0].images, runs[1].images) and torch.equal(runs[0].labels, runs[1].labels)
-    tiny.to("cpu")
+    assert [b["size"] for b in runs[1].batches] == [4, 4, 2]
 
 
 # ----------------------------------------------------------------------------- fine-tuning
