@@ -252,14 +252,15 @@ def step_sampler(args) -> int:
     bench = benchmark("sampler_throughput")
     device = "cpu" if args.tiny else "cuda"
     print("\t".join(bench.COLUMNS), flush=True)
-    for index, flags in enumerate(sampler_groups(args.tiny)):
+    groups = sampler_groups(args.tiny)
+    for index, flags in enumerate(groups):
         options = bench.parse_args([*flags, "--device", device])
         if device == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (the benchmark's own main does this)
         with torch.inference_mode():
             for row in bench.run(options, torch.device(device)):
                 print(bench.format_row(row), flush=True)
-        if index == min(1, len(sampler_groups(args.tiny)) - 1):  # after the goal rows (S/2 and M/4, w = 1)
+        if index == min(1, len(groups) - 1):  # after the goal rows (S/2 and M/4, w = 1)
             budgeted_overlap(device, args.tiny)
     return 0
 

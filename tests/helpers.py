@@ -34,3 +34,13 @@ def _load(path: Path, module_name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class FakeClock:
+    """A clock that only moves when the test moves it (``now``)."""
+
+    def __init__(self, now: float = 100.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now

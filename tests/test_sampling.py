@@ -11,6 +11,7 @@ from diffdistill import sampling, uvit
 from diffdistill.errors import DiffdistillError
 from diffdistill.sampling import SamplerSettings, balanced_labels, generate, sample_budgeted
 from diffdistill.sampling_summary import SamplingSummary, ShardRun
+from helpers import FakeClock
 
 FAST = dict(steps=3, order=2, method="multistep", algorithm="dpmsolver++", t_end=1e-3)
 
@@ -19,16 +20,6 @@ FAST = dict(steps=3, order=2, method="multistep", algorithm="dpmsolver++", t_end
 def tiny():
     torch.manual_seed(0)
     return uvit.build("uvit_tiny_test", num_classes=3).eval()
-
-
-class FakeClock:
-    """A clock that only moves when the test moves it."""
-
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
 
 
 def fake_generate(clock, costs):
@@ -41,6 +32,17 @@ def fake_generate(clock, costs):
         return torch.zeros(labels.shape[0], 3, 8, 8, dtype=torch.uint8)
 
     return run, calls
+
+
+def budgeted_on_fakes(monkeypatch, costs, num_classes, **kwargs):
+    """sample_budgeted on a fake generate of ``costs`` seconds per call and a fresh FakeClock
+    (device "cpu", seed 0 unless given); returns (result, the labels of each generate call)."""
+    clock = FakeClock()
+    run, calls = fake_generate(clock, costs)
+    monkeypatch.setattr(sampling, "generate", run)
+    result = sample_budgeted(object(), num_classes, SamplerSettings(), **{"device": "cpu", "seed": 0, **kwargs},
+                             clock=clock)
+    return result, calls
 
 
 # ----------------------------------------------------------------------------- balanced labels
@@ -131,12 +133,9 @@ def test_generate_matches_the_exact_probability_flow_solution():
 
 
 def test_budget_stops_before_overrunning_and_keeps_finished_batches(monkeypatch):
-    clock = FakeClock()
-    run, calls = fake_generate(clock, [1.0])
-    monkeypatch.setattr(sampling, "generate", run)
     seen = []
-    result = sample_budgeted(object(), 3, SamplerSettings(), budget_s=3.5, batch_size=4, device="cpu", seed=0,
-                             clock=clock, on_batch=lambda im, lab: seen.append(lab.tolist()))
+    result, calls = budgeted_on_fakes(monkeypatch, [1.0], 3, budget_s=3.5, batch_size=4,
+                                      on_batch=lambda im, lab: seen.append(lab.tolist()))
     assert len(calls) == 3 and len(result.batches) == 3
     assert len(result) == 12 and result.images.shape == (12, 3, 8, 8) and result.images.dtype == torch.uint8
     assert result.labels.tolist() == balanced_labels(3, 12).tolist()
@@ -149,38 +148,26 @@ def test_budget_stops_before_overrunning_and_keeps_finished_batches(monkeypatch)
 
 
 def test_budget_exactly_filled_and_warmup_batch_left_out_of_the_estimate(monkeypatch):
-    clock = FakeClock()
     # The first batch is slow (compilation); later ones cost 1 s. After it, only the warm batches
     # predict the next: batches end at 5, 6, ..., 12 and a 9th would end at 13 > 12.
-    run, calls = fake_generate(clock, [5.0, 1.0])
-    monkeypatch.setattr(sampling, "generate", run)
-    result = sample_budgeted(object(), 5, SamplerSettings(), budget_s=12.0, batch_size=5, device="cpu", seed=0,
-                             clock=clock)
+    result, calls = budgeted_on_fakes(monkeypatch, [5.0, 1.0], 5, budget_s=12.0, batch_size=5)
     assert len(calls) == 8
     assert result.sampling_s <= 12.0
     assert result.counts == [8] * 5
 
 
 def test_a_batch_ending_past_the_budget_is_dropped_not_kept(monkeypatch):
-    clock = FakeClock()
     # The estimate from warm batches (1 s) lets a 4th batch start at 3 s; it takes 2 s and ends at
     # 5 s > 4.5 s: its images were not made within the budget.
-    run, calls = fake_generate(clock, [1.0, 1.0, 1.0, 2.0])
-    monkeypatch.setattr(sampling, "generate", run)
-    result = sample_budgeted(object(), 3, SamplerSettings(), budget_s=4.5, batch_size=3, device="cpu", seed=0,
-                             clock=clock)
+    result, calls = budgeted_on_fakes(monkeypatch, [1.0, 1.0, 1.0, 2.0], 3, budget_s=4.5, batch_size=3)
     assert len(calls) == 4 and len(result) == 9 and result.dropped_images == 3
     run = result.shard_run(shard=0, seed=0, load_s=0.0, device_name="cpu")
     assert result.sampling_s == pytest.approx(3.0) and run.dropped_images == 3 and run.images == 9
 
 
 def test_budget_prefix_holds_only_images_whose_batch_finished_inside_its_time(monkeypatch):
-    clock = FakeClock()
     # Batches of 3 end at 2, 3, 4 and 6 s (the last past the 5.5 s budget: dropped, not in the pool).
-    run, _ = fake_generate(clock, [2.0, 1.0, 1.0, 2.0])
-    monkeypatch.setattr(sampling, "generate", run)
-    result = sample_budgeted(object(), 3, SamplerSettings(), budget_s=5.5, batch_size=3, device="cpu", seed=0,
-                             clock=clock)
+    result, _ = budgeted_on_fakes(monkeypatch, [2.0, 1.0, 1.0, 2.0], 3, budget_s=5.5, batch_size=3)
     assert [b["end_s"] for b in result.batches] == [2.0, 3.0, 4.0, 6.0] and len(result) == 9
     summary = SamplingSummary({"budget_s": 5.5}, ["a", "b", "c"],
                               [result.shard_run(shard=0, seed=0, load_s=0.0, device_name="cpu")])
@@ -208,23 +195,16 @@ def test_budget_prefix_of_merged_shards_takes_each_shard_by_its_own_clock():
 
 
 def test_a_first_batch_longer_than_the_budget_is_an_error(monkeypatch):
-    clock = FakeClock()
-    run, _ = fake_generate(clock, [10.0])
-    monkeypatch.setattr(sampling, "generate", run)
     with pytest.raises(DiffdistillError, match="no batch finished within"):
-        sample_budgeted(object(), 3, SamplerSettings(), budget_s=5.0, batch_size=3, device="cpu", seed=0,
-                        clock=clock)
+        budgeted_on_fakes(monkeypatch, [10.0], 3, budget_s=5.0, batch_size=3)
 
 
 def test_shards_start_their_class_cycles_apart_and_merge_balanced(monkeypatch):
-    clock = FakeClock()
-    run, _ = fake_generate(clock, [1.0])
-    monkeypatch.setattr(sampling, "generate", run)
     counts = torch.zeros(10, dtype=torch.long)
     for shard in range(3):
         offset = sampling.shard_label_offset(shard, 3, 10)
-        result = sample_budgeted(object(), 10, SamplerSettings(), budget_s=1.5, batch_size=4, device="cpu",
-                                 seed=shard, clock=clock, label_offset=offset)
+        result, _ = budgeted_on_fakes(monkeypatch, [1.0], 10, budget_s=1.5, batch_size=4, seed=shard,
+                                      label_offset=offset)
         assert result.labels.tolist() == [(offset + i) % 10 for i in range(4)]
         counts += torch.bincount(result.labels, minlength=10)
     assert counts.max() - counts.min() <= 1  # 12 images over 10 classes: 2 classes twice
@@ -272,6 +252,7 @@ def test_budget_zero_or_negative_samples_nothing(monkeypatch):
             sample_budgeted(object(), 3, SamplerSettings(), budget_s=budget, batch_size=4, device="cpu", seed=0,
                             clock=clock)
     assert calls == []
+
 
 
 def test_budget_with_the_real_model_and_max_images(tiny):

@@ -21,7 +21,7 @@ from diffdistill import dsa, evaluation, sampling, speed, training, uvit
 from diffdistill.convnet import ConvNet
 from diffdistill.data import LabeledImages
 from diffdistill.sampling import SamplerSettings, generate, sample_budgeted
-from helpers import load_script
+from helpers import FakeClock, load_script
 
 FAST = dict(steps=3, order=2, method="multistep", algorithm="dpmsolver++", t_end=1e-3)
 SCHEMA = yaml.safe_load((Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml").read_text())
@@ -153,14 +153,6 @@ def test_schema_offers_the_package_choices_and_defaults():
         assert train[key]["default"] is getattr(config, key) is False
 
 
-class FakeClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-
 class FakeDevice:
     """A device that runs queued batches one after another while the host goes on (fake clock): a
     call returns at once with images that are ready ``cost`` seconds after the device is free, and
@@ -188,7 +180,7 @@ class FakeEvent:
 
 def budgeted_on_fake_device(monkeypatch, overlap, costs, budget_s, host_s=0.0):
     """sample_budgeted of batches of 3 on a FakeDevice; ``host_s`` of host work per kept batch (on_batch)."""
-    clock = FakeClock()
+    clock = FakeClock(0.0)
     device = FakeDevice(clock, costs)
     monkeypatch.setattr(sampling, "generate", device.generate)
     monkeypatch.setattr(sampling, "overlaps_copy", lambda settings, device: settings.overlap_copy)

@@ -20,6 +20,7 @@ import torch
 from . import atomic
 
 from .data import LabeledImages
+from .sampling import SamplerSettings
 from .sampling_summary import SamplingSummary
 
 ACCURACY_ROWS = {
@@ -91,13 +92,13 @@ def budget_curve(evaluations: list[dict]) -> list[dict]:
     return sorted(points, key=lambda point: point["fraction"])
 
 
-RUN_KEYS = ("budget_s", "batch_size", "max_images", "weights", "num_shards", "checkpoint")  # not the sampler's
+SAMPLER_KEYS = tuple(SamplerSettings().to_dict())  # a sweep variant's settings: the sampler's own keys
 
 
 def sweep_rows(variants: list[tuple[str, SamplingSummary, dict]]) -> list[dict]:
     """One row per sampler variant from (name, its pool's sampling summary, evaluate's result of the pool);
-    ``settings`` are the variant's sampler settings (the summary's settings less the run's own)."""
-    return [{"name": name, "settings": {k: v for k, v in sampling.settings.items() if k not in RUN_KEYS},
+    ``settings`` are the variant's sampler settings (those of the summary's settings)."""
+    return [{"name": name, "settings": {k: v for k, v in sampling.settings.items() if k in SAMPLER_KEYS},
              "images": sampling.images, "images_per_s": sampling.images_per_s, "accuracy": _mean_std(result)}
             for name, sampling, result in variants]
 

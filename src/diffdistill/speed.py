@@ -117,15 +117,13 @@ class HostImages:
     """Images on their way to the host, in one or more parts: :meth:`wait` returns them (the parts
     concatenated along dim 0) once every copy has finished."""
 
-    def __init__(self, images: torch.Tensor, event=None):
-        self.parts = [(images, event)]
+    def __init__(self, images: torch.Tensor, event=None, *, parts: list | None = None):
+        self.parts = [(images, event)] if parts is None else parts  # [(tensor, CUDA event or None)]
 
     @classmethod
     def concat(cls, pieces: list["HostImages"]) -> "HostImages":
         """One handle for several in-flight pieces, in order."""
-        joined = cls.__new__(cls)
-        joined.parts = [part for piece in pieces for part in piece.parts]
-        return joined
+        return cls(None, parts=[part for piece in pieces for part in piece.parts])
 
     def wait(self) -> torch.Tensor:
         for _, event in self.parts:
