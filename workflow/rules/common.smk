@@ -111,9 +111,16 @@ def training_args(cfg):
         f"--lr {cfg['lr']} --betas {cfg['betas'][0]},{cfg['betas'][1]}",
         f"--weight-decay {cfg['weight_decay']} --warmup-steps {cfg['warmup_steps']}",
         f"--ema-rate {cfg['ema_rate']} --label-dropout {cfg['label_dropout']}",
-        "--hflip" if cfg["hflip"] else "--no-hflip",
-        " ".join(f"--{'' if cfg[key] else 'no-'}{key.replace('_', '-')}" for key in ("compile", "fused_adamw", "tf32")),
+        *(cli_flag(key, cfg[key]) for key in ("hflip", "compile", "fused_adamw", "tf32")),
     ])
+
+
+def cli_flag(key, value):
+    """--key value; for a boolean the switch --key / --no-key (argparse's BooleanOptionalAction)."""
+    name = key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{'' if value else 'no-'}{name}"
+    return f"--{name} {value}"
 
 
 def launcher(cfg):
@@ -126,12 +133,8 @@ def launcher(cfg):
 
 
 def sampler_args(settings):
-    return " ".join([
-        f"--steps {settings['steps']} --order {settings['order']} --method {settings['method']}",
-        f"--algorithm {settings['algorithm']} --skip-type {settings['skip_type']} --t-end {settings['t_end']}",
-        f"--guidance-scale {settings['guidance_scale']} --precision {settings['precision']}",
-        f"--compile {settings['compile']} --{'' if settings['overlap_copy'] else 'no-'}overlap-copy",
-    ])
+    """One flag per key of a (schema-validated) sampler block: the flags of cli.add_sampler_flags."""
+    return " ".join(cli_flag(key, value) for key, value in settings.items())
 
 
 def gpu_count(cfg):
