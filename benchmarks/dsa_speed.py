@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from diffdistill import dsa
+from diffdistill import dsa, speed
 from diffdistill.cli import device_name
 
 
@@ -50,17 +50,12 @@ def epoch_seconds(method, x: torch.Tensor, batch: int, family: str | None, seed:
         xb = x[start:start + batch]  # (B, C, H, W)
         fam = dsa.draw_family(gen, params) if family is None else family
         drawn = dsa.draw_params(fam, xb.shape, gen, x.device, params)
-        sync(x.device)
+        speed.synchronize(x.device)
         began = time.perf_counter()
         METHODS[method](xb, fam, drawn, params)
-        sync(x.device)
+        speed.synchronize(x.device)
         total += time.perf_counter() - began
     return total
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(x: torch.Tensor, batch: int, family: str | None, repeats: int) -> dict[str, float]:

@@ -16,7 +16,6 @@ Nothing here asserts a speed.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
@@ -26,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from diffdistill import evaluation
+from diffdistill import evaluation, speed
 from diffdistill.cli import resolve_device
 from diffdistill.convnet import ConvNet
 from diffdistill.data import load_images
@@ -175,11 +174,6 @@ def load_data(args):
     return train_x, train_y, test_x, test_y, args.classes
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn):
     began = time.perf_counter()
     value = fn()
@@ -213,7 +207,7 @@ def main(argv=None) -> int:
         accuracies, seconds = [], 0.0
         for r in range(args.rounds):
             torch.manual_seed(r)
-            synchronize(device)
+            speed.synchronize(device)
             if side == "organisers":
                 acc, s = timed(lambda: organisers_round(train_x, train_y, test_x, test_y, **common))
             else:

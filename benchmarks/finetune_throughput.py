@@ -18,10 +18,8 @@ import sys
 import time
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
-from diffdistill import atomic, training, uvit
+from diffdistill import atomic, speed, training, uvit
 from diffdistill.cli import resolve_device
 from diffdistill.data import LabeledImages
 
@@ -45,25 +43,10 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def forward_flops(model: uvit.UViT, device: torch.device) -> float:
-    """FLOPs of one conditional forward at batch 1."""
-    cfg = model.config
-    x = torch.randn(1, cfg["in_chans"], cfg["img_size"], cfg["img_size"], device=device)
-    counter = FlopCounterMode(display=False)
-    with counter, sdpa_kernel([SDPBackend.MATH]), torch.no_grad():
-        model(x, torch.full((1,), 500.0, device=device), torch.zeros(1, dtype=torch.long, device=device))
-    return float(counter.get_total_flops())
-
-
 def toy_data(model: uvit.UViT, num_classes: int, n: int) -> LabeledImages:
     cfg = model.config
     images = torch.randint(0, 256, (n, cfg["in_chans"], cfg["img_size"], cfg["img_size"]), dtype=torch.uint8)
     return LabeledImages(images, torch.arange(n) % num_classes, [str(k) for k in range(num_classes)], "toy", "train")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_steps(args, device, precision, comp, fused, tf32) -> tuple[float, float, float]:
@@ -80,19 +63,19 @@ def time_steps(args, device, precision, comp, fused, tf32) -> tuple[float, float
         began = time.perf_counter()
         for step in range(1, args.warmup + 1):
             trainer.step(step)
-        synchronize(device)
+        speed.synchronize(device)
         warm = time.perf_counter() - began
         began = time.perf_counter()
         for step in range(args.warmup + 1, args.warmup + args.steps + 1):
             loss = trainer.step(step)
-        synchronize(device)
+        speed.synchronize(device)
         seconds = (time.perf_counter() - began) / max(args.steps, 1)
     return seconds, warm, float(loss)
 
 
 def run(args, device):
     """Yield one result row per configuration (the first row is the speed-up's reference)."""
-    gflop = forward_flops(uvit.build(args.preset, num_classes=args.num_classes, null_class=True).to(device).eval(),
+    gflop = speed.forward_flops(uvit.build(args.preset, num_classes=args.num_classes, null_class=True).to(device).eval(),
                           device) / 1e9
     reference = None
     for precision, comp, fused, tf32 in itertools.product(args.precisions, args.compile, args.fused, args.tf32):

@@ -305,10 +305,10 @@ def step_finetune(args) -> int:
         rows = FINETUNE_ROWS
     options = bench.parse_args(flags)
     device = torch.device(options.device)
-    from diffdistill import uvit
+    from diffdistill import speed, uvit
 
     model = uvit.build(options.preset, num_classes=options.num_classes, null_class=True).to(device).eval()
-    gflop = bench.forward_flops(model, device) / 1e9
+    gflop = speed.forward_flops(model, device) / 1e9
     del model
     print("\t".join(bench.COLUMNS), flush=True)
     reference = None

@@ -29,8 +29,6 @@ import sys
 import time
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from diffdistill import atomic, sampling, speed, uvit
 from diffdistill.cli import resolve_device
@@ -67,21 +65,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def flops_per_image(model: uvit.UViT, device: torch.device) -> float:
-    """Network FLOPs of one conditional forward at batch 1 (matmuls, convs and attention)."""
-    cfg = model.config
-    x = torch.randn(1, cfg["in_chans"], cfg["img_size"], cfg["img_size"], device=device)
-    counter = FlopCounterMode(display=False)
-    with counter, sdpa_kernel([SDPBackend.MATH]):
-        model(x, torch.full((1,), 500.0, device=device), torch.zeros(1, dtype=torch.long, device=device))
-    return float(counter.get_total_flops())
-
-
 def cpu_peak_tflops(precision: str, n: int = 1024, seconds: float = 0.5) -> float:
     """Dense matmul rate of this CPU in the run's precision: the CPU roofline."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -106,7 +89,7 @@ def time_sampler(net, args, device, batch, settings) -> tuple[float, float]:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     times = []
     for _ in range(1 + args.repeats):
-        synchronize(device)
+        speed.synchronize(device)
         start = time.perf_counter()
         sampling.generate(net, labels, settings, device=device, generator=generator)  # ends on the host
         times.append(time.perf_counter() - start)
@@ -128,7 +111,7 @@ def run(args, device):
     peaks = {}
     for preset in args.presets:
         model = uvit.build(preset, num_classes=args.num_classes, null_class=True).to(device).eval()
-        gflop = flops_per_image(model, device) / 1e9
+        gflop = speed.forward_flops(model, device) / 1e9
         for batch, precision, comp, steps, w in itertools.product(
             args.batch_sizes, args.precisions, args.compile, args.steps, args.guidance
         ):

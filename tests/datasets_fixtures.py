@@ -108,7 +108,7 @@ def _jpeg(path: Path, colour, mode: str = "RGB") -> None:
 
 def _tiny_words(folder: Path, wnids: list[str]) -> None:
     # The real words.txt covers all of WordNet; a few unrelated lines make sure we look ids up.
-    lines = [f"n00000001\tentity"] + [f"{w}\t{tiny_class_name(i)}" for i, w in enumerate(wnids)]
+    lines = ["n00000001\tentity"] + [f"{w}\t{tiny_class_name(i)}" for i, w in enumerate(wnids)]
     (folder / "words.txt").write_text("\n".join(lines + ["n09999999\tunused"]) + "\n")
 
 

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from diffdistill import dsa, uvit
+from diffdistill import dsa, speed, uvit
 from helpers import load_benchmark
 
 COLUMNS = ["preset", "device", "batch", "precision", "compile", "steps", "guidance", "images/s",
@@ -29,7 +29,7 @@ def test_flops_per_forward_match_reference(throughput, preset, num_classes, gflo
     # docs/reference.md, "Throughput": conditional S/2 at 32^2 24.5 GFLOP, M/4 at 64^2 70.5 GFLOP per forward.
     with torch.device("meta"):  # count without computing: no weights, no arithmetic
         model = uvit.build(preset, num_classes=num_classes, null_class=True).eval()
-    assert throughput.flops_per_image(model, torch.device("meta")) / 1e9 == pytest.approx(gflop, rel=2e-3)
+    assert speed.forward_flops(model, torch.device("meta")) / 1e9 == pytest.approx(gflop, rel=2e-3)
 
 
 def run_throughput(throughput, tmp_path, *flags):

@@ -20,7 +20,6 @@ Exactness against the authors' algorithm is checked against ``tests/dpm_referenc
 transcription in their notation, for every method, algorithm, order, skip type and step count.
 """
 
-import itertools
 
 import math
 

@@ -40,9 +40,26 @@ def _pad_rows(value: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([value, value[:1].expand(extra, *value.shape[1:])])  # (size, ...)
 
 
-def _synchronize(tensor: torch.Tensor) -> None:
-    if tensor.device.type == "cuda":
-        torch.cuda.synchronize(tensor.device)
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on ``device`` (CUDA); elsewhere a call returns finished."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward_flops(model: torch.nn.Module, device: torch.device | str) -> float:
+    """FLOPs of one conditional U-ViT forward at batch 1 (matmuls, convolutions and attention), counted
+    by torch.utils.flop_counter; attention through the math backend so that it is counted on every
+    device (docs/reference.md, "Throughput")."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = model.config
+    x = torch.randn(1, cfg["in_chans"], cfg["img_size"], cfg["img_size"], device=device)
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel([SDPBackend.MATH]), torch.no_grad():
+        model(x, torch.full((1,), 500.0, device=device), torch.zeros(1, dtype=torch.long, device=device))
+    return float(counter.get_total_flops())
 
 
 class FixedBatchNetwork(torch.nn.Module):
@@ -83,7 +100,7 @@ class FixedBatchNetwork(torch.nn.Module):
         began = time.perf_counter()
         out = self.compiled(*args)  # (size, C, H, W)
         if first:
-            _synchronize(out)
+            synchronize(out.device)
             self.compile_s = time.perf_counter() - began
         out = out[:n]  # (n, C, H, W): the padding's rows dropped
         return out.clone() if self.mode in CUDA_GRAPH_MODES else out
