@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -29,6 +29,7 @@ from .sampling_summary import ShardRun
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16}  # tf32: fp32 with TF32 matmuls (CUDA)
+PRECISION_CHOICES = ("auto", *PRECISIONS)  # auto: see precision_on
 BUDGET_S = 600.0  # the challenge's 10 minutes of generation (docs/reference.md, "Challenge protocol")
 
 
@@ -39,7 +40,8 @@ class SamplerSettings:
     ``guidance_scale`` is w in eps = eps_u + w (eps_c - eps_u) (see :mod:`diffdistill.guidance`):
     1 is plain conditional sampling and needs no null class. ``precision`` "bf16" runs only the
     network under autocast; the solver state stays fp32; "tf32" runs fp32 matmuls on TF32 tensor
-    cores (CUDA only). ``compile`` (not "none") samples through :class:`diffdistill.speed.FixedBatchNetwork`,
+    cores (CUDA only); "auto" is bf16 where it is fast and fp32 elsewhere (:func:`precision_on`).
+    ``compile`` (not "none") samples through :class:`diffdistill.speed.FixedBatchNetwork`,
     torch.compile at one batch shape in that mode ("reduce-overhead": CUDA graphs). ``overlap_copy``
     (CUDA only) queues the next batch before waiting for the last one's copy to the host; the
     images are the same, only the waiting moves (:func:`sample_budgeted`).
@@ -63,7 +65,7 @@ class SamplerSettings:
         if int(self.order) not in (1, 2, 3):
             problems.append(f"order must be 1, 2 or 3, got {self.order}")
         choices = (("method", dpm_solver.METHODS), ("algorithm", dpm_solver.ALGORITHMS),
-                   ("skip_type", dpm_solver.SKIP_TYPES), ("precision", tuple(PRECISIONS)),
+                   ("skip_type", dpm_solver.SKIP_TYPES), ("precision", PRECISION_CHOICES),
                    ("compile", speed.COMPILE_MODES))
         for key, allowed in choices:
             if getattr(self, key) not in allowed:
@@ -77,10 +79,28 @@ class SamplerSettings:
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
+        if self.precision == "auto":
+            raise DiffdistillError("sampler precision 'auto' has no dtype before on_device(device) resolves it")
         return PRECISIONS[self.precision]
+
+    def on_device(self, device: torch.device | str) -> "SamplerSettings":
+        """These settings with ``precision`` resolved for ``device`` (only "auto" changes)."""
+        return replace(self, precision=precision_on(self.precision, device))
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def precision_on(precision: str, device: torch.device | str) -> str:
+    """The precision a run uses on ``device``: "auto" is bf16 on a CUDA device that supports it and fp32
+    elsewhere. A CPU runs the network under bf16 autocast several times slower than in fp32
+    (docs/reference.md, "Precision"), so a bf16 config would make a CPU run slower, not faster."""
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
 
 
 def image_shape(model: torch.nn.Module) -> tuple[int, int, int]:
@@ -109,6 +129,7 @@ def generate(
     :class:`~diffdistill.speed.HostImages` whose copy to the host is still running (CUDA).
     """
     device = torch.device(device)
+    settings = settings.on_device(device)
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
     labels = labels.to(device=device, dtype=torch.long)  # (N,)

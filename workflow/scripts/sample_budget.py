@@ -64,7 +64,7 @@ def main(argv=None) -> int:
             label_offset=sampling.shard_label_offset(args.shard, args.num_shards, model.num_classes))
         save_images(LabeledImages(result.images, result.labels, classes, str(data_config.get("name", "")),
                                   "synthetic"), args.out)
-        shared = {**settings.to_dict(), "budget_s": args.budget_s, "batch_size": args.batch_size,
+        shared = {**settings.to_dict(), "precision_used": settings.on_device(device).precision, "budget_s": args.budget_s, "batch_size": args.batch_size,
                   "max_images": args.max_images, "weights": args.weights, "num_shards": args.num_shards,
                   "checkpoint": args.checkpoint}
         run = result.shard_run(shard=args.shard, seed=args.seed + args.shard, load_s=load.seconds,

@@ -41,7 +41,9 @@ def main(argv=None) -> int:
         result = scoring.score_checkpoint(
             args.checkpoint, reference, extractor, num_images=args.num_images, batch_size=args.batch_size,
             sampler=settings, device=device, seed=args.seed)
-        cli.write_sidecar(args.out, settings={**vars(args), "sampler": settings.to_dict()}, device=device,
+        cli.write_sidecar(args.out, device=device,
+                          settings={**vars(args), "sampler": settings.to_dict(),
+                                    "precision_used": settings.on_device(device).precision},
                           timings={k: result[k] for k in ("seconds", "sampling_s", "features_s")},
                           reference_count=reference.count, **result)
     cli.log.info("step %d: %s %.4f", result["step"], result["score_kind"], result["score"])
