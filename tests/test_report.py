@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from diffdistill import atomic, data, report
+from diffdistill.sampling import SamplerSettings
 from diffdistill.sampling_summary import SamplingSummary, ShardRun
 from helpers import load_script
 
@@ -36,8 +37,8 @@ def accuracy(mean):
 
 
 def sampling_summary(counts, sampling_s, *, shard=0, budget_s=10.0, classes=None) -> SamplingSummary:
-    settings = {"budget_s": budget_s, "steps": 20, "method": "multistep", "algorithm": "dpmsolver++", "order": 2,
-                "guidance_scale": 2.0, "precision": "fp32"}
+    settings = {**SamplerSettings(steps=20, method="multistep", algorithm="dpmsolver++", order=2,
+                                  guidance_scale=2.0).to_dict(), "budget_s": budget_s}
     run = ShardRun(shard=shard, seed=shard, counts=counts, sampling_s=sampling_s, load_s=0.5, device_name="cpu")
     return SamplingSummary(settings, classes or [str(k) for k in range(len(counts))], [run])
 
