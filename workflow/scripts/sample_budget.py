@@ -6,9 +6,10 @@ The budget clock starts at the first sampling batch; model loading is timed and 
 import argparse
 import sys
 
-from diffdistill import atomic, checkpoint, cli, sampling
+from diffdistill import checkpoint, cli, sampling
 from diffdistill.data import LabeledImages, save_images
 from diffdistill.errors import DiffdistillError
+from diffdistill.records import BestCheckpoint
 from diffdistill.sampling_summary import SamplingSummary
 
 
@@ -36,10 +37,7 @@ def checkpoint_path(args) -> str:
     """--checkpoint, or the checkpoint named by select_checkpoint's best.json."""
     if args.checkpoint:
         return args.checkpoint
-    best = atomic.read_json(args.best, "select_checkpoint's JSON")
-    if "checkpoint" not in best:
-        raise DiffdistillError(f"{args.best}: expected select_checkpoint's JSON with a 'checkpoint' path")
-    return best["checkpoint"]
+    return BestCheckpoint.read(args.best).checkpoint
 
 
 def main(argv=None) -> int:
