@@ -87,19 +87,21 @@ def _value(value, hint, where: str, name: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        inner = [arg for arg in args if arg is not type(None)]
-        if len(inner) == 1:
-            return _value(value, inner[0], where, name)
-    elif dataclasses.is_dataclass(hint):
+        for arg in args:  # the first whose outer type fits checks the inside
+            if _is_instance(value, arg):
+                return _value(value, arg, where, name)
+    elif dataclasses.is_dataclass(hint) and isinstance(value, dict):
         return hint(**fields_from_json(hint, value, where, f"{name}."))
     elif origin is list and isinstance(value, list):
         return [_value(item, args[0], where, f"{name}[{i}]") for i, item in enumerate(value)] if args else value
-    elif _is_instance(value, origin or hint):
+    elif _is_instance(value, hint):
         return value
     raise DiffdistillError(f"{where}: field {name!r} is {_found(value)}, expected {_describe(hint)}")
 
 
-def _is_instance(value, kind) -> bool:
+def _is_instance(value, hint) -> bool:
+    """Whether ``value`` has the outer type of ``hint`` (a list of anything for ``list[int]``)."""
+    kind = dict if dataclasses.is_dataclass(hint) else typing.get_origin(hint) or hint
     if kind is Any:
         return True
     if isinstance(value, bool):  # JSON true/false are not numbers
