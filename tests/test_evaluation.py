@@ -15,6 +15,7 @@ from diffdistill.data import LabeledImages, save_images
 from diffdistill.errors import DiffdistillError
 from diffdistill.evaluation_state import EvaluationState
 from diffdistill.normalize import CHALLENGE_STATS, channel_stats, normalize
+from diffdistill.records import BudgetPrefix, EvaluationResult
 from helpers import load_script
 
 SMALL = dict(net_width=16)  # the protocol at a fraction of the width, to keep CPU tests fast
@@ -286,11 +287,36 @@ def test_script_end_to_end(script, files, case, args, size):
     args = [str(files / a) if a.endswith(".pt") else a for a in args]
     assert run(script, files, *args) == 0
     doc = json.loads((files / "out.json").read_text())
+    assert EvaluationResult.read(files / "out.json").to_json() == doc and doc["budget_prefix"] is None
     assert doc["train_size"] == size and doc["rounds"] == 2 and doc["epochs"] == 1
     assert len(doc["accuracies"]) == 2 and all(0 <= a <= 1 for a in doc["accuracies"])
     assert doc["mean"] == pytest.approx(np.mean(doc["accuracies"]))
     assert doc["settings"]["dataset"] == "stripes" and len(doc["timings_s"]["per_round"]) == 2
     assert "test accuracy" in (files / "log.txt").read_text()
+
+
+def test_evaluation_record_round_trips_and_refuses_a_bad_field_naming_file_and_field(tmp_path):
+    result = EvaluationResult(settings={"epochs": 3}, mean=0.5, std=0.1, accuracies=[0.4, 0.6], epochs=3, rounds=2,
+                              train_size=30, budget_prefix=BudgetPrefix(fraction=0.25, seconds=2.5, images=30))
+    result.write(tmp_path / "budget_0.25.json")
+    assert EvaluationResult.read(tmp_path / "budget_0.25.json") == result
+    doc = result.to_json()
+    assert (doc["format"], doc["version"], doc["mean"], doc["budget_prefix"]["images"]) == (
+        "diffdistill-evaluation", 1, 0.5, 30)
+    empty = EvaluationResult(settings={}, mean=None, std=None, accuracies=[], epochs=3, rounds=2, train_size=0)
+    assert EvaluationResult.from_json(empty.to_json(), "empty.json") == empty  # null accuracy: nothing to train on
+    bad = {"mean": (("mean", "0.5"), "field 'mean' is str '0.5', expected a number or null"),
+           "item": (("accuracies", [0.4, None]), r"field 'accuracies\[1\]' is NoneType None, expected a number"),
+           "prefix": (("budget_prefix", {"fraction": 0.25, "seconds": 2.5}),
+                      "field 'budget_prefix.images' missing .expected an integer"),
+           "version": (("version", 2), "field 'version' is 2, expected 1")}
+    for (key, value), expected in bad.values():
+        (tmp_path / "bad.json").write_text(json.dumps({**doc, key: value}))
+        with pytest.raises(DiffdistillError, match=f"bad.json: {expected}"):
+            EvaluationResult.read(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text(json.dumps({k: v for k, v in doc.items() if k != "rounds"}))
+    with pytest.raises(DiffdistillError, match="bad.json: field 'rounds' missing .expected an integer"):
+        EvaluationResult.read(tmp_path / "bad.json")
 
 
 @pytest.mark.parametrize("args", [
@@ -307,20 +333,21 @@ def test_script_bad_input_exits_2_without_output(script, files, args):
 
 
 def test_script_budget_prefix_trains_only_on_images_made_within_its_time(script, files):
+    from diffdistill.sampling import SamplerSettings
     from diffdistill.sampling_summary import SamplingSummary, ShardRun
 
     batches = [{"size": 6, "seconds": 1.0, "end_s": 1.0}, {"size": 6, "seconds": 1.0, "end_s": 2.0},
                {"size": 3, "seconds": 0.5, "end_s": 2.5}]
-    SamplingSummary({"budget_s": 4.0}, ["0", "1", "2"], [ShardRun(
+    SamplingSummary({**SamplerSettings().to_dict(), "budget_s": 4.0}, ["0", "1", "2"], [ShardRun(
         shard=0, seed=0, counts=[5, 5, 5], sampling_s=2.5, load_s=0.0, device_name="cpu", batches=batches,
     )]).write(files / "pool.json")
     prefix = ["--train", str(files / "pool.pt"), "--train-format", "images", "--pool-meta", str(files / "pool.json")]
     assert run(script, files, *prefix, "--budget-fraction", "0.5") == 0
-    doc = json.loads((files / "out.json").read_text())
-    assert doc["budget_prefix"] == {"fraction": 0.5, "seconds": 2.0, "images": 12} and doc["train_size"] == 12
+    result = EvaluationResult.read(files / "out.json")
+    assert result.budget_prefix == BudgetPrefix(fraction=0.5, seconds=2.0, images=12) and result.train_size == 12
     assert run(script, files, *prefix, "--budget-fraction", "0.2") == 0  # 0.8 s: no batch had finished
-    doc = json.loads((files / "out.json").read_text())
-    assert doc["budget_prefix"]["images"] == 0 and doc["mean"] is None and doc["accuracies"] == []
+    result = EvaluationResult.read(files / "out.json")
+    assert result.budget_prefix.images == 0 and result.mean is None and result.accuracies == []
     (files / "out.json").unlink()
     assert run(script, files, *prefix[:-2], "--pool-meta", str(files / "missing.json"),
                "--budget-fraction", "0.5") == 2 and not (files / "out.json").exists()

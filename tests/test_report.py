@@ -11,6 +11,9 @@ import torch
 from PIL import Image
 
 from diffdistill import atomic, data, report
+from diffdistill.errors import DiffdistillError
+from diffdistill.records import BestCheckpoint, BudgetPrefix, EvaluationResult
+from diffdistill.sampling import SamplerSettings
 from diffdistill.sampling_summary import SamplingSummary, ShardRun
 from helpers import load_script
 
@@ -31,32 +34,38 @@ def test_sample_grid_has_one_row_per_class_with_that_class_images():
     assert report.grid_scale(8) == 4 and report.grid_scale(32) == 1
 
 
-def accuracy(mean):
-    return {"mean": mean, "std": 0.01}
+def accuracy(mean, std=0.01, rounds=2, epochs=3, prefix=None):
+    return EvaluationResult(settings={}, mean=mean, std=std, accuracies=[] if mean is None else [mean - std, mean + std],
+                            epochs=epochs, rounds=rounds, train_size=0 if mean is None else 10, budget_prefix=prefix)
+
+
+BEST = BestCheckpoint(settings={}, step=1000, score=1.25, score_kind="FD-ConvNet", num_images=500, checkpoint="c.pt")
 
 
 def sampling_summary(counts, sampling_s, *, shard=0, budget_s=10.0, classes=None) -> SamplingSummary:
-    settings = {"budget_s": budget_s, "steps": 20, "method": "multistep", "algorithm": "dpmsolver++", "order": 2,
-                "guidance_scale": 2.0, "precision": "fp32"}
+    settings = {**SamplerSettings(steps=20, method="multistep", algorithm="dpmsolver++", order=2,
+                                  guidance_scale=2.0).to_dict(), "budget_s": budget_s}
     run = ShardRun(shard=shard, seed=shard, counts=counts, sampling_s=sampling_s, load_s=0.5, device_name="cpu")
     return SamplingSummary(settings, classes or [str(k) for k in range(len(counts))], [run])
 
 
 def test_summary_has_the_contract_keys_and_markdown_shows_the_figures():
-    best = {"step": 1000, "score": 1.25, "score_kind": "FD-ConvNet"}
     meta = sampling_summary([100] * 5, 10.0)
     acc = {k: accuracy(v) for k, v in zip(report.ACCURACY_ROWS, (0.9, 0.92, 0.95, 0.99))}
-    summary = report.build_summary(dataset="digits", best=best, sampling=meta, accuracy=acc)
+    summary = report.build_summary(dataset="digits", best=BEST, sampling=meta, accuracy=acc)
     assert summary["best_step"] == 1000 and summary["pool_images"] == 500
     assert summary["sampling_images_per_s_per_shard"] == [50.0]
     assert summary["accuracy"]["real_ipc"] == {"mean": 0.95, "std": 0.01}
     text = report.render_markdown(summary, ipc=10, scores=[{"step": 500, "score": 2.0}, {"step": 1000, "score": 1.25}],
-                                  sampling=meta, figures={"curve": "c.png", "grid": "g.png"})
-    assert "| 1000 | 1.250 ← |" in text and "50.0 images/s" in text and "90.00 ± 1.00" in text
+                                  sampling=meta, figures={"curve": "c.png", "grid": "g.png"}, evaluations=acc)
+    assert "| 1000 | 1.250 ← |" in text and "50.0 images/s" in text and "| 90.00 ± 1.00 | 2 | 3 |" in text
     assert "synthetic, IPC-10 package" in text and "![score curve](c.png)" in text
-    with pytest.raises(ValueError, match="real_full"):
-        report.build_summary(dataset="digits", best=best, sampling=meta,
+    assert "DPM-Solver multistep dpmsolver++ order 2, 20 steps, guidance w=2.0, fp32" in text
+    with pytest.raises(DiffdistillError, match="real_full"):
+        report.build_summary(dataset="digits", best=BEST, sampling=meta,
                              accuracy={k: v for k, v in acc.items() if k != "real_full"})
+    with pytest.raises(DiffdistillError, match="synthetic_pool.json: field 'budget_prefix' is null"):
+        report.budget_curve({"synthetic_pool.json": acc["synthetic_pool"]})
 
 
 def test_merge_samples_script_joins_shards(tmp_path):
@@ -87,18 +96,18 @@ def merge_fails(merge, args) -> bool:
     return run_main(merge.main, args) == 2
 
 
-def test_report_script_end_to_end(tmp_path):
+def test_report_script_end_to_end(tmp_path, capsys):
     script = load_script("report")
     pool = labelled()
     data.save_images(pool, tmp_path / "pool.pt")
     sampling_summary(pool.counts(), 4.0, budget_s=4.0).write(tmp_path / "pool.json")
-    (tmp_path / "best.json").write_text(json.dumps({"step": 6, "score": 0.5, "score_kind": "FID",
-                                                    "checkpoint": "x.pt"}))
+    BestCheckpoint(settings={}, step=6, score=0.5, score_kind="FID", num_images=20, checkpoint="x.pt").write(
+        tmp_path / "best.json")
     pd.DataFrame([{"step": 3, "score": 0.7}, {"step": 6, "score": 0.5}]).to_csv(tmp_path / "scores.csv", index=False)
     evals = []
     for kind in report.ACCURACY_ROWS:
         path = tmp_path / f"{kind}.json"
-        path.write_text(json.dumps({"mean": 0.5, "std": 0.1, "rounds": 2, "epochs": 3}))
+        accuracy(0.5, std=0.1).write(path)
         evals.append(str(path))
     out = {name: tmp_path / "out" / name for name in ("report.md", "summary.json", "grid.png")}
     args = ["--dataset", "digits", "--best", str(tmp_path / "best.json"), "--scores", str(tmp_path / "scores.csv"),
@@ -120,12 +129,12 @@ def test_report_script_end_to_end(tmp_path):
     budget = []
     for fraction, images, mean in ((0.5, 0, None), (1.0, 16, 0.6)):
         path = tmp_path / f"budget_{fraction}.json"
-        path.write_text(json.dumps({"mean": mean, "std": None if mean is None else 0.02, "budget_prefix": {
-            "fraction": fraction, "seconds": 4.0 * fraction, "images": images}}))
+        accuracy(mean, std=None if mean is None else 0.02,
+                 prefix=BudgetPrefix(fraction=fraction, seconds=4.0 * fraction, images=images)).write(path)
         budget.append(str(path))
     (tmp_path / "sweep" / "s10_w2").mkdir(parents=True)
     sampling_summary([5, 5, 5, 5], 2.0, budget_s=4.0).write(tmp_path / "sweep" / "s10_w2" / "pool.json")
-    (tmp_path / "sweep_s10_w2.json").write_text(json.dumps({"mean": 0.4, "std": 0.0}))
+    accuracy(0.4, std=0.0).write(tmp_path / "sweep_s10_w2.json")
     extra = {name: tmp_path / "out" / name for name in ("budget.png", "sweep.png", "sweep.tsv")}
     assert script.main([*args, "--budget-evaluations", *reversed(budget), "--budget-plot", str(extra["budget.png"]),
                         "--sweep-metas", str(tmp_path / "sweep" / "s10_w2" / "pool.json"),
@@ -143,6 +152,16 @@ def test_report_script_end_to_end(tmp_path):
     assert "](budget.png)" in text and "](sweep.png)" in text and "| 0.5 | 2.0 | 0 | no images |" in text
     assert all(Image.open(path).size[0] > 0 for path in (extra["budget.png"], extra["sweep.png"]))
     assert pd.read_csv(extra["sweep.tsv"], sep="\t")["variant"].tolist() == ["s10_w2"]
+
+    # A result without its record's fields (here an unversioned one of an older evaluate) stops the report.
+    (tmp_path / "real_full.json").write_text(json.dumps({"mean": 0.5, "std": 0.1, "rounds": 2, "epochs": 3}))
+    for path in out.values():
+        path.unlink()
+    from diffdistill.cli import run_main
+
+    assert run_main(script.main, args) == 2
+    assert "real_full.json: field 'format' is None" in capsys.readouterr().err
+    assert not any(path.exists() for path in out.values())
 
 
 def test_publish_links_or_copies_atomically(tmp_path):

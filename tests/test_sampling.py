@@ -182,7 +182,7 @@ def test_budget_prefix_holds_only_images_whose_batch_finished_inside_its_time(mo
 def test_budget_prefix_of_merged_shards_takes_each_shard_by_its_own_clock():
     def shard(index, ends):
         batches = [{"size": 2, "seconds": 1.0, "end_s": end} for end in ends]
-        return SamplingSummary({"budget_s": 4.0}, ["a", "b"], [ShardRun(
+        return SamplingSummary({**SamplerSettings().to_dict(), "budget_s": 4.0}, ["a", "b"], [ShardRun(
             shard=index, seed=index, counts=[len(ends), len(ends)], sampling_s=ends[-1], load_s=0.0,
             device_name="cpu", batches=batches)])
 
@@ -213,7 +213,7 @@ def test_shards_start_their_class_cycles_apart_and_merge_balanced(monkeypatch):
 def shard_summary(shard, counts, sampling_s, budget_s=10.0):
     run = ShardRun(shard=shard, seed=4 + shard, counts=counts, sampling_s=sampling_s, load_s=0.5 + shard,
                    device_name=f"gpu{shard}")
-    return SamplingSummary({"budget_s": budget_s, "steps": 20}, ["a", "b"], [run])
+    return SamplingSummary({**SamplerSettings(steps=20).to_dict(), "budget_s": budget_s}, ["a", "b"], [run])
 
 
 def test_sampling_summary_merge_adds_up_images_and_throughput_and_keeps_each_shard():
@@ -237,10 +237,15 @@ def test_sampling_summary_json_round_trip_stores_nothing_twice(tmp_path):
     assert back == single and back.images == 5 and back.images_per_s == 2.0
     doc["shards"][0].pop("counts")
     (tmp_path / "bad.json").write_text(json.dumps(doc))
-    with pytest.raises(DiffdistillError, match=r"bad.json, shards\[0\]: expected .*counts"):
+    with pytest.raises(DiffdistillError, match=r"bad.json: field 'shards\[0\].counts' missing \(expected a list"):
         SamplingSummary.read(tmp_path / "bad.json")
-    with pytest.raises(DiffdistillError, match="expected a sampling summary"):
+    with pytest.raises(DiffdistillError, match="old.json: field 'format' is None, .*a sampling summary"):
         SamplingSummary.from_json({"images": 5}, "old.json")
+    for change, expected in (({"version": 2}, "field 'version' is 2, expected 1"),
+                             ({"settings": {"budget_s": 10.0}}, r"field 'settings' lacks \['steps'"),
+                             ({"classes": "ab"}, "field 'classes' is str 'ab', expected a list")):
+        with pytest.raises(DiffdistillError, match=f"new.json: {expected}"):
+            SamplingSummary.from_json({**single.to_json(), **change}, "new.json")
 
 
 def test_budget_zero_or_negative_samples_nothing(monkeypatch):

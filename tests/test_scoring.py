@@ -13,6 +13,7 @@ from diffdistill import checkpoint, cli, feature_convnet, fid, sampling, scoring
 from diffdistill.convnet import ConvNet
 from diffdistill.data import LabeledImages, save_images
 from diffdistill.errors import DiffdistillError
+from diffdistill.records import BestCheckpoint, CheckpointScore
 from helpers import load_script
 
 FAST = sampling.SamplerSettings(steps=2, order=2, method="multistep", algorithm="dpmsolver++", t_end=1e-3)
@@ -94,20 +95,21 @@ def test_score_refuses_statistics_of_another_extractor(tmp_path, extractor):
 
 
 def rows(*pairs, kind="FID", n=500):
-    return [{"step": s, "score": v, "score_kind": kind, "num_images": n, "checkpoint": f"step_{s}.pt"}
-            for s, v in pairs]
+    return [CheckpointScore(settings={}, step=s, score=v, score_kind=kind, num_images=n, checkpoint=f"step_{s}.pt",
+                            seconds=2.0, sampling_s=1.5, features_s=0.5, reference_count=30, timings_s={},
+                            environment={}) for s, v in pairs]
 
 
 def test_select_best_takes_the_lowest_and_ties_go_to_the_earliest_step():
     best, table = scoring.select_best(rows((3000, 5.0), (1000, 7.0), (2000, 5.0), (4000, 6.0)))
-    assert best["step"] == 2000 and best["checkpoint"] == "step_2000.pt"
+    assert best.step == 2000 and best.checkpoint == "step_2000.pt"
     assert table["step"].tolist() == [1000, 2000, 3000, 4000]  # sorted by step for the curve
     assert table.loc[table["step"] == 4000, "score"].item() == 6.0
 
 
 def test_select_best_never_picks_a_nan_score():
     best, _ = scoring.select_best(rows((1, float("nan")), (2, 9.0)))
-    assert best["step"] == 2
+    assert best.step == 2
     with pytest.raises(DiffdistillError, match="NaN"):
         scoring.select_best(rows((1, float("nan"))))
 
@@ -121,6 +123,28 @@ def test_select_best_refuses_incomparable_scores():
         scoring.select_best(rows((1, 3.0), n=500) + rows((2, 2.0), n=1000))
     with pytest.raises(DiffdistillError, match="repeat steps"):
         scoring.select_best(rows((1, 3.0), (1, 2.0)))
+
+
+def test_score_and_best_records_round_trip_and_refuse_a_bad_field_naming_file_and_field(tmp_path):
+    score = rows((1000, 4.5))[0]
+    best = BestCheckpoint.of(score, settings={"scores": ["a.json"]}, environment={"python": "3"})
+    for record, kind in ((score, CheckpointScore), (best, BestCheckpoint)):
+        record.write(tmp_path / "r.json")
+        assert kind.read(tmp_path / "r.json") == record
+        doc = record.to_json()
+        assert (doc["step"], doc["score"], doc["checkpoint"]) == (1000, 4.5, "step_1000.pt")  # readable keys
+        for change, expected in (({"score": None}, "field 'score' is NoneType None, expected a number"),
+                                 ({"step": "1000"}, "field 'step' is str '1000', expected an integer"),
+                                 ({"version": 0}, "field 'version' is 0, expected 1"),
+                                 ({"extra": 1}, r"unknown fields \['extra'\]")):
+            (tmp_path / "bad.json").write_text(json.dumps({**doc, **change}))
+            with pytest.raises(DiffdistillError, match=f"bad.json: {expected}"):
+                kind.read(tmp_path / "bad.json")
+        (tmp_path / "bad.json").write_text(json.dumps({k: v for k, v in doc.items() if k != "score_kind"}))
+        with pytest.raises(DiffdistillError, match="bad.json: field 'score_kind' missing .expected a string"):
+            kind.read(tmp_path / "bad.json")
+    with pytest.raises(DiffdistillError, match="'diffdistill-checkpoint-score', expected 'diffdistill-best-checkpoint'"):
+        BestCheckpoint.from_json(score.to_json(), "step.json")  # a score is not the chosen checkpoint
 
 
 def test_plot_is_a_png_written_atomically(tmp_path):
@@ -228,7 +252,7 @@ def test_reference_stats_bad_input_exits_2_and_leaves_nothing(workdir, tmp_path)
 
 def test_select_checkpoint_bad_score_file_exits_2_and_leaves_nothing(tmp_path):
     good, bad = tmp_path / "good.json", tmp_path / "bad.json"
-    good.write_text(json.dumps(rows((1, 2.0))[0]))
+    rows((1, 2.0))[0].write(good)
     bad.write_text("{ truncated")
     outs = [tmp_path / "s.csv", tmp_path / "best.json", tmp_path / "c.png"]
     assert cli.run_main(script("select_checkpoint").main, [

@@ -13,6 +13,7 @@ from diffdistill import checkpoint, feature_convnet, uvit
 from diffdistill.cli import run_main
 from diffdistill.data import LabeledImages, load_images, save_images
 from diffdistill.errors import DiffdistillError
+from diffdistill.records import BestCheckpoint
 from diffdistill.sampling_summary import SamplingSummary
 from diffdistill.submission import (labels_by_position, load_package, package, save_package, select_indices,
                                     submission_filename, validate)
@@ -245,6 +246,21 @@ def test_sample_budget_zero_exits_2_and_writes_nothing(tmp_path, tiny_checkpoint
             "--batch-size", "4", "--device", "cpu", *SOLVER]
     assert run_main(load_script("sample_budget").main, argv) == 2
     assert not out.exists() and not meta.exists()
+
+
+def test_sample_budget_takes_the_checkpoint_of_a_best_record_and_refuses_an_unversioned_one(tmp_path, tiny_checkpoint,
+                                                                                          capsys):
+    out, meta, best = tmp_path / "samples.pt", tmp_path / "samples.json", tmp_path / "best.json"
+    argv = ["--best", str(best), "--out", str(out), "--meta", str(meta), "--budget-s", "60", "--batch-size", "4",
+            "--max-images", "3", "--device", "cpu", *SOLVER]
+    BestCheckpoint(settings={}, step=1, score=0.5, score_kind="FID", num_images=6,
+                   checkpoint=str(tiny_checkpoint)).write(best)
+    assert run_main(load_script("sample_budget").main, argv) == 0
+    assert SamplingSummary.read(meta).settings["checkpoint"] == str(tiny_checkpoint)
+    best.write_text(json.dumps({"step": 1, "score": 0.5, "checkpoint": str(tiny_checkpoint)}))  # no format, version
+    out.unlink(), meta.unlink()
+    assert run_main(load_script("sample_budget").main, argv) == 2
+    assert "best.json: field 'format' is None" in capsys.readouterr().err and not out.exists()
 
 
 def test_package_bad_input_exits_2_and_writes_nothing(tmp_path, pool):

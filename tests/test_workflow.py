@@ -393,6 +393,32 @@ sweep:
 """
 
 
+def test_evaluation_table_gives_each_kind_its_training_set_and_flags(tmp_path):
+    (tmp_path / "study.yaml").write_text(STUDY.replace("0.05", "0.25"))
+    result = snakemake("-n", "-p", "--cores", "2", "--configfile", str(REPO / "config" / "config.yaml"), str(TINY),
+                       str(tmp_path / "study.yaml"), cwd=tmp_path, check=True)
+    commands = {re.search(r"--out \S*evaluation/(\S+)\.json", line).group(1): line.split("--test")[0].split("--train ")[1]
+                for line in result.stdout.splitlines() if "evaluate.py" in line}
+    out = "results/digits"
+    assert commands == {  # tiny.yaml: ipc 2, epochs 2, pool_epochs 1
+        "synthetic_ipc": f"{out}/package/digits.pt --train-format package --ipc 2 --epochs 2 ",
+        "synthetic_pool": f"{out}/samples/pool.pt --train-format images --epochs 1 ",
+        "real_ipc": f"{out}/data/train.pt --train-format images --random-ipc 2 --epochs 2 ",
+        "real_full": f"{out}/data/train.pt --train-format images --epochs 1 ",
+        "budget_0.25": f"{out}/samples/pool.pt --train-format images --epochs 1 --pool-meta {out}/samples/pool.json "
+                       "--budget-fraction 0.25 ",
+        "budget_1.0": f"{out}/samples/pool.pt --train-format images --epochs 1 --pool-meta {out}/samples/pool.json "
+                      "--budget-fraction 1.0 ",
+        "sweep_s2": f"{out}/sweep/s2/pool.pt --train-format images --epochs 1 ",
+        "sweep_w1": f"{out}/sweep/w1/pool.pt --train-format images --epochs 1 ",
+    }
+    # Only the table's kinds are evaluations: another fraction or variant is no target of the rules.
+    for kind in ("budget_0.5", "sweep_s4", "budget_"):
+        missing = snakemake("-n", "--configfile", str(REPO / "config" / "config.yaml"), str(TINY),
+                            str(tmp_path / "study.yaml"), f"{out}/evaluation/{kind}.json", cwd=tmp_path)
+        assert missing.returncode != 0 and f"evaluation/{kind}.json" in missing.stdout + missing.stderr, kind
+
+
 @pytest.fixture(scope="module")
 def study_run(tiny_run, tmp_path_factory):
     """The tiny run with a budget curve and a 2-variant sweep turned on: only the new jobs and the report run."""

@@ -20,7 +20,8 @@ import torch
 from . import atomic
 
 from .data import LabeledImages
-from .sampling import SamplerSettings
+from .errors import DiffdistillError
+from .records import BestCheckpoint, EvaluationResult
 from .sampling_summary import SamplingSummary
 
 ACCURACY_ROWS = {
@@ -55,18 +56,19 @@ def grid_scale(image_side: int) -> int:
     return max(1, math.ceil(32 / image_side))
 
 
-def build_summary(*, dataset: str, best: dict, sampling: SamplingSummary, accuracy: dict[str, dict],
-                  budget_curve: list[dict] = (), sweep: list[dict] = ()) -> dict:
+def build_summary(*, dataset: str, best: BestCheckpoint, sampling: SamplingSummary,
+                  accuracy: dict[str, EvaluationResult], budget_curve: list[dict] = (), sweep: list[dict] = ()) -> dict:
     """The summary.json document from the stage outputs (see the module docstring for keys);
-    ``budget_curve`` and ``sweep`` as made by :func:`budget_curve` and :func:`sweep_rows`."""
+    ``accuracy``: the evaluation of each of :data:`ACCURACY_ROWS`; ``budget_curve`` and ``sweep`` as
+    made by :func:`budget_curve` and :func:`sweep_rows`."""
     missing = [key for key in ACCURACY_ROWS if key not in accuracy]
     if missing:
-        raise ValueError(f"accuracy results missing for {missing}")
+        raise DiffdistillError(f"accuracy results missing for {missing}: expected evaluation/<kind>.json of each")
     return {
         "dataset": dataset,
-        "best_step": int(best["step"]),
-        "best_score": float(best["score"]),
-        "score_kind": best["score_kind"],
+        "best_step": best.step,
+        "best_score": float(best.score),
+        "score_kind": best.score_kind,
         "pool_images": sampling.images,
         "sampling_images_per_s": sampling.images_per_s,
         "sampling_images_per_s_per_shard": sampling.images_per_s_per_shard,
@@ -77,29 +79,29 @@ def build_summary(*, dataset: str, best: dict, sampling: SamplingSummary, accura
     }
 
 
-def _mean_std(result: dict) -> dict:
+def _mean_std(result: EvaluationResult) -> dict:
     """{mean, std} of an evaluation result; null for an evaluation that had nothing to train on."""
-    return {key: None if result[key] is None else float(result[key]) for key in ("mean", "std")}
+    return {key: None if value is None else float(value) for key, value in (("mean", result.mean), ("std", result.std))}
 
 
-def budget_curve(evaluations: list[dict]) -> list[dict]:
-    """The budget curve from evaluate's results of budget prefixes (each with ``budget_prefix``), by fraction."""
+def budget_curve(evaluations: dict[str, EvaluationResult]) -> list[dict]:
+    """The budget curve from evaluate's results of budget prefixes (file -> result), by fraction."""
     points = []
-    for result in evaluations:
-        prefix = result["budget_prefix"]
-        points.append({"fraction": float(prefix["fraction"]), "seconds": float(prefix["seconds"]),
-                       "images": int(prefix["images"]), "accuracy": _mean_std(result)})
+    for where, result in evaluations.items():
+        prefix = result.budget_prefix
+        if prefix is None:
+            raise DiffdistillError(f"{where}: field 'budget_prefix' is null, expected the result of a budget prefix "
+                                   "(evaluate --budget-fraction)")
+        points.append({"fraction": float(prefix.fraction), "seconds": float(prefix.seconds), "images": prefix.images,
+                       "accuracy": _mean_std(result)})
     return sorted(points, key=lambda point: point["fraction"])
 
 
-SAMPLER_KEYS = tuple(SamplerSettings().to_dict())  # a sweep variant's settings: the sampler's own keys
-
-
-def sweep_rows(variants: list[tuple[str, SamplingSummary, dict]]) -> list[dict]:
+def sweep_rows(variants: list[tuple[str, SamplingSummary, EvaluationResult]]) -> list[dict]:
     """One row per sampler variant from (name, its pool's sampling summary, evaluate's result of the pool);
     ``settings`` are the variant's sampler settings (those of the summary's settings)."""
-    return [{"name": name, "settings": {k: v for k, v in sampling.settings.items() if k in SAMPLER_KEYS},
-             "images": sampling.images, "images_per_s": sampling.images_per_s, "accuracy": _mean_std(result)}
+    return [{"name": name, "settings": sampling.sampler, "images": sampling.images,
+             "images_per_s": sampling.images_per_s, "accuracy": _mean_std(result)}
             for name, sampling, result in variants]
 
 
@@ -181,9 +183,9 @@ def plot_sweep(sweep: list[dict], path: str | os.PathLike) -> None:
 
 
 def render_markdown(summary: dict, *, ipc: int, scores: list[dict], sampling: SamplingSummary,
-                    figures: dict[str, str],
-                    accuracy_details: dict[str, dict] | None = None) -> str:
-    """report.md: what was chosen, how fast it sampled, and the accuracy table, with figure links."""
+                    figures: dict[str, str], evaluations: dict[str, EvaluationResult]) -> str:
+    """report.md: what was chosen, how fast it sampled, and the accuracy table (with each evaluation's
+    rounds and epochs), with figure links."""
     acc = summary["accuracy"]
     pct = lambda a: f"{100 * a['mean']:.2f} ± {100 * a['std']:.2f}"  # noqa: E731
     lines = [
@@ -205,7 +207,7 @@ def render_markdown(summary: dict, *, ipc: int, scores: list[dict], sampling: Sa
         "",
         f"{summary['pool_images']} labelled images in {sampling.sampling_s:.1f} s of a "
         f"{summary['budget_s']:.0f} s budget{_shard_text(summary)}: **{summary['sampling_images_per_s']:.1f} images/s** on "
-        f"{sampling.device_name} ({_solver_text(sampling.settings)}). Model loading took "
+        f"{sampling.device_name} ({_solver_text(sampling.sampler)}). Model loading took "
         f"{sampling.load_s:.1f} s and is not part of the budget.",
         "",
         f"![samples, one row per class]({figures['grid']})",
@@ -218,11 +220,9 @@ def render_markdown(summary: dict, *, ipc: int, scores: list[dict], sampling: Sa
         "| training set | accuracy (%) | rounds | epochs |",
         "|---|---:|---:|---:|",
     ]
-    details = accuracy_details or {}
     for key, label in ACCURACY_ROWS.items():
-        info = details.get(key, {})
         lines.append(f"| {label.format(ipc=ipc, pool=summary['pool_images'])} | {pct(acc[key])} | "
-                     f"{info.get('rounds', '')} | {info.get('epochs', '')} |")
+                     f"{evaluations[key].rounds} | {evaluations[key].epochs} |")
     lines += _budget_curve_lines(summary, figures) + _sweep_lines(summary, figures)
     lines += ["", "Plain numbers: `summary.json`.", ""]
     return "\n".join(lines)
@@ -233,7 +233,7 @@ def _accuracy_text(acc: dict) -> str:
 
 
 def _budget_curve_lines(summary: dict, figures: dict[str, str]) -> list[str]:
-    curve = summary.get("budget_curve", [])
+    curve = summary["budget_curve"]
     if not curve:
         return []
     return [
@@ -248,7 +248,7 @@ def _budget_curve_lines(summary: dict, figures: dict[str, str]) -> list[str]:
 
 
 def _sweep_lines(summary: dict, figures: dict[str, str]) -> list[str]:
-    sweep = summary.get("sweep", [])
+    sweep = summary["sweep"]
     if not sweep:
         return []
     return [
@@ -270,8 +270,6 @@ def _shard_text(summary: dict) -> str:
 
 
 def _solver_text(solver: dict) -> str:
-    if "steps" not in solver:
-        return "solver settings in the sampling metadata"
-    return (f"DPM-Solver {solver.get('method', '?')} {solver.get('algorithm', '?')} order {solver.get('order', '?')}, "
-            f"{solver.get('steps', '?')} steps, guidance w={solver.get('guidance_scale', '?')}, "
-            f"{solver.get('precision', '?')}")
+    """``solver``: a sampling summary's sampler settings (:attr:`SamplingSummary.sampler`)."""
+    return (f"DPM-Solver {solver['method']} {solver['algorithm']} order {solver['order']}, {solver['steps']} steps, "
+            f"guidance w={solver['guidance_scale']}, {solver['precision']}")

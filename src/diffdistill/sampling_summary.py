@@ -11,14 +11,11 @@ job is simply a summary with one shard.
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
-from . import atomic
 from .errors import DiffdistillError
-
-FORMAT = "diffdistill-sampling-summary"
-VERSION = 1
+from .records import Record
 
 
 @dataclass
@@ -65,9 +62,14 @@ class ShardRun:
 
 
 @dataclass
-class SamplingSummary:
-    """The settings shared by every shard, the class names and one :class:`ShardRun` per shard;
-    the pool's totals are properties. ``sources`` names the shard files of a merged pool."""
+class SamplingSummary(Record):
+    """The settings shared by every shard (``budget_s`` and the sampler's among them), the class names
+    and one :class:`ShardRun` per shard; the pool's totals are properties. ``sources`` names the shard
+    files of a merged pool."""
+
+    FORMAT: ClassVar[str] = "diffdistill-sampling-summary"
+    VERSION: ClassVar[int] = 1
+    WHAT: ClassVar[str] = "a sampling summary written by sample_budget or merge_samples"
 
     settings: dict
     classes: list[str]
@@ -126,32 +128,17 @@ class SamplingSummary:
         seconds = fraction * self.budget_s
         return seconds, self.finished_within(seconds)
 
-    def to_json(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "settings": self.settings, "classes": self.classes,
-                "shards": [asdict(s) for s in self.shards], "sources": self.sources,
-                "environment": self.environment}
+    @property
+    def sampler(self) -> dict:
+        """The sampler's own settings (the keys of :class:`diffdistill.sampling.SamplerSettings`)."""
+        return {key: self.settings[key] for key in sampler_keys()}
 
-    @classmethod
-    def from_json(cls, doc, where: str = "sampling summary") -> "SamplingSummary":
-        """Read :meth:`to_json`'s layout; errors name ``where`` and the key that is wrong."""
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise DiffdistillError(f"{where}: expected a sampling summary (format {FORMAT!r}) written by "
-                                   "sample_budget or merge_samples")
-        for key, kind in (("settings", dict), ("classes", list), ("shards", list)):
-            if not isinstance(doc.get(key), kind):
-                raise DiffdistillError(f"{where}: key {key!r} missing or not a {kind.__name__}")
-        if "budget_s" not in doc["settings"] or not doc["shards"]:
-            raise DiffdistillError(f"{where}: expected settings['budget_s'] and at least one entry in 'shards'")
-        return cls(settings=doc["settings"], classes=list(doc["classes"]),
-                   shards=[_shard_from_json(entry, f"{where}, shards[{i}]") for i, entry in enumerate(doc["shards"])],
-                   environment=doc.get("environment", {}), sources=list(doc.get("sources", [])))
-
-    @classmethod
-    def read(cls, path: str | os.PathLike) -> "SamplingSummary":
-        return cls.from_json(atomic.read_json(path, "a sampling summary JSON"), str(path))
-
-    def write(self, path: str | os.PathLike) -> None:
-        atomic.write_json(path, self.to_json())
+    def check(self, where: str) -> None:
+        missing = [key for key in ("budget_s", *sampler_keys()) if key not in self.settings]
+        if missing:
+            raise DiffdistillError(f"{where}: field 'settings' lacks {missing} (the budget and the sampler's settings)")
+        if not self.shards:
+            raise DiffdistillError(f"{where}: field 'shards' is empty, expected at least one shard")
 
     @classmethod
     def merge(cls, parts: list["SamplingSummary"], *, environment: dict | None = None,
@@ -171,12 +158,7 @@ class SamplingSummary:
                    sources=list(sources or []))
 
 
-def _shard_from_json(entry, where: str) -> ShardRun:
-    known = {f.name for f in fields(ShardRun)}
-    if not isinstance(entry, dict) or not {"shard", "seed", "counts", "sampling_s", "load_s",
-                                           "device_name"} <= set(entry):
-        raise DiffdistillError(f"{where}: expected shard, seed, counts, sampling_s, load_s and device_name")
-    unknown = sorted(set(entry) - known)
-    if unknown:
-        raise DiffdistillError(f"{where}: unknown keys {unknown}")
-    return ShardRun(**entry)
+def sampler_keys() -> tuple[str, ...]:
+    from .sampling import SamplerSettings  # not at the top: sampling imports this module
+
+    return tuple(f.name for f in fields(SamplerSettings))

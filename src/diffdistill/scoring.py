@@ -23,6 +23,7 @@ import torch
 from . import atomic, checkpoint, fid, sampling, speed
 from .errors import DiffdistillError
 from .feature_convnet import load_feature_convnet
+from .records import CheckpointScore
 
 log = logging.getLogger(__name__)
 
@@ -87,30 +88,29 @@ def score_checkpoint(checkpoint_path: str | os.PathLike, reference: fid.FeatureS
 # --------------------------------------------------------------------------- selection
 
 
-def select_best(scores: Sequence[dict]) -> tuple[dict, pd.DataFrame]:
+def select_best(scores: Sequence[CheckpointScore]) -> tuple[CheckpointScore, pd.DataFrame]:
     """The lowest score (ties: earliest step) and a table of all scores sorted by step.
 
     Refuses an empty list, duplicate steps, mixed score kinds and mixed sample counts (scores made
     at different counts are not comparable). A NaN score (a diverged checkpoint) is never best.
     """
     table = _score_table(scores)
-    finite = table[table["score"].map(lambda v: v is not None and math.isfinite(float(v)))]
+    best_step = _best_step(table)
+    return next(s for s in scores if s.step == best_step), table
+
+
+def _best_step(table: pd.DataFrame) -> int:
+    finite = table[table["score"].map(lambda v: math.isfinite(float(v)))]
     if finite.empty:
         raise DiffdistillError("every checkpoint score is NaN or infinite: nothing to select")
-    best_step = finite.sort_values(["score", "step"], kind="stable").iloc[0]["step"]
-    best = next(dict(s) for s in scores if s["step"] == best_step)
-    return best, table
+    return int(finite.sort_values(["score", "step"], kind="stable").iloc[0]["step"])
 
 
-def _score_table(scores: Sequence[dict]) -> pd.DataFrame:
+def _score_table(scores: Sequence[CheckpointScore]) -> pd.DataFrame:
     """The scores as a table sorted by step, after checking that they are comparable."""
-    required = {"step", "score", "score_kind"}
     if not scores:
         raise DiffdistillError("no checkpoint scores to select from")
-    incomplete = [sorted(required - set(s)) for s in scores if not required <= set(s)]
-    if incomplete:
-        raise DiffdistillError(f"checkpoint scores lack keys {incomplete[0]} (expected step, score, score_kind)")
-    table = pd.DataFrame([{col: s.get(col) for col in SCORE_COLUMNS} for s in scores])
+    table = pd.DataFrame([{col: getattr(s, col) for col in SCORE_COLUMNS} for s in scores])
     table = table.sort_values("step", kind="stable").reset_index(drop=True)
     for column in ("score_kind", "num_images"):
         if table[column].nunique(dropna=False) > 1:
@@ -128,7 +128,7 @@ def plot_scores(table: pd.DataFrame, path: str | os.PathLike, score_kind: str) -
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    best, _ = select_best(table.to_dict("records"))
+    best = table[table["step"] == _best_step(table)].iloc[0]
     figure = Figure(figsize=(5, 3.5), dpi=120)
     FigureCanvasAgg(figure)  # Agg canvas without touching pyplot's global backend
     axes = figure.add_subplot()

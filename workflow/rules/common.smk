@@ -2,6 +2,7 @@
 # DAG (including every checkpoint to score) is known before any job runs.
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -13,13 +14,11 @@ LOGS = f"logs/{DATASET}"
 SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
 
 
-FRACTION_RE = r"[0-9][0-9.e-]*"  # str(float(fraction)): 0.1, 0.25, 1.0
 VARIANT_RE = r"[A-Za-z0-9][A-Za-z0-9_.+-]*"  # the schema's pattern for sweep names
 
 
 wildcard_constraints:
     step=r"\d{7}",
-    kind=rf"synthetic_ipc|synthetic_pool|real_ipc|real_full|budget_{FRACTION_RE}|sweep_{VARIANT_RE}",
     shard=r"\d+",
     variant=VARIANT_RE,
 
@@ -152,9 +151,6 @@ def feature_convnet_output():
     return {}
 
 
-ACCURACY_KINDS = ["synthetic_ipc", "synthetic_pool", "real_ipc", "real_full"]
-# The budget curve: one evaluation per fraction of the pool's budget (empty: off).
-BUDGET_KINDS = [f"budget_{float(fraction)}" for fraction in config["evaluation"]["budget_fractions"]]
 SHORT_SAMPLER_KEYS = {"steps": "s", "guidance_scale": "w", "order": "o", "t_end": "t"}
 
 
@@ -187,41 +183,47 @@ def sweep_variants():
 
 
 SWEEP = sweep_variants()
-SWEEP_KINDS = [f"sweep_{name}" for name in SWEEP]
+
+
+def evaluation_table():
+    """kind -> one evaluation: ``train`` (the file the ConvNet trains on) and evaluate's flags for it:
+    train_format, ipc (a package) or random_ipc (a fresh random real subset per round), epochs, and for a
+    budget prefix of the pool its summary (pool_meta) and the fraction from the config."""
+    ev, ipc, pool = config["evaluation"], config["package"]["ipc"], f"{OUT}/samples/pool.pt"
+    real_train = f"{OUT}/data/train.pt"
+    accuracy = {
+        "synthetic_ipc": {"train": f"{OUT}/package/{DATASET}.pt", "train_format": "package", "ipc": ipc,
+                          "epochs": ev["epochs"]},
+        "synthetic_pool": {"train": pool, "train_format": "images", "epochs": ev["pool_epochs"]},
+        "real_ipc": {"train": real_train, "train_format": "images", "random_ipc": ipc, "epochs": ev["epochs"]},
+        "real_full": {"train": real_train, "train_format": "images", "epochs": ev["pool_epochs"]},
+    }
+    # The budget curve: the pool's images made within each fraction of its budget (empty: off).
+    budget = {f"budget_{float(fraction)}": {"train": pool, "train_format": "images", "epochs": ev["pool_epochs"],
+                                            "pool_meta": f"{OUT}/samples/pool.json", "budget_fraction": fraction}
+              for fraction in ev["budget_fractions"]}
+    sweep = {f"sweep_{name}": {"train": f"{OUT}/sweep/{name}/pool.pt", "train_format": "images",
+                               "epochs": ev["pool_epochs"]} for name in SWEEP}
+    return accuracy, budget, sweep
+
+
+ACCURACY_EVALUATIONS, BUDGET_EVALUATIONS, SWEEP_EVALUATIONS = evaluation_table()
+EVALUATIONS = ACCURACY_EVALUATIONS | BUDGET_EVALUATIONS | SWEEP_EVALUATIONS
+ACCURACY_KINDS, BUDGET_KINDS, SWEEP_KINDS = list(ACCURACY_EVALUATIONS), list(BUDGET_EVALUATIONS), list(SWEEP_EVALUATIONS)
+EVALUATION_KIND_RE = "|".join(map(re.escape, EVALUATIONS))  # the table's kinds and nothing else
+EVALUATION_INPUTS = ("train", "pool_meta")  # the table's files: inputs of the evaluate rule as well as flags
 
 
 def evaluation_inputs(wildcards):
-    """What the ConvNet trains on: the four rows of the accuracy table, a budget prefix of the pool, or a
-    sweep variant's pool."""
-    real = {"test": f"{OUT}/data/test.pt", "real_train": f"{OUT}/data/train.pt"}
-    if wildcards.kind.startswith("budget_"):
-        return {"train": f"{OUT}/samples/pool.pt", "pool_meta": f"{OUT}/samples/pool.json", **real}
-    if wildcards.kind.startswith("sweep_"):
-        return {"train": f"{OUT}/sweep/{wildcards.kind[len('sweep_'):]}/pool.pt", **real}
-    train = {
-        "synthetic_ipc": f"{OUT}/package/{DATASET}.pt",
-        "synthetic_pool": f"{OUT}/samples/pool.pt",
-        "real_ipc": f"{OUT}/data/train.pt",
-        "real_full": f"{OUT}/data/train.pt",
-    }[wildcards.kind]
-    return {"train": train, **real}
+    """What the ConvNet trains on (and a budget prefix's sampling summary), and the real splits."""
+    target = EVALUATIONS[wildcards.kind]
+    return {**{key: target[key] for key in EVALUATION_INPUTS if key in target},
+            "test": f"{OUT}/data/test.pt", "real_train": f"{OUT}/data/train.pt"}
 
 
 def evaluation_args(wildcards):
-    ipc = config["package"]["ipc"]
-    ev = config["evaluation"]
-    if wildcards.kind.startswith("budget_"):
-        fraction = wildcards.kind[len("budget_"):]
-        return (f"--train-format images --epochs {ev['pool_epochs']} --pool-meta {OUT}/samples/pool.json "
-                f"--budget-fraction {fraction}")
-    if wildcards.kind.startswith("sweep_"):
-        return f"--train-format images --epochs {ev['pool_epochs']}"
-    return {
-        "synthetic_ipc": f"--train-format package --ipc {ipc} --epochs {ev['epochs']}",
-        "synthetic_pool": f"--train-format images --epochs {ev['pool_epochs']}",
-        "real_ipc": f"--train-format images --random-ipc {ipc} --epochs {ev['epochs']}",
-        "real_full": f"--train-format images --epochs {ev['pool_epochs']}",
-    }[wildcards.kind]
+    """evaluate's flags of the kind's row (--train is the rule's own, from its input)."""
+    return " ".join(cli_flag(key, value) for key, value in EVALUATIONS[wildcards.kind].items() if key != "train")
 
 
 # Package rules that pick images with the real-data feature ConvNet of FD-ConvNet scoring: the same as

@@ -4,6 +4,8 @@ rule evaluate:
         unpack(evaluation_inputs),
     output:
         result=f"{OUT}/evaluation/{{kind}}.json",
+    wildcard_constraints:
+        kind=EVALUATION_KIND_RE,
     params:
         script=f"{SCRIPTS}/evaluate.py",
         device=config["device"],

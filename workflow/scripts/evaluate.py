@@ -3,7 +3,8 @@
 Training sets: a package (``--train-format package``: bare pre-normalised float tensor, labels by
 position, ``--ipc``), or a labelled image file (``--train-format images``: the synthetic pool, the
 full real train split, or with ``--random-ipc K`` a fresh random real subset of it per round). The
-JSON written to ``--out`` is the result: mean, std, accuracies (fractions), settings, timings.
+JSON written to ``--out`` is the result (an EvaluationResult record): mean, std, accuracies
+(fractions), settings, timings.
 """
 
 import argparse
@@ -16,6 +17,7 @@ from diffdistill.data import load_images
 from diffdistill.errors import DiffdistillError
 from diffdistill.evaluation_state import EvaluationState, data_fingerprint
 from diffdistill.normalize import normalize
+from diffdistill.records import BudgetPrefix, EvaluationResult
 from diffdistill.sampling_summary import SamplingSummary
 
 
@@ -63,8 +65,9 @@ def main(argv=None) -> int:
         settings = {**vars(args), "train_set": what, "mean_std": [mean, std], "num_classes": test.num_classes}
         if len(x) == 0:  # no batch finished within the prefix's time: nothing to train on
             cli.log.warning("%s: no images, no accuracy", what)
-            cli.write_sidecar(args.out, settings=settings, device=device, mean=None, std=None, accuracies=[],
-                              epochs=args.epochs, rounds=args.rounds, train_size=0, budget_prefix=prefix)
+            EvaluationResult(settings=settings, mean=None, std=None, accuracies=[], epochs=args.epochs,
+                             rounds=args.rounds, train_size=0, budget_prefix=prefix,
+                             environment=cli.environment(device)).write(args.out)
             return 0
         state = resume_state(args, x, y, test) if args.resume_dir else None
         result = evaluation.train_and_evaluate(
@@ -74,8 +77,8 @@ def main(argv=None) -> int:
         cli.log.info("%s: test accuracy %.4f +- %.4f over %d rounds", what, result["mean"], result["std"], args.rounds)
         timings = {"load": loading.seconds, "train_and_test": result.pop("seconds"),
                    "per_round": result.pop("seconds_per_round")}
-        extra = {} if prefix is None else {"budget_prefix": prefix}
-        cli.write_sidecar(args.out, settings=settings, timings=timings, device=device, **result, **extra)
+        EvaluationResult(settings=settings, **result, budget_prefix=prefix, timings_s=timings,
+                         environment=cli.environment(device)).write(args.out)
     if state is not None:
         state.clear()
     return 0
@@ -90,9 +93,9 @@ def budget_prefix(args, x, y):
         raise DiffdistillError(f"--budget-fraction: {args.pool_meta} counts {summary.images} images, {args.train} "
                                f"holds {len(x)} (expected the pool and its summary, --train-format images)")
     seconds, positions = summary.budget_prefix(args.budget_fraction)
-    info = {"fraction": args.budget_fraction, "seconds": seconds, "images": len(positions)}
     index = torch.tensor(positions, dtype=torch.long)  # (n,)
-    return x[index], y[index], f"images made within {seconds:.3g} s: {len(positions)}", info
+    return (x[index], y[index], f"images made within {seconds:.3g} s: {len(positions)}",
+            BudgetPrefix(fraction=args.budget_fraction, seconds=seconds, images=len(positions)))
 
 
 def resume_state(args, x, y, test) -> EvaluationState:

@@ -24,6 +24,7 @@ import pandas as pd
 from diffdistill import atomic, cli, report
 from diffdistill.data import load_images
 from diffdistill.errors import DiffdistillError
+from diffdistill.records import BestCheckpoint, EvaluationResult
 from diffdistill.sampling_summary import SamplingSummary
 
 
@@ -46,28 +47,23 @@ def main(argv=None) -> int:
     outputs = [args.report, args.summary, args.grid, args.accuracy_table, args.budget_plot, args.sweep_plot,
                args.sweep_table]
     with cli.cleanup_on_failure(outputs):
-        evaluations = {Path(p).stem: atomic.read_json(p, "an evaluation JSON") for p in args.evaluations}
+        evaluations = {Path(p).stem: EvaluationResult.read(p) for p in args.evaluations}
         curve, sweep = budget_and_sweep(args)
-        best = atomic.read_json(args.best, "select_checkpoint's best.json")
+        best = BestCheckpoint.read(args.best)
         sampling = SamplingSummary.read(args.pool_meta)
         pool = load_images(args.pool)
         grid = report.sample_grid(pool, per_class=10, pixel_scale=report.grid_scale(pool.images.shape[-1]))
         with atomic.atomic_path(args.grid) as tmp:
             grid.save(tmp, format="PNG")
-        try:
-            summary = report.build_summary(dataset=args.dataset, best=best, sampling=sampling, accuracy=evaluations,
-                                           budget_curve=curve, sweep=sweep)
-        except (KeyError, ValueError) as err:
-            raise DiffdistillError(f"stage outputs incomplete for the summary: {err}") from err
+        summary = report.build_summary(dataset=args.dataset, best=best, sampling=sampling, accuracy=evaluations,
+                                       budget_curve=curve, sweep=sweep)
         scores = pd.read_csv(args.scores).to_dict("records")
         report_dir = Path(args.report).parent
         figures = {"curve": os.path.relpath(args.curve, report_dir), "grid": os.path.relpath(args.grid, report_dir)}
         figures |= plots(args, summary, report_dir)
         atomic.write_text(args.accuracy_table, report.accuracy_table(summary, args.ipc).to_csv(sep="\t", index=False))
-        details = {kind: ev.get("settings", {}) | {k: ev[k] for k in ("rounds", "epochs") if k in ev}
-                   for kind, ev in evaluations.items()}
         text = report.render_markdown(summary, ipc=args.ipc, scores=scores, sampling=sampling,
-                                      figures=figures, accuracy_details=details)
+                                      figures=figures, evaluations=evaluations)
         atomic.write_json(args.summary, summary)
         atomic.write_text(args.report, text)
     return 0
@@ -78,11 +74,8 @@ def budget_and_sweep(args):
     if len(args.sweep_metas) != len(args.sweep_evaluations):
         raise DiffdistillError(f"{len(args.sweep_metas)} --sweep-metas but {len(args.sweep_evaluations)} "
                                "--sweep-evaluations")
-    try:
-        curve = report.budget_curve([atomic.read_json(p, "a budget prefix evaluation") for p in args.budget_evaluations])
-    except KeyError as err:
-        raise DiffdistillError(f"--budget-evaluations: a result lacks {err} (made by evaluate --budget-fraction?)")
-    variants = [(Path(meta).parent.name, SamplingSummary.read(meta), atomic.read_json(result, "a sweep evaluation"))
+    curve = report.budget_curve({path: EvaluationResult.read(path) for path in args.budget_evaluations})
+    variants = [(Path(meta).parent.name, SamplingSummary.read(meta), EvaluationResult.read(result))
                 for meta, result in zip(args.sweep_metas, args.sweep_evaluations)]
     return curve, report.sweep_rows(variants)
 

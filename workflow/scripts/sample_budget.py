@@ -6,9 +6,10 @@ The budget clock starts at the first sampling batch; model loading is timed and 
 import argparse
 import sys
 
-from diffdistill import atomic, checkpoint, cli, sampling
+from diffdistill import checkpoint, cli, sampling
 from diffdistill.data import LabeledImages, save_images
 from diffdistill.errors import DiffdistillError
+from diffdistill.records import BestCheckpoint
 from diffdistill.sampling_summary import SamplingSummary
 
 
@@ -36,10 +37,7 @@ def checkpoint_path(args) -> str:
     """--checkpoint, or the checkpoint named by select_checkpoint's best.json."""
     if args.checkpoint:
         return args.checkpoint
-    best = atomic.read_json(args.best, "select_checkpoint's JSON")
-    if "checkpoint" not in best:
-        raise DiffdistillError(f"{args.best}: expected select_checkpoint's JSON with a 'checkpoint' path")
-    return best["checkpoint"]
+    return BestCheckpoint.read(args.best).checkpoint
 
 
 def main(argv=None) -> int:
@@ -64,9 +62,9 @@ def main(argv=None) -> int:
             label_offset=sampling.shard_label_offset(args.shard, args.num_shards, model.num_classes))
         save_images(LabeledImages(result.images, result.labels, classes, str(data_config.get("name", "")),
                                   "synthetic"), args.out)
-        shared = {**settings.to_dict(), "precision_used": settings.on_device(device).precision, "budget_s": args.budget_s, "batch_size": args.batch_size,
-                  "max_images": args.max_images, "weights": args.weights, "num_shards": args.num_shards,
-                  "checkpoint": args.checkpoint}
+        shared = {**settings.to_dict(), "precision_used": settings.on_device(device).precision,
+                  "budget_s": args.budget_s, "batch_size": args.batch_size, "max_images": args.max_images,
+                  "weights": args.weights, "num_shards": args.num_shards, "checkpoint": args.checkpoint}
         run = result.shard_run(shard=args.shard, seed=args.seed + args.shard, load_s=load.seconds,
                                device_name=cli.device_name(device))
         SamplingSummary(shared, classes, [run], environment=cli.environment(device)).write(args.meta)

@@ -3,14 +3,15 @@
     python workflow/scripts/score_checkpoint.py --checkpoint step_0000500.pt --stats ref.npz \
         --extractor convnet --convnet feature_convnet.pt --num-images 500 --out step_0000500.json
 
-The output JSON holds step, score, score_kind ("FID" or "FD-ConvNet"), num_images, checkpoint and
-seconds at its top level, plus the settings, timings and environment.
+The output JSON (a CheckpointScore record) holds step, score, score_kind ("FID" or "FD-ConvNet"),
+num_images, checkpoint and seconds at its top level, plus the settings, timings and environment.
 """
 
 import argparse
 import sys
 
 from diffdistill import cli, fid, scoring
+from diffdistill.records import CheckpointScore
 
 
 def parse(argv):
@@ -41,11 +42,10 @@ def main(argv=None) -> int:
         result = scoring.score_checkpoint(
             args.checkpoint, reference, extractor, num_images=args.num_images, batch_size=args.batch_size,
             sampler=settings, device=device, seed=args.seed)
-        cli.write_sidecar(args.out, device=device,
-                          settings={**vars(args), "sampler": settings.to_dict(),
-                                    "precision_used": settings.on_device(device).precision},
-                          timings={k: result[k] for k in ("seconds", "sampling_s", "features_s")},
-                          reference_count=reference.count, **result)
+        settings_used = {**vars(args), "sampler": settings.to_dict(), "precision_used": settings.on_device(device).precision}
+        CheckpointScore(settings=settings_used, **result,
+                        reference_count=reference.count, environment=cli.environment(device),
+                        timings_s={k: result[k] for k in ("seconds", "sampling_s", "features_s")}).write(args.out)
     cli.log.info("step %d: %s %.4f", result["step"], result["score_kind"], result["score"])
     return 0
 

@@ -10,13 +10,14 @@ import argparse
 import sys
 
 from diffdistill import atomic, cli, scoring
+from diffdistill.records import BestCheckpoint, CheckpointScore
 
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scores", nargs="+", required=True, help="score JSONs from score_checkpoint.py")
     p.add_argument("--csv", required=True)
-    p.add_argument("--best", required=True, help="JSON: step, score, score_kind, checkpoint of the best")
+    p.add_argument("--best", required=True, help="JSON (a BestCheckpoint record): step, score, score_kind, checkpoint of the best")
     p.add_argument("--plot", required=True, help="PNG of score against step")
     p.add_argument("--log")
     return p.parse_args(argv)
@@ -26,12 +27,11 @@ def main(argv=None) -> int:
     args = parse(argv)
     cli.start("select_checkpoint", sys.argv[1:] if argv is None else argv, args.log, "cpu")
     with cli.cleanup_on_failure([args.csv, args.best, args.plot]):
-        best, table = scoring.select_best([atomic.read_json(path, "a score JSON") for path in args.scores])
+        best, table = scoring.select_best([CheckpointScore.read(path) for path in args.scores])
         atomic.write_text(args.csv, table.to_csv(index=False))
-        scoring.plot_scores(table, args.plot, best["score_kind"])
-        cli.write_sidecar(args.best, settings={"scores": args.scores}, **{
-            key: best.get(key) for key in ("step", "score", "score_kind", "num_images", "checkpoint")})
-    cli.log.info("best: step %d, %s %.4f (%s)", best["step"], best["score_kind"], best["score"], best.get("checkpoint"))
+        scoring.plot_scores(table, args.plot, best.score_kind)
+        BestCheckpoint.of(best, settings={"scores": args.scores}, environment=cli.environment()).write(args.best)
+    cli.log.info("best: step %d, %s %.4f (%s)", best.step, best.score_kind, best.score, best.checkpoint)
     return 0
 
 

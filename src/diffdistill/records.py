@@ -1,0 +1,207 @@
+"""Versioned JSON records of stage results, validated when read.
+
+A record is a dataclass whose file holds ``format`` (the record type) and ``version`` beside its
+fields. Reading checks both, then every field against its annotation (nested dataclasses and list
+items too): a missing or ill-typed field, an unknown key or another record type or version stops the
+reader with the file, the field and what was expected, so readers use the fields as they are.
+Records here: a checkpoint's score (score_checkpoint), the chosen checkpoint (select_checkpoint's
+best.json) and an evaluation (evaluate); the sampling summary
+(:class:`diffdistill.sampling_summary.SamplingSummary`) is one too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from . import atomic
+from .errors import DiffdistillError
+
+
+class Record:
+    """Base of a dataclass stored as a versioned JSON record: ``FORMAT`` names the record type,
+    ``VERSION`` its layout (raise it when a field changes meaning), ``WHAT`` says what it is in errors."""
+
+    FORMAT: ClassVar[str]
+    VERSION: ClassVar[int]
+    WHAT: ClassVar[str]
+
+    def to_json(self) -> dict:
+        return {"format": self.FORMAT, "version": self.VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, doc, where: str):
+        """Read :meth:`to_json`'s layout; errors name ``where`` and the field that is wrong."""
+        if not isinstance(doc, dict):
+            raise DiffdistillError(f"{where}: is {_found(doc)}, expected a JSON object: {cls.WHAT}")
+        if doc.get("format") != cls.FORMAT:
+            raise DiffdistillError(f"{where}: field 'format' is {doc.get('format')!r}, expected {cls.FORMAT!r}: "
+                                   f"{cls.WHAT}")
+        if doc.get("version") != cls.VERSION:
+            raise DiffdistillError(f"{where}: field 'version' is {doc.get('version')!r}, expected {cls.VERSION} "
+                                   f"(the {cls.FORMAT} layout this diffdistill reads): rerun the stage that wrote it")
+        record = cls(**fields_from_json(cls, {k: v for k, v in doc.items() if k not in ("format", "version")}, where))
+        record.check(where)
+        return record
+
+    def check(self, where: str) -> None:
+        """What the field types do not say (a subclass's own rules); raise DiffdistillError naming ``where``."""
+
+    @classmethod
+    def read(cls, path: str | os.PathLike):
+        return cls.from_json(atomic.read_json(path, cls.WHAT), str(path))
+
+    def write(self, path: str | os.PathLike) -> None:
+        atomic.write_json(path, self.to_json())
+
+
+def fields_from_json(cls, doc, where: str, path: str = "") -> dict:
+    """The keyword arguments of dataclass ``cls`` from a JSON object, each checked against its field's
+    annotation; a field with a default may be absent; unknown keys are refused. ``path`` prefixes the
+    field names in errors (a nested record's place, e.g. ``shards[0].``)."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(doc, dict):
+        raise DiffdistillError(f"{where}: field {path.rstrip('.') or 'record'!r} is {_found(doc)}, "
+                               f"expected {_describe(cls)}")
+    unknown = sorted(set(doc) - set(known))
+    if unknown:
+        raise DiffdistillError(f"{where}: unknown fields {[path + name for name in unknown]} "
+                               f"(expected {sorted(known)})")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, spec in known.items():
+        if name in doc:
+            values[name] = _value(doc[name], hints[name], where, path + name)
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise DiffdistillError(f"{where}: field {path + name!r} missing (expected {_describe(hints[name])})")
+    return values
+
+
+def _value(value, hint, where: str, name: str):
+    """``value`` checked against the annotation ``hint`` (a nested dataclass is built)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:  # the first whose outer type fits checks the inside
+            if _is_instance(value, arg):
+                return _value(value, arg, where, name)
+    elif dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return hint(**fields_from_json(hint, value, where, f"{name}."))
+    elif origin is list and isinstance(value, list):
+        return [_value(item, args[0], where, f"{name}[{i}]") for i, item in enumerate(value)] if args else value
+    elif _is_instance(value, hint):
+        return value
+    raise DiffdistillError(f"{where}: field {name!r} is {_found(value)}, expected {_describe(hint)}")
+
+
+def _is_instance(value, hint) -> bool:
+    """Whether ``value`` has the outer type of ``hint`` (a list of anything for ``list[int]``)."""
+    kind = dict if dataclasses.is_dataclass(hint) else typing.get_origin(hint) or hint
+    if kind is Any:
+        return True
+    if isinstance(value, bool):  # JSON true/false are not numbers
+        return kind is bool
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if arg is type(None) else _describe(arg) for arg in args)
+    if dataclasses.is_dataclass(hint):
+        return f"an object with {[f.name for f in dataclasses.fields(hint)]}"
+    if origin is list:
+        return f"a list (each {_describe(args[0])})" if args else "a list"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object",
+             list: "a list", Any: "any value"}
+    return names.get(origin or hint, getattr(hint, "__name__", str(hint)))
+
+
+def _found(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+# --------------------------------------------------------------------------- the stages' records
+
+
+@dataclass(kw_only=True)
+class CheckpointScore(Record):
+    """score_checkpoint's result: the Fréchet distance (``score``, of ``score_kind`` FID or FD-ConvNet) of
+    ``num_images`` samples of one checkpoint's EMA weights to the real statistics, with its timings."""
+
+    FORMAT: ClassVar[str] = "diffdistill-checkpoint-score"
+    VERSION: ClassVar[int] = 1
+    WHAT: ClassVar[str] = "a checkpoint score written by score_checkpoint"
+
+    settings: dict
+    step: int
+    score: float  # NaN for a diverged checkpoint (never selected)
+    score_kind: str
+    num_images: int
+    checkpoint: str
+    seconds: float
+    sampling_s: float
+    features_s: float
+    reference_count: int
+    timings_s: dict
+    environment: dict
+
+
+@dataclass(kw_only=True)
+class BestCheckpoint(Record):
+    """select_checkpoint's choice (best.json): the checkpoint with the lowest score and that score."""
+
+    FORMAT: ClassVar[str] = "diffdistill-best-checkpoint"
+    VERSION: ClassVar[int] = 1
+    WHAT: ClassVar[str] = "the chosen checkpoint (best.json) written by select_checkpoint"
+
+    settings: dict
+    step: int
+    score: float
+    score_kind: str
+    num_images: int
+    checkpoint: str
+    timings_s: dict = dataclasses.field(default_factory=dict)
+    environment: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, score: CheckpointScore, *, settings: dict, environment: dict) -> "BestCheckpoint":
+        return cls(settings=settings, step=score.step, score=score.score, score_kind=score.score_kind,
+                   num_images=score.num_images, checkpoint=score.checkpoint, environment=environment)
+
+
+@dataclass
+class BudgetPrefix:
+    """The images of a pool made within ``fraction`` of its sampling budget: ``seconds`` and their count."""
+
+    fraction: float
+    seconds: float
+    images: int
+
+
+@dataclass(kw_only=True)
+class EvaluationResult(Record):
+    """evaluate's result: test accuracies (fractions) of ``rounds`` ConvNets trained on one training set,
+    their mean and std (null when the set was empty), and for a budget prefix which images it held."""
+
+    FORMAT: ClassVar[str] = "diffdistill-evaluation"
+    VERSION: ClassVar[int] = 1
+    WHAT: ClassVar[str] = "an evaluation result written by evaluate"
+
+    settings: dict
+    mean: float | None
+    std: float | None
+    accuracies: list[float]
+    epochs: int
+    rounds: int
+    train_size: int
+    resumed_rounds: list[int] = dataclasses.field(default_factory=list)
+    budget_prefix: BudgetPrefix | None = None
+    timings_s: dict = dataclasses.field(default_factory=dict)
+    environment: dict = dataclasses.field(default_factory=dict)
