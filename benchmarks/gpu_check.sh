@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check in one call (issue 10): run on a machine with one CUDA GPU, from the repository root,
-# with the wheels of benchmarks/fetch_wheels.sh in .whl/ (carried: the GPU image has no Snakemake,
-# pytorch-fid or Inception weights and no network):
+# An acceptance check and benchmark for a GPU node: run it on the node (one CUDA GPU is used), from
+# the repository root, to check the install end to end and measure throughput. The node needs no
+# network: Snakemake, pytorch-fid and the FID Inception weights come from the wheelhouse .whl/ that
+# benchmarks/fetch_wheels.sh fills where pip works; Python, torch and torchvision are the node's.
 #
-#     bash benchmarks/gpu_check.sh            # results under $OUT (default ./gpu_check_out)
-#     bash benchmarks/gpu_check.sh --tiny     # the same steps on the CPU at toy sizes (GPU_CHECK_TINY=1)
+#     bash benchmarks/gpu_check.sh            # results in the folder $OUT (default ./gpu_check_out)
+#     bash benchmarks/gpu_check.sh --tiny     # the same steps on a CPU at toy sizes (GPU_CHECK_TINY=1)
 #
 # Steps, in order, each with its own time limit and output file (written as it goes, so a timeout
 # keeps what finished); summary.txt gets one line per step (exit status, seconds):
@@ -14,7 +15,8 @@
 #   d_sampler.txt    sampler throughput table, S/2 and M/4 (benchmarks/sampler_throughput.py)
 #   e_finetune.txt   fine-tuning throughput (benchmarks/finetune_throughput.py)
 #   f_evaluator.txt  evaluator against the organisers' loop (benchmarks/evaluator_speed.py)
-# The limits add up to 510 s (with the wheel install and the dry run, about 530 s): give the call 560 s.
+# The limits add up to 510 s; with the wheel install and the dry run the check takes about 9 minutes.
+# Also read: GPU_CHECK_WORK (scratch folder, default /tmp/gpu_check), PYTHON (default python3).
 set -u
 cd "$(dirname "$0")/.."
 TINY=${GPU_CHECK_TINY:-0}
@@ -26,8 +28,8 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
-# GPU_CHECK_WHEELS=1 with --tiny: install and use the carried wheels as the full check does (a
-# rehearsal of the device command on a CPU, e.g. under the GPU image's Python and torch).
+# GPU_CHECK_WHEELS=1 with --tiny: install and use the wheelhouse as the full check does (the whole
+# script checked on a CPU, e.g. under a Python with the node's Python and torch versions).
 WHEELS=${GPU_CHECK_WHEELS:-0}
 [ "$TINY" != 1 ] && WHEELS=1
 if [ "$TINY" != 1 ] && ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
@@ -36,7 +38,7 @@ if [ "$TINY" != 1 ] && ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_a
 fi
 if [ "$WHEELS" = 1 ]; then
     if ! ls .whl/pytorch_fid-*.whl .whl/snakemake-*.whl .whl/inception_fid_fp16.pt >/dev/null 2>&1; then
-        echo "gpu_check: .whl/ lacks the wheels or the Inception weights: run 'bash benchmarks/fetch_wheels.sh' where pip works and carry .whl" | tee "$OUT/summary.txt"
+        echo "gpu_check: .whl/ lacks the wheels or the Inception weights: run 'bash benchmarks/fetch_wheels.sh' where pip works and copy .whl/ here" | tee "$OUT/summary.txt"
         exit 4
     fi
     SITE=$WORK/site
@@ -45,12 +47,12 @@ if [ "$WHEELS" = 1 ]; then
         echo "gpu_check: installing .whl/*.whl failed (install.log)" | tee "$OUT/summary.txt"
         exit 5
     fi
-    # PYTHONPATH comes before site-packages: fetch_wheels.sh leaves out what the image has, so that
-    # nothing here shadows the image's own versions.
+    # PYTHONPATH comes before site-packages: fetch_wheels.sh leaves out what the node's environment
+    # is expected to have, so that nothing here shadows the node's own versions.
     export PYTHONPATH="$PYTHONPATH:$SITE" PATH="$SITE/bin:$PATH"
 fi
 
-# name, time limit (s), command; limits from the device call's 9 minutes
+# per-step time limits (s), so that a slow or hung step cannot hold up the rest
 if [ "$TINY" = 1 ]; then  # one thread: small work on a busy CPU gains nothing from more
     export OMP_NUM_THREADS=1
     TESTS=tests/test_uvit.py

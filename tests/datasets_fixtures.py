@@ -19,7 +19,7 @@ class so a test can check label order without decoding anything else:
 ``make_public_uvit_weights`` writes a stand-in for a public U-ViT checkpoint (randomly initialised,
 official flat state_dict layout).
 
-The signatures are stable: other engineers' tests use them.
+The signatures are stable: several test modules use them.
 """
 
 from __future__ import annotations

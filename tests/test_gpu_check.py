@@ -36,7 +36,8 @@ def test_tiny_mode_runs_every_step_and_summarises_each(tiny_run):
     summary = (out / "summary.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in summary] == STEPS
     assert all(": rc 0, " in line for line in summary)
-    assert len(list(out.iterdir())) <= 8  # the device tool returns at most 8 files from $OUT
+    # The output folder holds the summary and one file per step (and install.log with the wheelhouse).
+    assert {p.name for p in out.iterdir()} - {"install.log"} == {"summary.txt", *(f"{s}.txt" for s in STEPS)}
 
 
 def test_tiny_mode_step_files_hold_their_results(tiny_run):
@@ -48,8 +49,6 @@ def test_tiny_mode_step_files_hold_their_results(tiny_run):
         assert f"== stage {stage}: rc 0" in rehearsal
     assert "sampling: 100 images" in rehearsal and "stage seconds" in rehearsal
     lines = (out / "d_sampler.txt").read_text().splitlines()
-    budgeted = [line for line in lines if line.startswith("# budgeted")]
-    assert len(budgeted) == 2 and "overlap_copy False: " in budgeted[0] and "overlap_copy True: " in budgeted[1]
     sampler = [line.split("\t") for line in lines if not line.startswith("#")]
     assert sampler[0][:2] == ["preset", "device"] and len(sampler) == 1 + 2 * 2 * 2  # batch x precision x w
     assert all(float(row[7]) > 0 for row in sampler[1:])

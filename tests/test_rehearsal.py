@@ -1,4 +1,4 @@
-"""Rehearsal of the paper's settings on CPU (issue 10): config/cifar100.yaml and
+"""Rehearsal of the paper's settings on CPU: config/cifar100.yaml and
 config/tinyimagenet.yaml run end to end through ``snakemake --cores all``, unchanged except for the
 sizes layered on top by tests/configs/rehearsal_<dataset>.yaml (steps, checkpoints, batch sizes, image
 counts, NFE, IPC, epochs, rounds) and a third file of paths (data root, weights, Inception file).
@@ -48,7 +48,7 @@ PUBLIC = {
     "cifar100": ("cifar10_uvit_small.pth", "uvit_small_2", 0, 164, 44_255_328),
     "tinyimagenet": ("imagenet64_uvit_mid.pth", "uvit_mid_4", 1000, 213, 130_940_292),
 }
-# What a rehearsal overlay may change: sizes only (issue 10).
+# What a rehearsal overlay may change: sizes only.
 SIZE_KEYS = {
     "finetune": {"total_steps", "checkpoint_steps", "batch_size"},
     "sampler": {"steps"},

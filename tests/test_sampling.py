@@ -68,7 +68,7 @@ def test_balanced_labels_offset_continues_the_sequence():
 def test_settings_defaults_are_uvit_sampler_and_bad_values_are_refused():
     d = SamplerSettings().to_dict()
     assert d == dict(steps=50, order=3, method="singlestep", algorithm="dpmsolver", skip_type="logSNR",
-                     t_end=1e-4, guidance_scale=1.0, precision="fp32", compile="none", overlap_copy=False)
+                     t_end=1e-4, guidance_scale=1.0, precision="fp32", compile="none")
     with pytest.raises(DiffdistillError, match="precision"):
         SamplerSettings(precision="fp16")
     with pytest.raises(DiffdistillError, match="steps"):

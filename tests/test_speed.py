@@ -8,7 +8,6 @@ an unpadded one to 1e-5 in the network's output.
 
 from __future__ import annotations
 
-import copy
 import math
 import shutil
 from pathlib import Path
@@ -21,7 +20,7 @@ from diffdistill import dsa, evaluation, sampling, speed, training, uvit
 from diffdistill.convnet import ConvNet
 from diffdistill.data import LabeledImages
 from diffdistill.sampling import SamplerSettings, generate, sample_budgeted
-from helpers import FakeClock, load_script
+from helpers import load_script
 
 FAST = dict(steps=3, order=2, method="multistep", algorithm="dpmsolver++", t_end=1e-3)
 SCHEMA = yaml.safe_load((Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml").read_text())
@@ -136,133 +135,19 @@ def test_tf32_precision_on_cpu_samples_like_fp32(tiny):
     assert torch.equal(generate(tiny, labels, SamplerSettings(**FAST, precision="tf32"), device="cpu", seed=1), fp32)
 
 
-def test_bad_compile_mode_is_refused_and_host_copy_on_cpu_is_immediate():
+def test_bad_compile_mode_is_refused():
     with pytest.raises(Exception, match="compile must be one of"):
         SamplerSettings(compile="fast")
-    images = torch.arange(6, dtype=torch.uint8)
-    assert torch.equal(speed.to_host(images).wait(), images)
 
 
 def test_schema_offers_the_package_choices_and_defaults():
     sampler, train = SCHEMA["$defs"]["sampler"]["properties"], SCHEMA["$defs"]["training"]["properties"]
     assert sampler["compile"]["enum"] == list(speed.COMPILE_MODES)
     assert sampler["compile"]["default"] == SamplerSettings().compile == "none"
-    assert sampler["precision"]["enum"] == list(sampling.PRECISIONS)
+    assert sampler["precision"]["enum"] == list(sampling.PRECISION_CHOICES)
     config = training.TrainConfig(total_steps=1)
     for key in ("compile", "fused_adamw", "tf32"):
         assert train[key]["default"] is getattr(config, key) is False
-
-
-class FakeDevice:
-    """A device that runs queued batches one after another while the host goes on (fake clock): a
-    call returns at once with images that are ready ``cost`` seconds after the device is free, and
-    waiting for them moves the clock there. With ``wait`` the call itself waits (a synchronous device)."""
-
-    def __init__(self, clock, costs):
-        self.clock, self.costs, self.free, self.calls, self.launched_at = clock, costs, 0.0, 0, []
-
-    def generate(self, model, labels, settings, *, device, generator=None, seed=None, wait=True):
-        self.free = max(self.clock.now, self.free) + self.costs[min(self.calls, len(self.costs) - 1)]
-        self.calls += 1
-        self.launched_at.append(self.clock.now)
-        images = (labels.to(torch.uint8)[:, None, None, None] + 10 * self.calls).expand(-1, 3, 2, 2).clone()
-        handle = speed.HostImages(images, event=FakeEvent(self.clock, self.free))
-        return handle.wait() if wait else handle
-
-
-class FakeEvent:
-    def __init__(self, clock, ready):
-        self.clock, self.ready = clock, ready
-
-    def synchronize(self):
-        self.clock.now = max(self.clock.now, self.ready)
-
-
-def budgeted_on_fake_device(monkeypatch, overlap, costs, budget_s, host_s=0.0):
-    """sample_budgeted of batches of 3 on a FakeDevice; ``host_s`` of host work per kept batch (on_batch)."""
-    clock = FakeClock(0.0)
-    device = FakeDevice(clock, costs)
-    monkeypatch.setattr(sampling, "generate", device.generate)
-    monkeypatch.setattr(sampling, "overlaps_copy", lambda settings, device: settings.overlap_copy)
-
-    def host_work(images, labels):
-        clock.now += host_s
-
-    result = sample_budgeted(object(), 3, SamplerSettings(overlap_copy=overlap), budget_s=budget_s, batch_size=3,
-                             device="cpu", seed=0, clock=clock, on_batch=host_work)
-    return result, device.launched_at
-
-
-def test_overlapped_budget_queues_the_next_batch_during_host_work(monkeypatch):
-    # Batches take 1 s of device time and each kept batch 0.5 s of host work. One at a time, the
-    # device idles during the host work: batches end at 1, 2.5, 4, 5.5 and a 5th would end at 7 > 6.
-    # With one batch queued the device never idles after the first: ends at 1, 2.5, 3.5, 4.5, 5.5.
-    plain, _ = budgeted_on_fake_device(monkeypatch, False, [1.0], budget_s=6.0, host_s=0.5)
-    overlapped, launched_at = budgeted_on_fake_device(monkeypatch, True, [1.0], budget_s=6.0, host_s=0.5)
-    assert launched_at == [0.0, 1.5, 1.5, 3.0, 4.0]  # the 3rd is queued while the 2nd runs
-    assert [b["end_s"] for b in plain.batches] == [1.0, 2.5, 4.0, 5.5]
-    assert [b["end_s"] for b in overlapped.batches] == [1.0, 2.5, 3.5, 4.5, 5.5]
-    # seconds: the device's time per batch, not the time spent queued behind the previous batch
-    assert [b["seconds"] for b in overlapped.batches] == [1.0] * 5
-    assert len(overlapped) == 15 and overlapped.dropped_images == 0 and overlapped.sampling_s == 5.5
-    assert torch.equal(overlapped.images[:12], plain.images) and torch.equal(overlapped.labels[:12], plain.labels)
-    assert overlapped.labels.tolist() == sampling.balanced_labels(3, 15).tolist()
-
-
-def test_overlapped_budget_drops_a_batch_queued_behind_a_dropped_one(monkeypatch):
-    # The 3rd batch takes 3 s instead of 1: it ends at 5 s, past the 4.5 s budget, and the 4th,
-    # queued behind it on the estimate of 1 s per batch, ends at 6 s. Both are dropped.
-    result, _ = budgeted_on_fake_device(monkeypatch, True, [1.0, 1.0, 3.0, 1.0], budget_s=4.5)
-    assert [b["end_s"] for b in result.batches] == [1.0, 2.0, 5.0, 6.0]
-    assert len(result) == 6 and result.dropped_images == 6 and result.sampling_s == 2.0
-
-
-def test_overlapped_budget_waits_for_the_first_batch_before_queueing_another(monkeypatch):
-    # Without a finished batch there is no estimate: a first batch of 5 s (compilation, say) is
-    # waited for before the 2nd is queued. The 2nd is then queued on the estimate of 5 s (the only
-    # batch yet), and the 3rd would be expected to end at 5 + 5 + 5 > 10.5.
-    result, launched_at = budgeted_on_fake_device(monkeypatch, True, [5.0, 1.0], budget_s=10.5)
-    assert launched_at == [0.0, 5.0]
-    assert [b["end_s"] for b in result.batches] == [5.0, 6.0] and result.dropped_images == 0
-
-
-def test_overlap_copy_gives_the_same_images_with_the_real_network(tiny, monkeypatch):
-    plain = sample_budgeted(tiny, 3, SamplerSettings(**FAST), budget_s=math.inf, batch_size=3, device="cpu",
-                            seed=0, clock=FakeClock(), max_images=7)
-    monkeypatch.setattr(sampling, "overlaps_copy", lambda settings, device: settings.overlap_copy)
-    overlapped = sample_budgeted(tiny, 3, SamplerSettings(**FAST, overlap_copy=True), budget_s=math.inf,
-                                 batch_size=3, device="cpu", seed=0, clock=FakeClock(), max_images=7)
-    assert torch.equal(overlapped.images, plain.images) and torch.equal(overlapped.labels, plain.labels)
-    assert [b["size"] for b in overlapped.batches] == [3, 3, 1]
-    chunked, _ = sampling.generate_halving(tiny, torch.arange(5) % 3, SamplerSettings(**FAST, overlap_copy=True),
-                                           device="cpu", generator=torch.Generator().manual_seed(2), batch_size=2,
-                                           wait=False)
-    whole, _ = sampling.generate_halving(tiny, torch.arange(5) % 3, SamplerSettings(**FAST), device="cpu",
-                                         generator=torch.Generator().manual_seed(2), batch_size=2)
-    assert torch.equal(chunked.wait(), whole)
-
-
-def test_overlap_copy_is_off_by_default_cuda_only_and_a_switch(tmp_path):
-    assert SamplerSettings().overlap_copy is False
-    assert not sampling.overlaps_copy(SamplerSettings(overlap_copy=True), "cpu")
-    assert sampling.overlaps_copy(SamplerSettings(overlap_copy=True), "cuda:0")
-    with pytest.raises(Exception, match="overlap_copy must be true or false"):
-        SamplerSettings(overlap_copy="yes")
-    script = load_script("sample_budget")
-    base = ["--checkpoint", "c.pt", "--out", "o.pt", "--meta", "s.json", "--budget-s", "1", "--batch-size", "2"]
-    assert script.parse(base).overlap_copy is False
-    assert script.parse([*base, "--overlap-copy"]).overlap_copy is True
-    assert SCHEMA["$defs"]["sampler"]["properties"]["overlap_copy"]["default"] is False
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_overlap_copy_on_cuda_gives_the_same_images(tiny):
-    model = copy.deepcopy(tiny).to("cuda")  # the module fixture stays on the CPU
-    runs = [sample_budgeted(model, 3, SamplerSettings(**FAST, overlap_copy=overlap), budget_s=math.inf,
-                            batch_size=4, device="cuda", seed=0, max_images=10) for overlap in (False, True)]
-    assert torch.equal(runs[0].images, runs[1].images) and torch.equal(runs[0].labels, runs[1].labels)
-    assert [b["size"] for b in runs[1].batches] == [4, 4, 2]
 
 
 # ----------------------------------------------------------------------------- fine-tuning

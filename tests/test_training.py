@@ -1,7 +1,7 @@
 """Trainer: warmup, EMA, checkpoints, exact resume (in process and after a real SIGKILL), accumulation.
 
 Expected values come from docs/reference.md, "U-ViT" (AdamW, linear warmup then constant, EMA
-``ema = rate * ema + (1 - rate) * param``) and the task: a resumed run ends with the same weights
+``ema = rate * ema + (1 - rate) * param``) and the resume contract: a resumed run ends with the same weights
 as an uninterrupted one (1e-6). Tiny U-ViT (uvit_tiny_test) on 40 random 3x8x8 images, 4 classes.
 """
 

@@ -9,7 +9,6 @@ run leaves nothing half-made and nothing made before is lost.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -166,11 +165,7 @@ def add_sampler_flags(parser) -> None:
     from .sampling import SamplerSettings
 
     for key, value in SamplerSettings().to_dict().items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):  # --overlap-copy / --no-overlap-copy, as train.py's switches
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        else:
-            parser.add_argument(flag, type=type(value), default=value)
+        parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
 
 
 def sampler_settings(args):

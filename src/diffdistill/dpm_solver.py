@@ -37,10 +37,6 @@ h m' and h^2 m'' from network evaluations:
   D2 = (D1_0 - D1_1) / (r0 + r1), which is about h^2 m''/2, i.e. half the Taylor term, and applies
   it with the coefficient of h^2 m''. That is the published DPM-Solver(++)(3M).
 
-One variant is ours and carries a name of its own, ``method="multistep_taylor"``: multistep with
-the Taylor-correct third-order term 2 D2 (our derivation from the expansion above; orders 1 and 2
-equal ``multistep``). It is never used under the authors' names.
-
 Conventions: ``noise_fn(x, t)`` returns the predicted noise eps for continuous t in [0, 1] of shape
 (B,), in x's dtype (see :func:`diffdistill.guidance.guided_noise_fn`). The solver state stays in
 x_T's dtype; coefficients are computed in float64 and applied as Python floats.
@@ -61,8 +57,7 @@ from .schedule import VPSchedule
 log = logging.getLogger(__name__)
 
 NoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-AUTHORS_METHODS = ("multistep", "singlestep")  # as in the authors' dpm_solver_pytorch.py
-METHODS = AUTHORS_METHODS + ("multistep_taylor",)  # plus our named variant (module docstring)
+METHODS = ("multistep", "singlestep")  # as in the authors' dpm_solver_pytorch.py
 ALGORITHMS = ("dpmsolver", "dpmsolver++")
 SKIP_TYPES = ("logSNR", "time_uniform", "time_quadratic")
 
@@ -204,11 +199,10 @@ class _Solver:
         return out
 
 
-def _multistep(solver: _Solver, x: torch.Tensor, ts: list[float], orders: list[int], keep: list | None,
-               taylor_third_order: bool = False):
+def _multistep(solver: _Solver, x: torch.Tensor, ts: list[float], orders: list[int], keep: list | None):
     """One evaluation per step; h m' and h^2 m'' from divided differences of past predictions.
 
-    Order 3 uses the authors' D2 (about h^2 m''/2) unless ``taylor_third_order`` (2 D2, our variant).
+    Order 3 uses the authors' D2 (about h^2 m''/2, module docstring).
     """
     lams = [solver.lam(t) for t in ts]
     history = [solver.model(x, ts[0])]  # predictions at ts[i], newest last
@@ -228,8 +222,6 @@ def _multistep(solver: _Solver, x: torch.Tensor, ts: list[float], orders: list[i
                 d1_1 = (history[-2] - history[-3]) / r1  # ~ h m' - h (h0 + h1/2) m''
                 d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)  # ~ h m'
                 d2 = (d1_0 - d1_1) / (r0 + r1)  # the authors' D2 ~ h^2 m''/2
-                if taylor_third_order:
-                    d2 = 2.0 * d2  # ~ h^2 m'', the Taylor-correct term
                 x = solver.update(x, m0, s, t, d1, d2)
         if keep is not None:
             keep.append(x)
@@ -289,10 +281,10 @@ def sample(
         raise ValueError(f"x_T must have a batch dimension, got shape {tuple(x_T.shape)}")
     solver = _Solver(noise_fn, schedule, data_prediction=algorithm == "dpmsolver++")
     keep = [x_T] if return_intermediates else None
-    if method in ("multistep", "multistep_taylor"):
+    if method == "multistep":
         orders = multistep_orders(steps, order)
         ts = time_grid(skip_type, t_start, t_end, steps, schedule).tolist()
-        x = _multistep(solver, x_T, ts, orders, keep, taylor_third_order=method == "multistep_taylor")
+        x = _multistep(solver, x_T, ts, orders, keep)
     else:
         orders = singlestep_orders(steps, order)
         ts = singlestep_outer_grid(skip_type, t_start, t_end, orders, schedule).tolist()

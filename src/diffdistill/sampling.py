@@ -42,9 +42,7 @@ class SamplerSettings:
     network under autocast; the solver state stays fp32; "tf32" runs fp32 matmuls on TF32 tensor
     cores (CUDA only); "auto" is bf16 where it is fast and fp32 elsewhere (:func:`precision_on`).
     ``compile`` (not "none") samples through :class:`diffdistill.speed.FixedBatchNetwork`,
-    torch.compile at one batch shape in that mode ("reduce-overhead": CUDA graphs). ``overlap_copy``
-    (CUDA only) queues the next batch before waiting for the last one's copy to the host; the
-    images are the same, only the waiting moves (:func:`sample_budgeted`).
+    torch.compile at one batch shape in that mode ("reduce-overhead": CUDA graphs).
     """
 
     steps: int = 50
@@ -56,7 +54,6 @@ class SamplerSettings:
     guidance_scale: float = 1.0
     precision: str = "fp32"
     compile: str = "none"
-    overlap_copy: bool = False
 
     def __post_init__(self):
         problems = []
@@ -70,8 +67,6 @@ class SamplerSettings:
         for key, allowed in choices:
             if getattr(self, key) not in allowed:
                 problems.append(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
-        if not isinstance(self.overlap_copy, bool):
-            problems.append(f"overlap_copy must be true or false, got {self.overlap_copy!r}")
         if not 0.0 < float(self.t_end) < 1.0:
             problems.append(f"t_end must be in (0, 1), got {self.t_end}")
         if problems:
@@ -119,14 +114,12 @@ def generate(
     device: torch.device | str,
     generator: torch.Generator | None = None,
     seed: int | None = None,
-    wait: bool = True,
-) -> torch.Tensor | speed.HostImages:
+) -> torch.Tensor:
     """One batch: x_T ~ N(0, I), DPM-Solver on the guided noise prediction -> uint8 (N, C, H, W) on CPU.
 
     The noise comes from ``generator`` (which must live on ``device``), else from a fresh generator
     seeded with ``seed``, else from torch's global generator. The model is used as it is (the caller
-    puts it in eval mode on ``device``). With ``wait`` False the images come as a
-    :class:`~diffdistill.speed.HostImages` whose copy to the host is still running (CUDA).
+    puts it in eval mode on ``device``).
     """
     device = torch.device(device)
     settings = settings.on_device(device)
@@ -146,8 +139,6 @@ def generate(
             noise_fn, x_T, steps=settings.steps, order=settings.order, method=settings.method,
             algorithm=settings.algorithm, skip_type=settings.skip_type, t_start=1.0, t_end=settings.t_end,
         )  # (N, C, H, W) in [-1, 1]
-        if not wait:
-            return speed.to_host(from_model_range(x_0))
         # .cpu() also waits for the device, so the caller's clock sees the batch as finished.
         return from_model_range(x_0).cpu()
 
@@ -191,22 +182,18 @@ def is_out_of_memory(err: BaseException) -> bool:
     )
 
 
-def generate_halving(model, labels, settings, *, device, generator, batch_size: int, wait: bool = True):
+def generate_halving(model, labels, settings, *, device, generator, batch_size: int):
     """:func:`generate` in chunks of ``batch_size``; on out-of-memory halve it and redo the same labels.
 
-    Returns (uint8 images, the batch size that worked); with ``wait`` False the images come as a
-    :class:`~diffdistill.speed.HostImages` still on their way to the host (CUDA). The generator state
-    is rewound before a retry so that a retry draws the same noise stream as the failed attempt.
+    Returns (uint8 images, the batch size that worked). The generator state is rewound before a
+    retry so that a retry draws the same noise stream as the failed attempt.
     """
     state = generator.get_state() if generator is not None else None
-    overlap = overlaps_copy(settings, device)  # each chunk's copy to the host overlaps the next chunk's work
-    in_flight = {"wait": False} if overlap else {}
     while True:
         try:
-            parts = [generate(model, part, settings, device=device, generator=generator, **in_flight)
+            parts = [generate(model, part, settings, device=device, generator=generator)
                      for part in labels.split(batch_size)]
-            images = speed.HostImages.concat(parts if overlap else [speed.HostImages(p) for p in parts])
-            return (images.wait() if wait else images), batch_size
+            return torch.cat(parts), batch_size
         except Exception as err:
             if not is_out_of_memory(err):
                 raise
@@ -219,12 +206,6 @@ def generate_halving(model, labels, settings, *, device, generator, batch_size: 
                 torch.cuda.empty_cache()
             if state is not None:
                 generator.set_state(state)
-
-
-def overlaps_copy(settings: SamplerSettings, device: torch.device | str) -> bool:
-    """Whether ``overlap_copy`` takes effect: on CUDA only, where a call returns once its work is
-    queued; elsewhere a call returns finished and there is nothing to overlap."""
-    return settings.overlap_copy and torch.device(device).type == "cuda"
 
 
 def estimate_batch_s(batches: list[dict], size: int) -> float:
@@ -260,113 +241,65 @@ def sample_budgeted(
     a fake clock. ``on_batch(images, labels)`` sees each kept batch (e.g. to save progress).
     ``label_offset`` shifts the class cycle (shards start at different classes). A batch that ends
     past the budget (only possible when the estimate was wrong, e.g. the first batch) was not made
-    within it: it is dropped and counted in ``dropped_images``. With ``settings.overlap_copy`` on CUDA
-    (:func:`overlaps_copy`) the next batch is queued before the last one is waited for, and is
-    counted in the estimate of when the device will be free; a batch queued behind a dropped one is
-    dropped too. The images and labels are the same either way.
+    within it: it is dropped and counted in ``dropped_images``.
     """
     _check_budget_args(budget_s, batch_size, max_images)
     model = speed.sampling_network(model, settings.compile)  # compiled in the first batch, inside the budget
     generator = torch.Generator(device=torch.device(device)).manual_seed(int(seed))
-    in_flight = 1 if overlaps_copy(settings, device) else 0  # batches left queued while the next starts
-    run = _BudgetRun(budget_s, clock, max_images, start=clock(), on_batch=on_batch)
+    run = _BudgetRun(budget_s, clock, max_images, start=clock())
     while size := run.next_size(batch_size):
-        batch_labels = balanced_labels(num_classes, size, offset=run.launched + label_offset)  # (size,)
+        batch_labels = balanced_labels(num_classes, size, offset=run.done + label_offset)  # (size,)
         began = clock()
         batch_images, batch_size = generate_halving(model, batch_labels, settings, device=device,
-                                                    generator=generator, batch_size=batch_size, wait=False)
-        run.launch(batch_images, batch_labels, began)
-        # The first batch is waited for at once: until one has finished there is no estimate.
-        if not run.settle(in_flight if run.batches else 0):
+                                                    generator=generator, batch_size=batch_size)
+        if not run.finish(batch_images, batch_labels, began):
             break
-    run.settle(0)
+        if on_batch is not None:
+            on_batch(batch_images, batch_labels)
     result = run.result(num_classes, batch_size)
     result.compile_s = getattr(model, "compile_s", None)  # compile + first forward, part of sampling_s
     return result
 
 
 @dataclass
-class _Launched:
-    """A batch whose work is queued: its images on their way to the host, labels, launch time."""
-
-    images: speed.HostImages
-    labels: torch.Tensor
-    began: float
-
-
-@dataclass
 class _BudgetRun:
-    """The state of one budgeted run: the clock, the queued and the finished batches, the images kept.
-
-    A batch's ``seconds`` run from when the device could start it (its launch, or the previous
-    batch's end when it was queued behind that one) to when its images were on the host, so that
-    with batches in flight the per-image estimate is the device's time per image, not the queueing.
-    """
+    """The state of one budgeted run: the clock, the finished batches and the images kept so far."""
 
     budget_s: float
     clock: Callable[[], float]
     max_images: int | None
     start: float
-    on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None
-    queue: list = field(default_factory=list)  # _Launched batches not yet waited for, oldest first
     images: list = field(default_factory=list)
     labels: list = field(default_factory=list)
     batches: list = field(default_factory=list)  # {"size", "seconds", "end_s"} per finished batch
-    launched: int = 0
     done: int = 0
     dropped: int = 0
     kept_until: float = 0.0
 
     def next_size(self, batch_size: int) -> int:
-        """The next batch's size; 0 once ``max_images`` are launched or the batch would overrun the budget."""
-        if self.max_images is not None and self.launched >= self.max_images:
+        """The next batch's size; 0 once ``max_images`` are made or the batch would overrun the budget."""
+        if self.max_images is not None and self.done >= self.max_images:
             return 0
-        size = batch_size if self.max_images is None else min(batch_size, self.max_images - self.launched)
-        if self.batches and self._queue_end_s() + estimate_batch_s(self.batches, size) > self.budget_s:
+        size = batch_size if self.max_images is None else min(batch_size, self.max_images - self.done)
+        elapsed = self.clock() - self.start
+        if self.batches and elapsed + estimate_batch_s(self.batches, size) > self.budget_s:
             return 0
         return size
 
-    def _queue_end_s(self) -> float:
-        """When the queued batches are expected to be done (seconds from the start; now at the earliest)."""
-        free = self.batches[-1]["end_s"] if self.batches else 0.0
-        for batch in self.queue:
-            free = max(batch.began - self.start, free) + estimate_batch_s(self.batches, batch.labels.numel())
-        return max(self.clock() - self.start, free)
-
-    def launch(self, images: speed.HostImages, labels: torch.Tensor, began: float) -> None:
-        self.queue.append(_Launched(images, labels, began))
-        self.launched += labels.numel()
-
-    def settle(self, in_flight: int) -> bool:
-        """Wait for the oldest queued batches until ``in_flight`` remain; False once one ended past the
-        budget (then every queued batch is waited for and dropped)."""
-        while len(self.queue) > in_flight:
-            if not self._finish(self.queue.pop(0)):
-                for batch in self.queue:
-                    self._finish(batch)
-                self.queue.clear()
-                return False
-        return True
-
-    def _finish(self, batch: _Launched) -> bool:
-        """Record a queued batch once its images are on the host; keep it if it ended within the
-        budget and nothing was dropped before it, else drop it (False)."""
-        images, size = batch.images.wait(), batch.labels.numel()
-        end = self.clock()
-        device_began = max(batch.began, self.start + self.batches[-1]["end_s"]) if self.batches else batch.began
+    def finish(self, images: torch.Tensor, labels: torch.Tensor, began: float) -> bool:
+        """Record a batch begun at ``began``; keep it if it ended within the budget, else drop it (False)."""
+        end, size = self.clock(), labels.numel()
         # end_s: when the batch finished, in seconds from the budget clock's start (budget prefixes).
-        self.batches.append({"size": size, "seconds": end - device_began, "end_s": end - self.start})
-        if self.dropped or end - self.start > self.budget_s:
-            self.dropped += size
+        self.batches.append({"size": size, "seconds": end - began, "end_s": end - self.start})
+        if end - self.start > self.budget_s:
+            self.dropped = size
             log.warning("a batch of %d images ended %.1f s past the %.1f s budget: dropped", size,
                         end - self.start - self.budget_s, self.budget_s)
             return False
         self.images.append(images)
-        self.labels.append(batch.labels)
+        self.labels.append(labels)
         self.done, self.kept_until = self.done + size, end - self.start
         _log_progress(self.done, self.kept_until, self.budget_s)
-        if self.on_batch is not None:
-            self.on_batch(images, batch.labels)
         return True
 
     def result(self, num_classes: int, batch_size: int) -> BudgetResult:

@@ -9,8 +9,6 @@
   one forward) is timed as ``compile_s``. Under CUDA graphs (modes "reduce-overhead" and
   "max-autotune") the next replay overwrites the output buffer, so the kept rows are copied out.
 - :func:`tf32`: TF32 tensor cores for fp32 matmuls and convolutions, on CUDA only, for a block.
-- :func:`to_host`: a non-blocking copy into pinned host memory (CUDA), waited for only when the
-  images are used, so that a copy overlaps the next batch's work (sampler setting ``overlap_copy``).
 """
 
 from __future__ import annotations
@@ -128,36 +126,3 @@ def tf32(enabled: bool, device: torch.device | str) -> Iterator[None]:
     finally:
         torch.set_float32_matmul_precision(matmul)
         torch.backends.cudnn.allow_tf32 = cudnn
-
-
-class HostImages:
-    """Images on their way to the host, in one or more parts: :meth:`wait` returns them (the parts
-    concatenated along dim 0) once every copy has finished."""
-
-    def __init__(self, images: torch.Tensor, event=None, *, parts: list | None = None):
-        self.parts = [(images, event)] if parts is None else parts  # [(tensor, CUDA event or None)]
-
-    @classmethod
-    def concat(cls, pieces: list["HostImages"]) -> "HostImages":
-        """One handle for several in-flight pieces, in order."""
-        return cls(None, parts=[part for piece in pieces for part in piece.parts])
-
-    def wait(self) -> torch.Tensor:
-        for _, event in self.parts:
-            if event is not None:
-                event.synchronize()
-        tensors = [images for images, _ in self.parts]
-        self.parts = [(torch.cat(tensors) if len(tensors) > 1 else tensors[0], None)]
-        return self.parts[0][0]
-
-
-def to_host(images: torch.Tensor) -> HostImages:
-    """Start copying ``images`` to the host: on CUDA a non-blocking copy into pinned memory (the
-    device keeps working; :meth:`HostImages.wait` synchronises before use); elsewhere a plain copy."""
-    if images.device.type != "cuda":
-        return HostImages(images.cpu())
-    host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
-    host.copy_(images, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return HostImages(host, event)
