@@ -274,6 +274,7 @@ def budgeted_overlap(device: str, tiny: bool) -> None:
 
     preset, batch, budget_s = ("uvit_tiny_test", 4, 1.0) if tiny else ("uvit_small_2", 256, 8.0)
     paper = dict(steps=2, order=2) if tiny else dict(steps=50, order=3)
+    paper |= dict(method="singlestep", algorithm="dpmsolver", t_end=1e-4)  # U-ViT's sampler
     torch.manual_seed(0)
     model = uvit.build(preset, num_classes=100, null_class=True).to(device).eval()
     sampling.generate(model, torch.arange(batch), sampling.SamplerSettings(**paper, precision="bf16"),
