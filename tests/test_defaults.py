@@ -61,7 +61,6 @@ NOT_IN_CONFIG = {
     "seed": "the config's seed plus the stage's own offset (common.smk stage_seed)",
     "bf16": "autocast on CUDA: the workflow always trains in bf16",
     "log_every": "logging only",
-    "t_min": "the low end of t ~ U(t_min, 1)",
 }
 
 
