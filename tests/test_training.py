@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,15 +193,34 @@ def test_unreadable_newest_checkpoint_is_skipped(tmp_path):
     assert summary["start_step"] == 4 and summary["resumed_from"] == str(paths[4])
 
 
-def test_resume_with_changed_settings_errors(tmp_path):
-    run(tmp_path, make_config(total_steps=4, checkpoint_steps=[]))
-    with pytest.raises(DiffdistillError, match=r"step_0000004\.pt.*training\.lr"):
-        run(tmp_path, make_config(lr=2e-3))
-    with pytest.raises(DiffdistillError, match="model"):
-        torch.manual_seed(0)
-        run(tmp_path, make_config(), model=uvit.build("uvit_tiny_test", num_classes=4, embed_dim=16))
-    summary, _ = run(tmp_path, make_config(log_every=2, grad_accum=2))  # free settings may change
+def test_resume_needs_the_same_settings_and_data(tmp_path, caplog):
+    run(tmp_path / "kept", make_config(total_steps=4, checkpoint_steps=[]))
+    changed_image = toy_data()
+    changed_image.images[7, 0, 0, 0] ^= 1
+    torch.manual_seed(0)
+    wider = uvit.build("uvit_tiny_test", num_classes=4, embed_dim=16)
+    others = [("settings", dict(config=make_config(lr=2e-3))), ("settings", dict(config=make_config(), model=wider)),
+              ("data", dict(config=make_config(), data=changed_image))]
+    for i, (differs, job) in enumerate(others):
+        folder = shutil.copytree(tmp_path / "kept", tmp_path / f"other_{i}")
+        caplog.clear()
+        summary, _ = run(folder, **job)
+        assert summary["start_step"] == 0 and summary["resumed_from"] is None  # afresh, never mixed
+        assert f"step_0000004.pt was made with other {differs} than this job's: not resumed" in caplog.text
+    summary, _ = run(tmp_path / "kept", make_config(log_every=2, grad_accum=2))  # free settings may change
     assert summary["start_step"] == 4
+
+
+def test_a_changed_run_killed_half_way_resumes_only_its_own_checkpoints(tmp_path):
+    config = make_config()
+    run(tmp_path, make_config(lr=2e-3))  # another job's checkpoints at 4, 8 and 12
+    _, paths = run(tmp_path / "ref", config)
+    shutil.copy(paths[4], tmp_path / "step_0000004.pt")  # this job got to step 4, then died
+    summary, _ = run(tmp_path, config)
+    assert summary["start_step"] == 4
+    for step in (8, 12):
+        ours = checkpoint.load_checkpoint(tmp_path / f"step_{step:07d}.pt")
+        assert max_diff(ours["ema"], checkpoint.load_checkpoint(paths[step])["ema"]) <= 1e-6
 
 
 def test_batch_size_must_divide(tmp_path, monkeypatch):

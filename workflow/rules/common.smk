@@ -1,6 +1,5 @@
 # Paths and helpers shared by the rules. Every output path depends only on the config, so the whole
 # DAG (including every checkpoint to score) is known before any job runs.
-import hashlib
 import json
 from pathlib import Path
 
@@ -75,16 +74,10 @@ def missing_weights_help(path):
 
 def resume_dir(folder, name):
     """The one resume convention: a job keeps what it resumes from in <OUT>/<folder>/.resume/<name>,
-    outside Snakemake's outputs (which it deletes before a rerun). The script checks the state it
-    finds there against its own settings (training refuses a mismatch, evaluation ignores it)."""
+    outside Snakemake's outputs (which it deletes before a rerun), one folder per job. The state there
+    carries the settings and data it was made with, and the script uses it only when both are this
+    job's (diffdistill.resume): a changed config or changed data starts afresh."""
     return f"{OUT}/{folder}/.resume/{name}"
-
-
-def settings_key(cfg):
-    """A name for a training run's resume folder, keyed by its settings: a changed config starts afresh
-    (the trainer would refuse another run's checkpoints)."""
-    settings = json.dumps([cfg, config["model"], config["pretrained"], config["seed"], DATASET], sort_keys=True)
-    return hashlib.sha1(settings.encode()).hexdigest()[:10]
 
 
 # Every stage derives its seed from config["seed"] by its own offset, so that no two stages share a stream.
