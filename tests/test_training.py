@@ -163,7 +163,9 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
         run(tmp_path / "cut", config)
     monkeypatch.undo()
     assert (tmp_path / "cut" / "step_0000004.pt").is_file() and not (tmp_path / "cut" / "step_0000008.pt").exists()
-    summary, paths = run(tmp_path / "cut", config, model=tiny_model(seed=99))  # other init: must be overwritten
+    # The same job again (same initial weights), whose state must replace the model's: a model that only
+    # trained on from its initial weights at step 4 would end elsewhere.
+    summary, paths = run(tmp_path / "cut", config, model=tiny_model())
     assert summary["start_step"] == 4 and summary["steps_run"] == 8
     full = checkpoint.load_checkpoint(tmp_path / "full" / "step_0000012.pt")
     resumed = checkpoint.load_checkpoint(paths[12])
@@ -176,7 +178,7 @@ def test_rerun_when_complete_is_a_noop(tmp_path):
     config = make_config()
     first, paths = run(tmp_path, config)
     mtimes = {s: p.stat().st_mtime_ns for s, p in paths.items()}
-    model = tiny_model(seed=42)
+    model = tiny_model()  # the same job: the same initial weights
     again, _ = run(tmp_path, config, model=model)
     assert max_diff(model.state_dict(), checkpoint.load_checkpoint(paths[12])["model"]) == 0.0
     assert again["steps_run"] == 0 and again["start_step"] == 12
@@ -199,8 +201,10 @@ def test_resume_needs_the_same_settings_and_data(tmp_path, caplog):
     changed_image.images[7, 0, 0, 0] ^= 1
     torch.manual_seed(0)
     wider = uvit.build("uvit_tiny_test", num_classes=4, embed_dim=16)
-    others = [("settings", dict(config=make_config(lr=2e-3))), ("settings", dict(config=make_config(), model=wider)),
-              ("data", dict(config=make_config(), data=changed_image))]
+    others = [("settings", dict(config=make_config(lr=2e-3))),
+              ("settings and data", dict(config=make_config(), model=wider)),  # config and weights
+              ("data", dict(config=make_config(), data=changed_image)),
+              ("data", dict(config=make_config(), model=tiny_model(seed=42)))]  # other initial weights
     for i, (differs, job) in enumerate(others):
         folder = shutil.copytree(tmp_path / "kept", tmp_path / f"other_{i}")
         caplog.clear()

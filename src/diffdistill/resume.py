@@ -30,7 +30,7 @@ def data_fingerprint(*parts, samples: int = 4096) -> str:
         if not isinstance(part, torch.Tensor):
             digest.update(json.dumps(part, sort_keys=True, default=str).encode())
             continue
-        tensor = part.detach().cpu()
+        tensor = part.detach().cpu().reshape(-1) if part.dim() == 0 else part.detach().cpu()
         stride = max(1, len(tensor) // samples)
         # Summed in chunks: a float64 copy of a whole large pool would double its memory.
         rows = max(1, _CHUNK_ELEMENTS // max(1, tensor[:1].numel()))

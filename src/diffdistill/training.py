@@ -355,10 +355,11 @@ def _run_config(model: nn.Module, data: LabeledImages, config: TrainConfig) -> d
 
 
 def _job_key(model: nn.Module, data: LabeledImages, config: TrainConfig) -> JobKey:
-    """What a checkpoint must have been made with to be continued: the same network, the same settings
-    of the trajectory (RESUME_KEYS) and the same training data."""
+    """What a checkpoint must have been made with to be continued: the same network and settings of the
+    trajectory (RESUME_KEYS), and the same input data: the training images and the initial weights (the
+    pretrained file and the seeded fresh layers), as the model comes in before training."""
     settings = {"model": dict(model.config), **{key: getattr(config, key) for key in RESUME_KEYS}}
-    return JobKey.of(settings, data.images, data.labels, list(data.classes))
+    return JobKey.of(settings, data.images, data.labels, list(data.classes), *model.state_dict().values())
 
 
 def _check_inputs(model, data: LabeledImages, config: TrainConfig, paths: Mapping, world: int) -> None:
