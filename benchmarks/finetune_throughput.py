@@ -54,9 +54,10 @@ def time_steps(args, device, precision, comp, fused, tf32) -> tuple[float, float
     torch.manual_seed(0)
     torch._dynamo.reset()
     model = uvit.build(args.preset, num_classes=args.num_classes, null_class=True)
-    config = training.TrainConfig(total_steps=args.warmup + args.steps, batch_size=args.batch_size,
-                                  warmup_steps=0, bf16=precision == "bf16", compile=comp == "on",
-                                  fused_adamw=fused == "on", tf32=tf32 == "on")
+    # U-ViT's CIFAR-10 recipe (lr, EMA, flips) without warmup
+    config = training.TrainConfig(total_steps=args.warmup + args.steps, batch_size=args.batch_size, lr=2e-4,
+                                  warmup_steps=0, ema_rate=0.9999, hflip=True, bf16=precision == "bf16",
+                                  compile=comp == "on", fused_adamw=fused == "on", tf32=tf32 == "on")
     trainer = training.Trainer(model, toy_data(model, args.num_classes, 4 * args.batch_size), config, device)
     trainer.model.train()
     with training.tf32(config.tf32, device):

@@ -1,16 +1,18 @@
-"""One source for every default: the config schema holds the workflow's defaults, the package's own
-defaults equal them, and a flag the workflow always passes has no default of its own in its script."""
+"""One source for every default: a setting lives in the config schema (shape, default) and in its stage's
+dataclass (meaning, checks), with the same default; the scripts' flags are made from the dataclass and
+the workflow writes them from the config block, so a flag the workflow passes parses back to its value."""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from diffdistill import sampling, submission, training
+from diffdistill import cli, sampling, submission, training
 from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +30,7 @@ def properties(schema: dict, prefix: str = ""):
         schema = {**merged, "properties": props}
     for key, sub in schema.get("properties", {}).items():
         yield f"{prefix}{key}", sub, key in schema.get("required", [])
-        if sub.get("type") == "object" or "$ref" in sub and "training" in sub["$ref"]:
+        if sub.get("type") == "object" or "$ref" in sub:
             yield from properties(sub, f"{prefix}{key}.")
 
 
@@ -44,14 +46,117 @@ def test_every_optional_key_has_a_schema_default():
 
 
 @pytest.mark.parametrize("key, package_value", [
-    ("finetune.label_dropout", training.TrainConfig(total_steps=1).label_dropout),
-    ("finetune.hflip", training.TrainConfig(total_steps=1).hflip),
-    ("finetune.grad_accum", training.TrainConfig(total_steps=1).grad_accum),
     ("sampling.budget_s", sampling.BUDGET_S),
     ("seed", training.TrainConfig(total_steps=1).seed),
 ])
 def test_schema_and_package_defaults_agree(key, package_value):
     assert default(key) == package_value
+
+
+COMMON_SMK = (REPO / "workflow" / "rules" / "common.smk").read_text()
+DEFAULT_RUN = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+# The config block of each stage dataclass, and the fields that are not config keys (with why).
+STAGES = {"finetune": training.TrainConfig, "sampler": sampling.SamplerSettings}
+NOT_IN_CONFIG = {
+    "seed": "the config's seed plus the stage's own offset (common.smk stage_seed)",
+    "bf16": "autocast on CUDA: the workflow always trains in bf16",
+    "log_every": "logging only",
+}
+
+
+def smk_value(name: str):
+    """A constant common.smk writes out (Snakemake runs without the package under conda deployment)."""
+    written = re.search(rf"^{name} = (\(.*\))$", COMMON_SMK, re.MULTILINE)
+    assert written, name
+    return ast.literal_eval(written.group(1))
+
+
+def smk_functions(*names: str) -> dict:
+    """common.smk's own functions (module level, plain Python), to call them here as the rules do."""
+    namespace = {"SCHEDULER_KEYS": smk_value("SCHEDULER_KEYS")}
+    for name in names:
+        found = re.search(rf"^def {name}\(.*?(?=^\S)", COMMON_SMK, re.MULTILINE | re.DOTALL)
+        assert found, name
+        exec(found.group(0), namespace)
+    return namespace
+
+
+def field_defaults(cls) -> dict:
+    """Field -> default (as plain JSON-like values: tuples become lists); fields without one are left out."""
+    out = {}
+    for item in dataclasses.fields(cls):
+        value = item.default_factory() if item.default_factory is not dataclasses.MISSING else item.default
+        if value is not dataclasses.MISSING:
+            out[item.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def schema_block(block: str) -> dict:
+    """key -> (property schema, required?) of a config block, scheduler keys left out."""
+    found = {key.split(".", 1)[1]: (sub, required) for key, sub, required in properties(SCHEMA)
+             if key.startswith(f"{block}.") and key.count(".") == 1}
+    return {key: value for key, value in found.items() if key not in smk_value("SCHEDULER_KEYS")}
+
+
+@pytest.mark.parametrize("block, cls", STAGES.items())
+def test_config_block_and_stage_dataclass_have_the_same_settings_and_defaults(block, cls):
+    settings = {item.name for item in dataclasses.fields(cls)} - set(NOT_IN_CONFIG)
+    schema, defaults = schema_block(block), field_defaults(cls)
+    assert set(schema) == settings
+    for key, (sub, required) in schema.items():
+        if "default" in sub:
+            assert (key, sub["default"]) == (key, defaults[key])
+        else:  # no default: the workflow's config always says it
+            assert required, key
+
+
+@pytest.mark.parametrize("block, cls", STAGES.items())
+def test_the_default_run_uses_the_defaults(block, cls):
+    # Running a script by hand gives the default run: every setting config/config.yaml gives that has a
+    # default has it (the paper's configs set their own values).
+    defaults, schema = field_defaults(cls), schema_block(block)
+    given = {key: value for key, value in DEFAULT_RUN[block].items() if "default" in schema.get(key, ({}, 0))[0]}
+    assert given and given == {key: defaults[key] for key in given}
+
+
+def flag_parser(cls):
+    parser = cli.argparse.ArgumentParser()
+    cli.add_dataclass_flags(parser, cls)
+    return parser
+
+
+def test_every_setting_is_a_flag_with_its_default_in_help():
+    text = flag_parser(training.TrainConfig).format_help()
+    for key, value in field_defaults(training.TrainConfig).items():
+        assert re.search(rf"--{key.replace('_', '-')}\b.*?default: {re.escape(cli._flag_text(value))}\s",
+                         text, re.DOTALL), key
+    assert flag_parser(sampling.SamplerSettings).parse_args([]).steps == sampling.SamplerSettings().steps
+
+
+@pytest.mark.parametrize("settings", [
+    training.TrainConfig(total_steps=7, checkpoint_steps=[2, 5], batch_size=6, grad_accum=3, lr=1.5e-4,
+                         betas=(0.9, 0.95), weight_decay=0.0, warmup_steps=0, ema_rate=0.5, label_dropout=0.0,
+                         hflip=True, seed=4, t_min=1e-3, bf16=False, log_every=2, compile=True, fused_adamw=True,
+                         tf32=True),
+    sampling.SamplerSettings(steps=50, order=3, method="singlestep", algorithm="dpmsolver", skip_type="time_uniform",
+                             t_end=1e-4, guidance_scale=2.5, precision="bf16", compile="default"),
+])
+def test_flags_the_workflow_writes_parse_back_to_the_same_settings(settings):
+    flags = smk_functions("settings_args", "cli_flag")["settings_args"](
+        {key: list(value) if isinstance(value, tuple) else value for key, value in settings.to_dict().items()})
+    cls = type(settings)
+    assert cli.dataclass_from_args(cls, flag_parser(cls).parse_args(flags.split())) == settings
+
+
+def test_training_blocks_become_trainer_flags_without_the_scheduler_keys():
+    functions = smk_functions("training_args", "training_steps", "settings_args", "cli_flag")
+    train = load_script("train")
+    for block in (DEFAULT_RUN["finetune"], DEFAULT_RUN["pretrained"]["training"]):
+        flags = functions["training_args"](block).split()
+        assert not {f"--{key.replace('_', '-')}" for key in smk_value("SCHEDULER_KEYS")} & set(flags)
+        args = train.parse_args(["--data", "d", "--preset", "uvit_tiny_test", "--checkpoint-dir", "c", *flags])
+        expected = {key: value for key, value in block.items() if key not in smk_value("SCHEDULER_KEYS")}
+        assert cli.dataclass_from_args(training.TrainConfig, args) == training.TrainConfig(**expected)
 
 
 def test_unconditional_pretraining_defaults_to_no_label_dropout():
@@ -80,20 +185,5 @@ def test_flags_the_workflow_always_passes_are_required(script, parse, argv, flag
             parser_defaults(script, parse, [*argv, *flags[:i], *flags[i + 2:]])
 
 
-def test_script_defaults_that_remain_come_from_the_package():
-    train = parser_defaults("train", "parse_args", [
-        "--data", "d", "--preset", "uvit_tiny_test", "--total-steps", "2", "--checkpoint-dir", "c",
-        "--batch-size", "8", "--grad-accum", "1", "--lr", "1e-3", "--betas", "0.9,0.99", "--weight-decay", "0",
-        "--warmup-steps", "0", "--ema-rate", "0.9", "--label-dropout", "0", "--no-hflip"])
-    config = training.TrainConfig(total_steps=1)
-    assert (train["seed"], train["t_min"], train["log_every"]) == (config.seed, config.t_min, config.log_every)
-    sample = parser_defaults("sample_budget", "parse", ["--checkpoint", "c.pt", "--out", "o", "--meta", "m",
-                                                        "--budget-s", "1", "--batch-size", "2"])
-    assert {k: sample[k] for k in sampling.SamplerSettings().to_dict()} == sampling.SamplerSettings().to_dict()
-
-
 def test_workflow_feature_rules_are_the_package_ones():
-    # common.smk writes them out (Snakemake runs without the package under conda deployment).
-    text = (Path(__file__).parents[1] / "workflow" / "rules" / "common.smk").read_text()
-    written = re.search(r"^FEATURE_RULES = (\(.*\))$", text, re.MULTILINE)
-    assert written and ast.literal_eval(written.group(1)) == submission.FEATURE_RULES
+    assert smk_value("FEATURE_RULES") == submission.FEATURE_RULES

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from diffdistill import evaluation, evaluation_state
+from diffdistill import evaluation, resume
 from diffdistill.cli import run_main
 from diffdistill.data import LabeledImages, save_images
 from diffdistill.errors import DiffdistillError
 from diffdistill.evaluation_state import EvaluationState
+from diffdistill.resume import JobKey
 from diffdistill.normalize import CHALLENGE_STATS, channel_stats, normalize
 from diffdistill.records import BudgetPrefix, EvaluationResult
 from helpers import load_script
@@ -205,7 +206,7 @@ def run_rounds(state=None, stop_at=None, seed=3):
     return result, losses
 
 
-KEY = {"epochs": 6, "data": "stripes"}
+KEY = JobKey.of({"epochs": 6}, "stripes")
 
 
 # Saves after passes 1, 3 and 5 (every 2); the lr drops after pass 4 (epochs 6), so the kill at pass 6
@@ -226,12 +227,25 @@ def test_interrupted_evaluation_resumes_to_the_same_result(tmp_path, stop_at, sa
     assert not state.round_file(0).exists() and not state.round_file(1).exists()  # finished rounds drop them
 
 
-def test_state_of_other_settings_or_a_corrupt_file_starts_afresh(tmp_path, caplog):
+@pytest.mark.parametrize("other, differs", [(JobKey.of({"epochs": 7}, "stripes"), "settings"),
+                                           (JobKey.of({"epochs": 6}, "resampled"), "data")])
+def test_state_of_other_settings_or_data_is_not_resumed(tmp_path, caplog, other, differs):
     with pytest.raises(Interrupt):
         run_rounds(EvaluationState(tmp_path, KEY, every=2), stop_at=(1, 4))
-    other = EvaluationState(tmp_path, {**KEY, "data": "resampled"}, every=2)
-    assert other.finished_rounds() == {} and other.load_epoch(1) is None
-    assert "belongs to other settings or data" in caplog.text
+    state = EvaluationState(tmp_path, other, every=2)
+    assert state.finished_rounds() == {} and state.load_epoch(1) is None
+    assert f"made with other {differs} than this job's: not resumed" in caplog.text
+    reference, _ = run_rounds()
+    result, _ = run_rounds(state)  # afresh, overwriting the other job's state as it goes
+    assert result["accuracies"] == reference["accuracies"] and result["resumed_rounds"] == []
+    assert EvaluationState(tmp_path, KEY).finished_rounds() == {}  # the other job's rounds are gone
+
+
+def test_state_of_the_same_job_is_resumed_and_a_corrupt_file_starts_afresh(tmp_path, caplog):
+    with pytest.raises(Interrupt):
+        run_rounds(EvaluationState(tmp_path, KEY, every=2), stop_at=(1, 4))
+    same = EvaluationState(tmp_path, JobKey.of({"epochs": 6}, "stripes"), every=2)
+    assert 0 in same.finished_rounds() and same.load_epoch(1)["epoch"] == 3
     state = EvaluationState(tmp_path, KEY, every=2)
     state.round_file(1).write_bytes(b"not a checkpoint")
     assert state.load_epoch(1) is None and 0 in state.finished_rounds()
@@ -245,8 +259,8 @@ def test_data_fingerprint_sees_a_changed_image():
     x, y = as_float(labeled(4, 0, "train"))
     changed = x.clone()
     changed[5, 0, 3, 3] += 0.5
-    assert evaluation_state.data_fingerprint(x, y) == evaluation_state.data_fingerprint(x.clone(), y.clone())
-    assert evaluation_state.data_fingerprint(x, y) != evaluation_state.data_fingerprint(changed, y)
+    assert resume.data_fingerprint(x, y) == resume.data_fingerprint(x.clone(), y.clone())
+    assert resume.data_fingerprint(x, y) != resume.data_fingerprint(changed, y)
 
 
 # --- the evaluate stage ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,7 +163,9 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
         run(tmp_path / "cut", config)
     monkeypatch.undo()
     assert (tmp_path / "cut" / "step_0000004.pt").is_file() and not (tmp_path / "cut" / "step_0000008.pt").exists()
-    summary, paths = run(tmp_path / "cut", config, model=tiny_model(seed=99))  # other init: must be overwritten
+    # The same job again (same initial weights), whose state must replace the model's: a model that only
+    # trained on from its initial weights at step 4 would end elsewhere.
+    summary, paths = run(tmp_path / "cut", config, model=tiny_model())
     assert summary["start_step"] == 4 and summary["steps_run"] == 8
     full = checkpoint.load_checkpoint(tmp_path / "full" / "step_0000012.pt")
     resumed = checkpoint.load_checkpoint(paths[12])
@@ -175,7 +178,7 @@ def test_rerun_when_complete_is_a_noop(tmp_path):
     config = make_config()
     first, paths = run(tmp_path, config)
     mtimes = {s: p.stat().st_mtime_ns for s, p in paths.items()}
-    model = tiny_model(seed=42)
+    model = tiny_model()  # the same job: the same initial weights
     again, _ = run(tmp_path, config, model=model)
     assert max_diff(model.state_dict(), checkpoint.load_checkpoint(paths[12])["model"]) == 0.0
     assert again["steps_run"] == 0 and again["start_step"] == 12
@@ -192,15 +195,36 @@ def test_unreadable_newest_checkpoint_is_skipped(tmp_path):
     assert summary["start_step"] == 4 and summary["resumed_from"] == str(paths[4])
 
 
-def test_resume_with_changed_settings_errors(tmp_path):
-    run(tmp_path, make_config(total_steps=4, checkpoint_steps=[]))
-    with pytest.raises(DiffdistillError, match=r"step_0000004\.pt.*training\.lr"):
-        run(tmp_path, make_config(lr=2e-3))
-    with pytest.raises(DiffdistillError, match="model"):
-        torch.manual_seed(0)
-        run(tmp_path, make_config(), model=uvit.build("uvit_tiny_test", num_classes=4, embed_dim=16))
-    summary, _ = run(tmp_path, make_config(log_every=2, grad_accum=2))  # free settings may change
+def test_resume_needs_the_same_settings_and_data(tmp_path, caplog):
+    run(tmp_path / "kept", make_config(total_steps=4, checkpoint_steps=[]))
+    changed_image = toy_data()
+    changed_image.images[7, 0, 0, 0] ^= 1
+    torch.manual_seed(0)
+    wider = uvit.build("uvit_tiny_test", num_classes=4, embed_dim=16)
+    others = [("settings", dict(config=make_config(lr=2e-3))),
+              ("settings and data", dict(config=make_config(), model=wider)),  # config and weights
+              ("data", dict(config=make_config(), data=changed_image)),
+              ("data", dict(config=make_config(), model=tiny_model(seed=42)))]  # other initial weights
+    for i, (differs, job) in enumerate(others):
+        folder = shutil.copytree(tmp_path / "kept", tmp_path / f"other_{i}")
+        caplog.clear()
+        summary, _ = run(folder, **job)
+        assert summary["start_step"] == 0 and summary["resumed_from"] is None  # afresh, never mixed
+        assert f"step_0000004.pt was made with other {differs} than this job's: not resumed" in caplog.text
+    summary, _ = run(tmp_path / "kept", make_config(log_every=2, grad_accum=2))  # free settings may change
     assert summary["start_step"] == 4
+
+
+def test_a_changed_run_killed_half_way_resumes_only_its_own_checkpoints(tmp_path):
+    config = make_config()
+    run(tmp_path, make_config(lr=2e-3))  # another job's checkpoints at 4, 8 and 12
+    _, paths = run(tmp_path / "ref", config)
+    shutil.copy(paths[4], tmp_path / "step_0000004.pt")  # this job got to step 4, then died
+    summary, _ = run(tmp_path, config)
+    assert summary["start_step"] == 4
+    for step in (8, 12):
+        ours = checkpoint.load_checkpoint(tmp_path / f"step_{step:07d}.pt")
+        assert max_diff(ours["ema"], checkpoint.load_checkpoint(paths[step])["ema"]) <= 1e-6
 
 
 def test_batch_size_must_divide(tmp_path, monkeypatch):
@@ -270,10 +294,10 @@ def run_script_in_process(flags) -> int:
 
 
 # Every flag train.py requires besides data, preset, steps and outputs: what the workflow always passes.
-REQUIRED = [("--batch-size", "8"), ("--grad-accum", "1"), ("--lr", "1e-3"), ("--betas", "0.99,0.999"),
+WORKFLOW_FLAGS = [("--batch-size", "8"), ("--grad-accum", "1"), ("--lr", "1e-3"), ("--betas", "0.99,0.999"),
             ("--weight-decay", "0.03"), ("--warmup-steps", "1"), ("--ema-rate", "0.9"), ("--label-dropout", "0.1"),
             ("--hflip",)]
-TRAIN_FLAGS = [arg for flag in REQUIRED for arg in flag]
+TRAIN_FLAGS = [arg for flag in WORKFLOW_FLAGS for arg in flag]
 
 
 def test_script_killed_then_rerun_matches_uninterrupted(tmp_path):
@@ -314,13 +338,13 @@ def test_script_rejects_wrong_number_of_checkpoint_files(tmp_path):
     assert cli.run_main(load_train_script().main, flags) == 2
 
 
-def test_script_requires_every_flag_the_workflow_passes(tmp_path):
+def test_script_defaults_are_the_trainconfig_defaults():
+    # By hand, a flag left out takes TrainConfig's default (the default run's fine-tuning); given, its value.
     flags = ["--data", "d.pt", "--preset", "uvit_tiny_test", "--total-steps", "4", "--checkpoint-dir", "c"]
-    for i in range(len(REQUIRED)):
-        without = [arg for flag in REQUIRED[:i] + REQUIRED[i + 1:] for arg in flag]
-        with pytest.raises(SystemExit):  # argparse: the flag is required
-            load_train_script().parse_args([*flags, *without])
-    assert load_train_script().parse_args([*flags, *TRAIN_FLAGS]).label_dropout == 0.1
+    script = load_train_script()
+    assert cli.dataclass_from_args(training.TrainConfig, script.parse_args(flags)) == training.TrainConfig(4)
+    given = cli.dataclass_from_args(training.TrainConfig, script.parse_args([*flags, *TRAIN_FLAGS]))
+    assert (given.batch_size, given.lr, given.betas, given.ema_rate, given.hflip) == (8, 1e-3, (0.99, 0.999), 0.9, True)
 
 
 @pytest.mark.gpu

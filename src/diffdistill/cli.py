@@ -9,7 +9,9 @@ run leaves nothing half-made and nothing made before is lost.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import platform
@@ -17,6 +19,7 @@ import random
 import shlex
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -160,16 +163,46 @@ def _log_to_files_only(message: str) -> None:
             handler.handle(record)
 
 
-def add_sampler_flags(parser) -> None:
-    """--steps, --order, --method, ... : one flag per field of SamplerSettings, with its default."""
-    from .sampling import SamplerSettings
+def add_dataclass_flags(parser, cls) -> None:
+    """One flag per field of the dataclass ``cls`` (``--t-min`` for ``t_min``), typed by its annotation, with
+    its default (shown by ``--help``); a field without a default is a required flag. ``bool`` is a switch
+    (``--hflip`` / ``--no-hflip``); a list or tuple of numbers is written comma-separated (``--betas 0.99,0.999``),
+    as the workflow writes it (common.smk's cli_flag)."""
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        flag, default = "--" + item.name.replace("_", "-"), _field_default(item)
+        options: dict = {"required": True} if default is dataclasses.MISSING else {
+            "default": default, "help": f"default: {_flag_text(default)}"}
+        kind = hints[item.name]
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+        else:
+            parser.add_argument(flag, type=_flag_parser(kind, f"{cls.__name__}.{item.name}"), **options)
 
-    for key, value in SamplerSettings().to_dict().items():
-        parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
+
+def dataclass_from_args(cls, args):
+    """The ``cls`` given by the flags of :func:`add_dataclass_flags` (checked by its own ``__post_init__``)."""
+    return cls(**{item.name: getattr(args, item.name) for item in dataclasses.fields(cls)})
 
 
-def sampler_settings(args):
-    """The SamplerSettings given by the flags of :func:`add_sampler_flags` (validated)."""
-    from .sampling import SamplerSettings
+def _field_default(item: dataclasses.Field):
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    return item.default
 
-    return SamplerSettings(**{key: getattr(args, key) for key in SamplerSettings().to_dict()})
+
+def _flag_text(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
+
+
+def _flag_parser(kind, name: str) -> Callable[[str], object]:
+    """int, float and str parse as themselves; list[int] / tuple[float, ...] from "a,b,c"."""
+    if kind in (int, float, str):
+        return kind
+    items = set(typing.get_args(kind)) - {Ellipsis}
+    if typing.get_origin(kind) in (list, tuple) and len(items) == 1 and items <= {int, float}:
+        number = items.pop()
+        return lambda text: [number(part) for part in text.split(",") if part]
+    raise TypeError(f"{name}: no command-line flag for type {kind!r}")

@@ -7,49 +7,39 @@ runs for hours, so a killed or pre-empted job should not start over. One folder 
 - ``round_<r>.pt``: the running round's model, optimizer, learning rate, generator state and last
   finished epoch, rewritten every ``every`` epochs (atomically, so a kill never leaves half a file).
 
-Both carry a key (training settings and a fingerprint of the data); state with another key is
-ignored, so a changed config or a resampled pool starts afresh. With a seed the resumed run draws
-the same batches and augmentations as an uninterrupted one and ends with the same accuracies.
+Both carry the job's :class:`~diffdistill.resume.JobKey` (its settings and its data); state with
+another key is not used (:mod:`diffdistill.resume`), so a changed config or a resampled pool starts
+afresh. With a seed the resumed run draws the same batches and augmentations as an uninterrupted one
+and ends with the same accuracies.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
-import torch
-
 from . import atomic
 from .errors import DiffdistillError
+from .resume import JobKey
 
 log = logging.getLogger(__name__)
 
 
-def data_fingerprint(*tensors: torch.Tensor, samples: int = 4096) -> str:
-    """A cheap identity of the data: shapes, dtypes, sums and an evenly spaced sample of rows."""
-    digest = hashlib.sha1()
-    for tensor in tensors:
-        tensor = tensor.detach().cpu()
-        stride = max(1, len(tensor) // samples)
-        # Summed in chunks: a float64 copy of a whole large pool would double its memory.
-        total = sum(float(part.double().sum()) for part in tensor.split(65536))
-        digest.update(repr((tuple(tensor.shape), str(tensor.dtype), total)).encode())
-        digest.update(tensor[::stride].contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 class EvaluationState:
-    """Resume state in ``folder`` for the run identified by ``key`` (a JSON-able dict)."""
+    """Resume state in ``folder`` for the job identified by ``key``.
 
-    def __init__(self, folder: str | os.PathLike, key: dict, every: int = 50):
+    State of another key is left where it is and overwritten as this job writes its own: rounds.json
+    is rewritten whole with this job's key at its first finished round and each round file at its first
+    save, and every read checks the key, so old and new state are never mixed (and nothing has to be
+    moved aside before the folder's one job can run).
+    """
+
+    def __init__(self, folder: str | os.PathLike, key: JobKey, every: int = 50):
         if every < 1:
             raise DiffdistillError(f"checkpoint every {every} epochs: must be >= 1")
-        self.folder, self.every = Path(folder), int(every)
-        self.key = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+        self.folder, self.every, self.key = Path(folder), int(every), key
         self.folder.mkdir(parents=True, exist_ok=True)
         self._rounds: dict[int, dict] | None = None  # rounds.json as last read or written
 
@@ -73,8 +63,7 @@ class EvaluationState:
         except DiffdistillError as err:  # our own cache, not the user's input: redo rather than stop
             log.warning("%s; starting afresh", err)
             return {}
-        if not isinstance(saved, dict) or saved.get("key") != self.key:
-            log.warning("%s belongs to other settings or data: starting afresh", self.rounds_file)
+        if not isinstance(saved, dict) or not self.key.fits(saved.get("key"), str(self.rounds_file)):
             return {}
         return {int(r): value for r, value in saved["rounds"].items()}
 
@@ -82,14 +71,14 @@ class EvaluationState:
         known = self._rounds if self._rounds is not None else self._read_rounds()  # no re-read per round
         self._rounds = {**known, r: {"accuracy": accuracy, "seconds": seconds}}
         rounds = {str(k): v for k, v in sorted(self._rounds.items())}
-        atomic.write_json(self.rounds_file, {"key": self.key, "rounds": rounds})
+        atomic.write_json(self.rounds_file, {"key": self.key.to_dict(), "rounds": rounds})
         self.round_file(r).unlink(missing_ok=True)
 
     def due(self, epoch: int) -> bool:
         return (epoch + 1) % self.every == 0
 
     def save_epoch(self, r: int, epoch: int, model, optimizer, lr: float, generator) -> None:
-        state = {"key": self.key, "epoch": epoch, "lr": lr, "model": model.state_dict(),
+        state = {"key": self.key.to_dict(), "epoch": epoch, "lr": lr, "model": model.state_dict(),
                  "optimizer": optimizer.state_dict(),
                  "generator": generator.get_state() if generator is not None else None}
         atomic.torch_save(state, self.round_file(r))
@@ -104,8 +93,7 @@ class EvaluationState:
         except DiffdistillError as err:
             log.warning("%s; starting round %d afresh", err, r + 1)
             return None
-        if not isinstance(state, dict) or state.get("key") != self.key:
-            log.warning("%s belongs to other settings or data: starting round %d afresh", path, r + 1)
+        if not isinstance(state, dict) or not self.key.fits(state.get("key"), f"{path} (round {r + 1})"):
             return None
         return state
 

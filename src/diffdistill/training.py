@@ -36,13 +36,14 @@ import torch.nn.functional as F
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import LabeledImages, to_model_range
 from .errors import DiffdistillError
+from .resume import JobKey
 from .schedule import TIME_SCALE, VPSchedule
 from .speed import tf32
 
 log = logging.getLogger(__name__)
 
-# Settings that change the training trajectory: a checkpoint written with other values cannot be
-# continued. total_steps / checkpoint_steps (extending a run is fine), grad_accum, bf16 and the speed
+# Settings that change the training trajectory: a checkpoint written with other values is not
+# continued (diffdistill.resume). total_steps / checkpoint_steps (extending a run is fine), grad_accum, bf16 and the speed
 # options compile / fused_adamw / tf32 (how the same global batch is computed) and log_every are free
 # to change between runs.
 RESUME_KEYS = ("batch_size", "lr", "betas", "weight_decay", "warmup_steps", "ema_rate", "label_dropout",
@@ -54,19 +55,20 @@ _STREAM_EPOCH, _STREAM_STEP = 0, 1
 
 @dataclass
 class TrainConfig:
-    """Training settings, plain types only (they go into every checkpoint); defaults: U-ViT CIFAR-10."""
+    """Training settings, plain types only (they go into every checkpoint); defaults: the default run's
+    fine-tuning (config/config.yaml; U-ViT's CIFAR-10 recipe is lr 2e-4, warmup 2500, EMA 0.9999, hflip)."""
 
     total_steps: int
-    checkpoint_steps: list[int] = field(default_factory=list)
+    checkpoint_steps: list[int] = field(default_factory=list)  # total_steps is always one
     batch_size: int = 128  # global: summed over processes and accumulation micro-batches
     grad_accum: int = 1
-    lr: float = 2e-4
+    lr: float = 2e-3
     betas: tuple[float, float] = (0.99, 0.999)
     weight_decay: float = 0.03
-    warmup_steps: int = 2500
-    ema_rate: float = 0.9999
+    warmup_steps: int = 100
+    ema_rate: float = 0.995
     label_dropout: float = 0.1
-    hflip: bool = True
+    hflip: bool = False
     seed: int = 0
     t_min: float = 1e-5
     bf16: bool = True  # autocast on CUDA only; CPU runs stay in fp32
@@ -346,8 +348,18 @@ def _hms(seconds: float) -> str:
 
 
 def _run_config(model: nn.Module, data: LabeledImages, config: TrainConfig) -> dict:
+    """What goes into every checkpoint: model, settings, data and the job's key (:func:`_job_key`)."""
     data_info = {"name": data.name, "classes": list(data.classes), "num_images": len(data)}
-    return {"model": dict(model.config), "training": config.to_dict(), "data": data_info}
+    return {"model": dict(model.config), "training": config.to_dict(), "data": data_info,
+            "job_key": _job_key(model, data, config).to_dict()}
+
+
+def _job_key(model: nn.Module, data: LabeledImages, config: TrainConfig) -> JobKey:
+    """What a checkpoint must have been made with to be continued: the same network and settings of the
+    trajectory (RESUME_KEYS), and the same input data: the training images and the initial weights (the
+    pretrained file and the seeded fresh layers), as the model comes in before training."""
+    settings = {"model": dict(model.config), **{key: getattr(config, key) for key in RESUME_KEYS}}
+    return JobKey.of(settings, data.images, data.labels, list(data.classes), *model.state_dict().values())
 
 
 def _check_inputs(model, data: LabeledImages, config: TrainConfig, paths: Mapping, world: int) -> None:
@@ -371,23 +383,15 @@ def _check_inputs(model, data: LabeledImages, config: TrainConfig, paths: Mappin
                                    "(null_class=True)")
 
 
-def _check_compatible(path: Path, saved: Mapping, current: Mapping) -> None:
-    """A checkpoint can be continued only if the model, data and trajectory settings match."""
-    pairs = [("model", saved.get("model"), current["model"])]
-    pairs += [(f"training.{k}", saved.get("training", {}).get(k), current["training"][k]) for k in RESUME_KEYS]
-    pairs += [(f"data.{k}", saved.get("data", {}).get(k), current["data"][k]) for k in ("classes", "num_images")]
-    for key, old, new in pairs:
-        if _plain(old) != _plain(new):
-            raise DiffdistillError(f"{path}: cannot resume, checkpoint has {key} = {old!r} but this run has "
-                                   f"{new!r} (restore the setting or delete the checkpoints)")
-
-
-def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
 def _find_resume(paths: Mapping[int, Path], run_config: dict) -> dict | None:
-    """The newest readable checkpoint among ``paths``, checked against this run; None if there is none."""
+    """The newest readable checkpoint among ``paths`` made by this job (same key), None if there is none.
+
+    A checkpoint of other settings or data is passed over (logged) and overwritten when this run reaches
+    its step, not moved aside: each checkpoint carries its own key, so a folder holding both (a changed
+    run killed half-way) still resumes only from this job's own, and the older steps of a fitting
+    checkpoint were all written by the same job on its way there.
+    """
+    key = JobKey(**run_config["job_key"])
     for step in sorted(paths, reverse=True):
         path = Path(paths[step])
         if not path.is_file():
@@ -399,9 +403,9 @@ def _find_resume(paths: Mapping[int, Path], run_config: dict) -> dict | None:
             continue
         if int(ckpt["step"]) != step:
             raise DiffdistillError(f"{path}: holds step {ckpt['step']}, expected step {step}")
-        _check_compatible(path, ckpt.get("config", {}), run_config)
-        ckpt["path"] = str(path)
-        return ckpt
+        if key.fits(ckpt.get("config", {}).get("job_key"), str(path)):
+            ckpt["path"] = str(path)
+            return ckpt
     return None
 
 

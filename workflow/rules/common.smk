@@ -1,6 +1,5 @@
 # Paths and helpers shared by the rules. Every output path depends only on the config, so the whole
 # DAG (including every checkpoint to score) is known before any job runs.
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -74,16 +73,10 @@ def missing_weights_help(path):
 
 def resume_dir(folder, name):
     """The one resume convention: a job keeps what it resumes from in <OUT>/<folder>/.resume/<name>,
-    outside Snakemake's outputs (which it deletes before a rerun). The script checks the state it
-    finds there against its own settings (training refuses a mismatch, evaluation ignores it)."""
+    outside Snakemake's outputs (which it deletes before a rerun), one folder per job. The state there
+    carries the settings and data it was made with, and the script uses it only when both are this
+    job's (diffdistill.resume): a changed config or changed data starts afresh."""
     return f"{OUT}/{folder}/.resume/{name}"
-
-
-def settings_key(cfg):
-    """A name for a training run's resume folder, keyed by its settings: a changed config starts afresh
-    (the trainer would refuse another run's checkpoints)."""
-    settings = json.dumps([cfg, config["model"], config["pretrained"], config["seed"], DATASET], sort_keys=True)
-    return hashlib.sha1(settings.encode()).hexdigest()[:10]
 
 
 # Every stage derives its seed from config["seed"] by its own offset, so that no two stages share a stream.
@@ -101,24 +94,32 @@ def stage_seed(rule_name):
     return config["seed"] + SEED_OFFSETS[rule_name]
 
 
+# Keys of a training block for the scheduler and the launcher; every other key is a TrainConfig field
+# (tests/test_defaults.py), written out so that Snakemake itself runs without the package.
+SCHEDULER_KEYS = ("gpus", "processes", "runtime_min", "mem_mb")
+
+
 def training_args(cfg):
-    """The trainer's command-line flags for one training config block."""
-    return " ".join([
-        f"--total-steps {cfg['total_steps']}",
-        f"--checkpoint-steps {','.join(map(str, training_steps(cfg)))}",
-        f"--batch-size {cfg['batch_size']} --grad-accum {cfg['grad_accum']}",
-        f"--lr {cfg['lr']} --betas {cfg['betas'][0]},{cfg['betas'][1]}",
-        f"--weight-decay {cfg['weight_decay']} --warmup-steps {cfg['warmup_steps']}",
-        f"--ema-rate {cfg['ema_rate']} --label-dropout {cfg['label_dropout']}",
-        *(cli_flag(key, cfg[key]) for key in ("hflip", "compile", "fused_adamw", "tf32")),
-    ])
+    """The trainer's flags: one per key of a training block but the scheduler's, the checkpoint steps
+    with the last step (the rule's outputs)."""
+    settings = {key: value for key, value in cfg.items() if key not in SCHEDULER_KEYS}
+    return settings_args({**settings, "checkpoint_steps": training_steps(cfg)})
+
+
+def settings_args(settings):
+    """One flag per key of a (schema-validated) settings block: the flags cli.add_dataclass_flags makes
+    from the fields of the stage's dataclass (a new setting needs no edit here)."""
+    return " ".join(cli_flag(key, value) for key, value in settings.items())
 
 
 def cli_flag(key, value):
-    """--key value; for a boolean the switch --key / --no-key (argparse's BooleanOptionalAction)."""
+    """--key value; for a boolean the switch --key / --no-key (argparse's BooleanOptionalAction); a list
+    comma-separated."""
     name = key.replace("_", "-")
     if isinstance(value, bool):
         return f"--{'' if value else 'no-'}{name}"
+    if isinstance(value, list):
+        return f"--{name} {','.join(map(str, value))}"
     return f"--{name} {value}"
 
 
@@ -129,11 +130,6 @@ def launcher(cfg):
         return "python"
     # "--" ends torchrun's own options: it would read the script's --log as one of them.
     return f"torchrun --standalone --nproc_per_node {processes} --"
-
-
-def sampler_args(settings):
-    """One flag per key of a (schema-validated) sampler block: the flags of cli.add_sampler_flags."""
-    return " ".join(cli_flag(key, value) for key, value in settings.items())
 
 
 def gpu_count(cfg):

@@ -14,7 +14,7 @@ rule evaluate:
         rounds=config["evaluation"]["rounds"],
         batch_size=config["evaluation"]["batch_size"],
         seed=stage_seed("evaluate"),
-        # Outside the outputs (Snakemake deletes those before a rerun); keyed inside by settings and data.
+        # Outside the outputs (Snakemake deletes those before a rerun); used only for the same settings and data.
         resume=lambda wildcards: resume_dir("evaluation", wildcards.kind),
     log:
         f"{LOGS}/evaluate/{{kind}}.log",

@@ -15,7 +15,7 @@ rule sample_budget:
         max_images=(
             f"--max-images {config['sampling']['max_images']}" if config["sampling"]["max_images"] else ""
         ),
-        sampler=sampler_args(config["sampler"]),
+        sampler=settings_args(config["sampler"]),
         seed=stage_seed("sample_budget"),
         shard=lambda wildcards: f"--shard {wildcards.shard} --num-shards {SHARDS}" if SHARDS > 1 else "",
     log:
@@ -73,7 +73,7 @@ rule sample_sweep:
         budget=config["sampling"]["budget_s"],
         batch_size=config["sampling"]["batch_size"],
         max_images=rules.sample_budget.params.max_images,
-        sampler=lambda wildcards: sampler_args(SWEEP[wildcards.variant]),
+        sampler=lambda wildcards: settings_args(SWEEP[wildcards.variant]),
         seed=stage_seed("sample_budget"),
     log:
         f"{LOGS}/sweep/{{variant}}.log",

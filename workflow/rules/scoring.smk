@@ -51,7 +51,7 @@ rule score_checkpoint:
         convnet=lambda wildcards, input: f"--convnet {input.convnet}" if "convnet" in input.keys() else "",
         num_images=config["scoring"]["num_images"],
         batch_size=config["scoring"]["batch_size"],
-        sampler=sampler_args(SCORING_SAMPLER),
+        sampler=settings_args(SCORING_SAMPLER),
         seed=stage_seed("score_checkpoint"),
     log:
         f"{LOGS}/score_checkpoint/step_{{step}}.log",

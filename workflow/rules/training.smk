@@ -13,7 +13,7 @@ rule pretrain_unconditional:
         overrides=json.dumps(config["model"]["overrides"]),
         args=training_args(PRETRAINING),
         launcher=launcher(PRETRAINING),
-        resume_dir=resume_dir("pretrain", settings_key(PRETRAINING)),
+        resume_dir=resume_dir("pretrain", "pretrain_unconditional"),
         seed=stage_seed("pretrain_unconditional"),
     log:
         f"{LOGS}/pretrain_unconditional.log",
@@ -50,7 +50,7 @@ rule finetune:
         init=lambda wildcards, input: f"--init {input.init}" if input.init else "",
         args=training_args(config["finetune"]),
         launcher=launcher(config["finetune"]),
-        resume_dir=resume_dir("checkpoints", settings_key(config["finetune"])),
+        resume_dir=resume_dir("checkpoints", "finetune"),
         seed=stage_seed("finetune"),
     log:
         f"{LOGS}/finetune.log",

@@ -15,9 +15,10 @@ import torch
 from diffdistill import cli, evaluation
 from diffdistill.data import load_images
 from diffdistill.errors import DiffdistillError
-from diffdistill.evaluation_state import EvaluationState, data_fingerprint
+from diffdistill.evaluation_state import EvaluationState
 from diffdistill.normalize import normalize
 from diffdistill.records import BudgetPrefix, EvaluationResult
+from diffdistill.resume import JobKey
 from diffdistill.sampling_summary import SamplingSummary
 
 
@@ -100,9 +101,9 @@ def budget_prefix(args, x, y):
 
 def resume_state(args, x, y, test) -> EvaluationState:
     """Resume state keyed by what decides the result: the training settings and the data's contents."""
-    key = {k: getattr(args, k) for k in ("train_format", "ipc", "random_ipc", "dataset", "epochs", "rounds",
-                                         "batch_size", "seed")}
-    key["data"] = data_fingerprint(x, y, test.images, test.labels)
+    settings = {k: getattr(args, k) for k in ("train_format", "ipc", "random_ipc", "dataset", "epochs", "rounds",
+                                              "batch_size", "seed")}
+    key = JobKey.of(settings, x, y, test.images, test.labels)
     return EvaluationState(args.resume_dir, key, every=args.checkpoint_every)
 
 

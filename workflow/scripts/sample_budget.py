@@ -23,7 +23,7 @@ def parse(argv):
     p.add_argument("--budget-s", type=float, required=True, help=f"seconds (the challenge: {sampling.BUDGET_S:g})")
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--max-images", type=int, default=None)
-    cli.add_sampler_flags(p)
+    cli.add_dataclass_flags(p, sampling.SamplerSettings)
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     device = cli.start("sample_budget", sys.argv[1:] if argv is None else argv, args.log, args.device, args.seed)
     if args.budget_s <= 0:
         raise DiffdistillError(f"--budget-s must be > 0 seconds, got {args.budget_s}: nothing would be sampled")
-    settings = cli.sampler_settings(args)
+    settings = cli.dataclass_from_args(sampling.SamplerSettings, args)
     with cli.cleanup_on_failure([args.out, args.meta]):
         args.checkpoint = checkpoint_path(args)
         with cli.Timer() as load:

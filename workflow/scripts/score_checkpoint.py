@@ -10,7 +10,7 @@ num_images, checkpoint and seconds at its top level, plus the settings, timings 
 import argparse
 import sys
 
-from diffdistill import cli, fid, scoring
+from diffdistill import cli, fid, sampling, scoring
 from diffdistill.records import CheckpointScore
 
 
@@ -23,7 +23,7 @@ def parse(argv):
     p.add_argument("--inception-weights", help="local Inception weights (.pth or TorchScript); default: torch.hub")
     p.add_argument("--num-images", type=int, required=True, help="samples; keep it fixed across checkpoints")
     p.add_argument("--batch-size", type=int, required=True)
-    cli.add_sampler_flags(p)
+    cli.add_dataclass_flags(p, sampling.SamplerSettings)
     p.add_argument("--out", required=True, help="score JSON")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0, help="the same seed for every checkpoint: same noise")
@@ -34,7 +34,7 @@ def parse(argv):
 def main(argv=None) -> int:
     args = parse(argv)
     device = cli.start("score_checkpoint", sys.argv[1:] if argv is None else argv, args.log, args.device, args.seed)
-    settings = cli.sampler_settings(args)
+    settings = cli.dataclass_from_args(sampling.SamplerSettings, args)
     with cli.cleanup_on_failure([args.out]):
         reference = fid.load_stats(args.stats)
         extractor = scoring.build_extractor(args.extractor, device, inception_weights=args.inception_weights,

@@ -19,14 +19,6 @@ from diffdistill.cli import run_main
 from diffdistill.data import load_images
 from diffdistill.errors import DiffdistillError
 
-# --batch-size etc., typed from TrainConfig; the workflow passes the first seven (required), the rest
-# default to TrainConfig's values.
-CONFIG_FLAGS = ("batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "ema_rate", "label_dropout",
-                "seed", "t_min", "log_every")
-REQUIRED_FLAGS = CONFIG_FLAGS[:7]
-SPEED_FLAGS = {"compile": "torch.compile of the network", "fused_adamw": "AdamW's fused kernel",
-               "tf32": "TF32 matmuls (CUDA)"}
-
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -35,22 +27,10 @@ def parse_args(argv):
     p.add_argument("--model-overrides", type=json.loads, default={}, help="JSON of U-ViT constructor keywords")
     p.add_argument("--num-classes", type=int, default=None, help="0 = unconditional; default: classes in --data")
     p.add_argument("--init", default=None, help="pretrained weights (public U-ViT file or our checkpoint)")
-    p.add_argument("--total-steps", type=int, required=True)
-    p.add_argument("--checkpoint-steps", type=lambda s: [int(v) for v in s.split(",") if v], default=[])
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--checkpoint-dir", help="checkpoints go to DIR/step_{step:07d}.pt")
     where.add_argument("--checkpoints", nargs="+", help="explicit files, one per step in ascending order")
-    defaults = training.TrainConfig(total_steps=1)
-    for name, value in ((name, getattr(defaults, name)) for name in CONFIG_FLAGS):
-        required = name in REQUIRED_FLAGS
-        p.add_argument("--" + name.replace("_", "-"), type=type(value), required=required,
-                       default=None if required else value)
-    p.add_argument("--betas", type=lambda s: [float(v) for v in s.split(",")], required=True)
-    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, required=True)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="autocast on CUDA")
-    for flag, what in SPEED_FLAGS.items():
-        p.add_argument("--" + flag.replace("_", "-"), action=argparse.BooleanOptionalAction,
-                       default=getattr(defaults, flag), help=what)
+    cli.add_dataclass_flags(p, training.TrainConfig)  # --total-steps, --lr, --betas, ... --seed
     p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore existing checkpoints")
     p.add_argument("--resume-dir", help="keep the resumable checkpoints here and copy them to the outputs at the "
                    "end (Snakemake deletes a job's declared outputs before a rerun)")
@@ -72,10 +52,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     device = cli.start("train", argv, log_file=args.log if rank == 0 else None, device=args.device, seed=args.seed)
-    config = training.TrainConfig(total_steps=args.total_steps, checkpoint_steps=args.checkpoint_steps,
-                                  betas=args.betas, hflip=args.hflip, bf16=args.bf16,
-                                  **{name: getattr(args, name) for name in SPEED_FLAGS},
-                                  **{name: getattr(args, name) for name in CONFIG_FLAGS})
+    config = cli.dataclass_from_args(training.TrainConfig, args)
     paths = checkpoint_paths(args, config)
     state = training.checkpoint_paths_in(args.resume_dir, config.checkpoint_steps) if args.resume_dir else paths
     data = load_images(args.data)
