@@ -219,7 +219,7 @@ def evaluation_inputs(wildcards):
 
 def evaluation_args(wildcards):
     """evaluate's flags of the kind's row (--train is the rule's own, from its input)."""
-    return " ".join(cli_flag(key, value) for key, value in EVALUATIONS[wildcards.kind].items() if key != "train")
+    return settings_args({key: value for key, value in EVALUATIONS[wildcards.kind].items() if key != "train"})
 
 
 # Package rules that pick images with the real-data feature ConvNet of FD-ConvNet scoring: the same as
