@@ -1,15 +1,21 @@
-"""Evaluator speed: one round of the challenge protocol with diffdistill.evaluation against a loop
-written in the organisers' style, on the same data and epochs: seconds, test accuracy, time ratio.
+"""Evaluator speed: rounds of the challenge protocol three ways on the same data and epochs: a loop in
+the organisers' style, diffdistill.evaluation (rounds one after another) and
+diffdistill.stacked_rounds (all rounds at once); seconds per round, accuracy, time ratio.
 
     python benchmarks/evaluator_speed.py --device cuda --train train.pt --test test.pt --dataset cifar100 --epochs 20
+    python benchmarks/evaluator_speed.py --digits-ipc 1 10 50 --pool 2000 --rounds 5 --epochs 10
 
 The organisers' style (docs/reference.md, "Challenge protocol" and "DSA augmentation"; the
 challenge repository's utils.py, as the dataset-condensation code it comes from): a DataLoader over a
 TensorDataset (per-sample indexing and stacking), DSA mode 'S' drawn per batch with the scale and
 rotate matrices built in per-sample Python loops, the loss read with .item() and the accuracy
-through .cpu().numpy() on every batch, SGD rebuilt at the lr drop, the test set in eval mode. Both
-sides train the same ConvNet with the same protocol; only the implementation differs. Without
---train/--test, class-coded random images are made (each class its own mean colour plus noise).
+through .cpu().numpy() on every batch, SGD rebuilt at the lr drop, the test set in eval mode. All
+paths train the same ConvNet with the same protocol; only the implementation differs. Without
+--train/--test, class-coded random images are made (each class its own mean colour plus noise);
+with --digits-ipc, scikit-learn's digits (a random real subset per round, the same for every path)
+and with --pool a class-balanced pool drawn with replacement from the digits' training split. The
+ratio is the first path's seconds per round over each path's; with the organisers' loop and the
+stacked path a line gives their difference of mean accuracy in standard errors.
 Nothing here asserts a speed.
 """
 

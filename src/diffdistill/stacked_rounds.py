@@ -2,7 +2,7 @@
 
 The challenge protocol (docs/reference.md, "Challenge protocol") trains a fresh ConvNet per round.
 One after another, each round runs small batches (100 images at IPC 10) whose per-step overhead
-(Python, kernel launches, optimizer) dominates. Here the R ConvNets of R rounds are one network:
+(Python, kernel launches, optimizer, idle threads) weighs heavily. Here the R ConvNets of R rounds are one network:
 round r's channels are group r of every layer.
 
 * Conv2d(R*C_in, R*W, 3, groups=R): group r sees only round r's input channels, with round r's
@@ -24,12 +24,24 @@ applied once per family present in a step, to the rounds that drew it (parameter
 so rounds concatenated along the batch transform exactly as apart). Rounds whose stacked network
 would not fit are split into chunks of at most ``max_rounds_per_chunk`` rounds.
 
-Why grouped convolutions rather than ``torch.func.stack_module_state`` + ``vmap``: on the 2-core
-CPU at IPC 10 on the digits (8x8x1, 10 classes, batch 100, DSA on, 5 rounds), one training step
-took 10.5 ms with grouped convolutions against 20.0 ms with vmap over functional_call
-(vmap turns the batched conv weights into a grouped convolution as well, but adds its own
-batching of every op and of the backward; a sequential round's step took 11.6 ms, shared machine).
-The grouped network is also a plain ``nn.Module``: a plain SGD, state_dict and checkpoint.
+Why grouped convolutions rather than ``torch.func.stack_module_state`` + ``vmap`` (measured on the
+2-core CPU, shared with other jobs at a load of 6-7, so absolute times are inflated): one training
+step of 5 rounds at IPC 10 on the digits (8x8x1, 10 classes, batch 100, width 128, DSA left out
+as it is the same for both), mean of 8 interleaved repeats:
+
+    threads   grouped    vmap      5 sequential rounds
+    2         1802 ms    2564 ms   4169 ms
+    1          958 ms    1303 ms    701 ms
+
+vmap turns the batched weights into grouped convolutions as well, plus its own batching of every
+op and of the backward, and was slower in both. With one thread, five plain ConvNets one after
+another were faster still: on the CPU the convolutions (about 4 GFLOP per round and step) are the
+cost, and oneDNN runs the grouped ones less efficiently; stacking pays where per-step overhead
+dominates (small batches, idle threads, host synchronisation, a GPU's kernel launches). The
+grouped network is also a plain ``nn.Module``: plain SGD, state_dict and checkpoints.
+
+Memory: the stacked network's activations are R times a round's; ``max_rounds_per_chunk`` (default:
+all rounds at once) is the caller's cap, e.g. for CIFAR-size images on a small GPU.
 """
 
 from __future__ import annotations
