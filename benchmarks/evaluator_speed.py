@@ -284,9 +284,11 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     print("loop\tset\ttrain images\tseconds/round\taccuracy\tstd\tratio", flush=True)
     for data in sets:
-        rows = [(path, *run_path(path, data, args, device)) for path in args.paths]
+        rows = []
         train_size = len(data[1]) if data[6] is None else len(data[6][0])
-        for path, accuracies, seconds in rows:
+        for path in args.paths:  # each row as soon as its path is done: a long run shows what it has
+            rows.append((path, *run_path(path, data, args, device)))
+            accuracies, seconds = rows[-1][1:]
             ratio = rows[0][2] / seconds  # the first path's (by default the organisers') time over this one's
             print(f"{path}\t{data[0]}\t{train_size}\t{seconds:.3f}\t{np.mean(accuracies):.4f}\t"
                   f"{np.std(accuracies):.4f}\t{ratio:.2f}", flush=True)
