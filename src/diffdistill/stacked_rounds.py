@@ -40,6 +40,12 @@ cost, and oneDNN runs the grouped ones less efficiently; stacking pays where per
 dominates (small batches, idle threads, host synchronisation, a GPU's kernel launches). The
 grouped network is also a plain ``nn.Module``: plain SGD, state_dict and checkpoints.
 
+Whole evaluations (benchmarks/evaluator_speed.py, digits, 5 rounds, seconds per round): on the
+machine at rest (20 epochs) stacking did not pay on the CPU: IPC 1 0.243 s against the organisers'
+0.297 s and the sequential 0.272 s, IPC 10 1.274 / 1.016 / 0.959 s, IPC 50 5.04 / 4.82 / 4.28 s;
+under load from other jobs (3 epochs) it was 2.3x (IPC 1), 2.8x (IPC 10), 1.3x (IPC 50) and 1.1x
+(a 2,000-image pool) faster than the organisers' loop. Its place is the GPU, still to be measured.
+
 Memory: the stacked network's activations are R times a round's; ``max_rounds_per_chunk`` (default:
 all rounds at once) is the caller's cap, e.g. for CIFAR-size images on a small GPU.
 """
