@@ -1,15 +1,21 @@
-"""Evaluator speed: one round of the challenge protocol with diffdistill.evaluation against a loop
-written in the organisers' style, on the same data and epochs: seconds, test accuracy, time ratio.
+"""Evaluator speed: rounds of the challenge protocol three ways on the same data and epochs: a loop in
+the organisers' style, diffdistill.evaluation (rounds one after another) and
+diffdistill.stacked_rounds (all rounds at once); seconds per round, accuracy, time ratio.
 
     python benchmarks/evaluator_speed.py --device cuda --train train.pt --test test.pt --dataset cifar100 --epochs 20
+    python benchmarks/evaluator_speed.py --digits-ipc 1 10 50 --pool 2000 --rounds 5 --epochs 10
 
 The organisers' style (docs/reference.md, "Challenge protocol" and "DSA augmentation"; the
 challenge repository's utils.py, as the dataset-condensation code it comes from): a DataLoader over a
 TensorDataset (per-sample indexing and stacking), DSA mode 'S' drawn per batch with the scale and
 rotate matrices built in per-sample Python loops, the loss read with .item() and the accuracy
-through .cpu().numpy() on every batch, SGD rebuilt at the lr drop, the test set in eval mode. Both
-sides train the same ConvNet with the same protocol; only the implementation differs. Without
---train/--test, class-coded random images are made (each class its own mean colour plus noise).
+through .cpu().numpy() on every batch, SGD rebuilt at the lr drop, the test set in eval mode. All
+paths train the same ConvNet with the same protocol; only the implementation differs. Without
+--train/--test, class-coded random images are made (each class its own mean colour plus noise);
+with --digits-ipc, scikit-learn's digits (a random real subset per round, the same for every path)
+and with --pool a class-balanced pool drawn with replacement from the digits' training split. The
+ratio is the first path's seconds per round over each path's; with the organisers' loop and the
+stacked path a line gives their difference of mean accuracy in standard errors.
 Nothing here asserts a speed.
 """
 
@@ -25,10 +31,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from diffdistill import evaluation, speed
+from diffdistill import evaluation, speed, stacked_rounds
 from diffdistill.cli import resolve_device
 from diffdistill.convnet import ConvNet
 from diffdistill.data import load_images
+from diffdistill.digits import load_digits_split
 from diffdistill.dsa import DSAParams
 from diffdistill.normalize import normalize
 
@@ -154,6 +161,8 @@ def organisers_round(train_x, train_y, test_x, test_y, *, num_classes, epochs, b
 
 # ---- the comparison ----------------------------------------------------------------------------
 
+PATHS = ("organisers", "diffdistill", "stacked")
+
 
 def toy_split(num_classes: int, per_class: int, side: int, seed: int):
     g = torch.Generator().manual_seed(seed)
@@ -174,10 +183,81 @@ def load_data(args):
     return train_x, train_y, test_x, test_y, args.classes
 
 
+def digits_sets(args):
+    """(name, train_x, train_y, test_x, test_y, classes, round_indices) on scikit-learn's digits: per IPC a
+    fresh random real subset per round (the same subsets for every path), and a pool of ``--pool`` images
+    drawn with replacement from the training split, class-balanced, that every round trains on whole."""
+    train, test = load_digits_split("train"), load_digits_split("test")
+    mean, std = evaluation.normalization_stats("digits", train)
+    x, y, tx, ty = normalize(train.images, mean, std), train.labels, normalize(test.images, mean, std), test.labels
+    generator = torch.Generator().manual_seed(0)
+    for ipc in args.digits_ipc:
+        subsets = [evaluation.random_real_indices(train, ipc, generator) for _ in range(args.rounds)]
+        yield f"digits ipc {ipc}", x, y, tx, ty, train.num_classes, subsets
+    if args.pool:
+        per_class = args.pool // train.num_classes
+        picks = [members[torch.randint(len(members), (per_class,), generator=generator)]
+                 for members in ((y == c).nonzero().flatten() for c in range(train.num_classes))]
+        pool = torch.cat(picks)  # (pool,), with replacement
+        yield f"digits pool {len(pool)}", x[pool], y[pool], tx, ty, train.num_classes, None
+
+
+def data_sets(args):
+    if args.digits_ipc or args.pool:
+        return list(digits_sets(args))
+    train_x, train_y, test_x, test_y, classes = load_data(args)
+    name = "files" if args.train else "class-coded random"
+    return [(name, train_x, train_y, test_x, test_y, classes, None)]
+
+
 def timed(fn):
     began = time.perf_counter()
     value = fn()
     return value, time.perf_counter() - began
+
+
+def run_path(path, data, args, device):
+    """(accuracies, seconds per round) of ``args.rounds`` rounds on one set."""
+    _, train_x, train_y, test_x, test_y, classes, subsets = data
+    common = dict(num_classes=classes, epochs=args.epochs, batch_size=args.batch_size, device=device)
+    speed.synchronize(device)
+    if path == "organisers":
+        accuracies, seconds = [], 0.0
+        for r in range(args.rounds):
+            torch.manual_seed(r)
+            pick = slice(None) if subsets is None else subsets[r]
+            acc, s = timed(lambda: organisers_round(train_x[pick], train_y[pick], test_x, test_y, **common))
+            accuracies.append(acc)
+            seconds += s
+        return accuracies, seconds / args.rounds
+    evaluate = evaluation.train_and_evaluate if path == "diffdistill" else stacked_rounds.train_and_evaluate_stacked
+    result, seconds = timed(lambda: evaluate(train_x, train_y, test_x, test_y, channel=train_x.shape[1],
+                                             im_size=train_x.shape[2:], rounds=args.rounds, seed=0,
+                                             round_indices=subsets, log_every=0, **common))
+    return result["accuracies"], seconds / args.rounds
+
+
+def warm_up(data, device, batch_size):
+    """Untimed warm-up of every path (CUDA context, cuDNN and kernel selection): whichever ran first
+    would otherwise pay for it."""
+    _, train_x, train_y, test_x, test_y, classes, _ = data
+    warm = dict(num_classes=classes, epochs=0, batch_size=batch_size, device=device)
+    organisers_round(train_x[:64], train_y[:64], test_x[:64], test_y[:64], **warm)
+    for evaluate in (evaluation.train_and_evaluate, stacked_rounds.train_and_evaluate_stacked):
+        evaluate(train_x[:64], train_y[:64], test_x[:64], test_y[:64], channel=train_x.shape[1],
+                 im_size=train_x.shape[2:], rounds=2, seed=0, log_every=0, **warm)
+
+
+def agreement(rows) -> str:
+    """Stacked against the organisers' loop: difference of means, in points, and its standard error."""
+    by_path = {path: accuracies for path, accuracies, _ in rows}
+    if "organisers" not in by_path or "stacked" not in by_path or len(by_path["stacked"]) < 2:
+        return ""
+    a, b = np.array(by_path["stacked"]), np.array(by_path["organisers"])
+    error = np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+    gap = a.mean() - b.mean()
+    return (f"# agreement: stacked - organisers = {100 * gap:+.2f} points, standard error {100 * error:.2f} "
+            f"({abs(gap) / error if error else float('inf'):.1f} SE)")
 
 
 def main(argv=None) -> int:
@@ -188,41 +268,32 @@ def main(argv=None) -> int:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--per-class", type=int, default=20)
     p.add_argument("--size", type=int, default=32)
+    p.add_argument("--digits-ipc", type=int, nargs="*", default=[],
+                   help="scikit-learn digits at these IPCs (a random real subset per round) instead of --train/toy")
+    p.add_argument("--pool", type=int, default=0, help="also a digits pool of this many images (with replacement)")
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=1, help="rounds per side (accuracy spread)")
+    p.add_argument("--rounds", type=int, default=1, help="rounds per path (accuracy spread)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
-    train_x, train_y, test_x, test_y, classes = load_data(args)
-    common = dict(num_classes=classes, epochs=args.epochs, batch_size=args.batch_size, device=device)
-    # Untimed warm-up of both sides (CUDA context, cuDNN and kernel selection): whichever ran first
-    # would otherwise pay for it.
-    warm = dict(common, epochs=0)
-    organisers_round(train_x[:64], train_y[:64], test_x[:64], test_y[:64], **warm)
-    evaluation.train_and_evaluate(train_x[:64], train_y[:64], test_x[:64], test_y[:64], channel=train_x.shape[1],
-                                  im_size=train_x.shape[2:], rounds=1, seed=0, log_every=0, **warm)
-    rows = []
-    for side in ("organisers", "diffdistill"):
-        accuracies, seconds = [], 0.0
-        for r in range(args.rounds):
-            torch.manual_seed(r)
-            speed.synchronize(device)
-            if side == "organisers":
-                acc, s = timed(lambda: organisers_round(train_x, train_y, test_x, test_y, **common))
-            else:
-                result, s = timed(lambda: evaluation.train_and_evaluate(
-                    train_x, train_y, test_x, test_y, channel=train_x.shape[1], im_size=train_x.shape[2:],
-                    rounds=1, seed=r, log_every=0, **common))
-                acc = result["mean"]
-            accuracies.append(acc)
-            seconds += s
-        rows.append((side, seconds / args.rounds, float(np.mean(accuracies)), float(np.std(accuracies))))
-    print(f"# one round: {len(train_x)} training images, {len(test_x)} test, {args.epochs} epochs, "
-          f"batch {args.batch_size}, device {device}, torch {torch.__version__}")
-    print("loop\tseconds/round\taccuracy\tstd\tratio")
-    for side, seconds, acc, std in rows:
-        print(f"{side}\t{seconds:.3f}\t{acc:.4f}\t{std:.4f}\t{rows[0][1] / seconds:.2f}", flush=True)
+    sets = data_sets(args)
+    warm_up(sets[0], device, args.batch_size)
+    print(f"# {args.rounds} rounds per path, {args.epochs} epochs, batch {args.batch_size}, device {device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print("loop\tset\ttrain images\tseconds/round\taccuracy\tstd\tratio", flush=True)
+    for data in sets:
+        rows = []
+        train_size = len(data[1]) if data[6] is None else len(data[6][0])
+        for path in args.paths:  # each row as soon as its path is done: a long run shows what it has
+            rows.append((path, *run_path(path, data, args, device)))
+            accuracies, seconds = rows[-1][1:]
+            ratio = rows[0][2] / seconds  # the first path's (by default the organisers') time over this one's
+            print(f"{path}\t{data[0]}\t{train_size}\t{seconds:.3f}\t{np.mean(accuracies):.4f}\t"
+                  f"{np.std(accuracies):.4f}\t{ratio:.2f}", flush=True)
+        if agreement(rows):
+            print(agreement(rows), flush=True)
     return 0
 
 

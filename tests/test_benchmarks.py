@@ -106,3 +106,19 @@ def test_checkpoint_load_compares_reading_whole_and_mapped(tmp_path, capsys):
     assert all(float(row["peak_rss_MB"]) > 0 and float(row["seconds"]) > 0 for row in rows)
     assert list(tmp_path.iterdir()) == [out]  # the checkpoint went with its temporary folder
     assert capsys.readouterr().out.startswith("preset\tfile_MB\tmode")
+
+
+def test_evaluator_speed_compares_three_paths_per_digits_set(capsys):
+    # epochs 0: one pass per round; every path trains the same subsets, so the table is about speed only.
+    bench = load_benchmark("evaluator_speed")
+    assert bench.main(["--digits-ipc", "1", "--pool", "20", "--epochs", "0", "--rounds", "2", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split("\t") for line in lines if not line.startswith("#")][1:]
+    assert [(row[0], row[1], row[2]) for row in rows] == [
+        (path, name, size) for name, size in (("digits ipc 1", "10"), ("digits pool 20", "20"))
+        for path in ("organisers", "diffdistill", "stacked")]
+    for first, *others in (rows[:3], rows[3:]):
+        assert float(first[6]) == 1.0
+        for row in others:
+            assert float(row[6]) == pytest.approx(float(first[3]) / float(row[3]), rel=0.05)
+    assert sum(line.startswith("# agreement: stacked - organisers") for line in lines) == 2
