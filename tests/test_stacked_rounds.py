@@ -12,6 +12,8 @@ import torch
 
 from diffdistill import evaluation, stacked_rounds
 from diffdistill.errors import DiffdistillError
+from diffdistill.evaluation_state import EvaluationState
+from diffdistill.resume import JobKey
 from diffdistill.stacked_rounds import StackedConvNet
 
 TINY = dict(net_width=8, batch_size=5, log_every=0)  # 12 images: batches 5, 5 and a partial 2
@@ -148,40 +150,81 @@ def test_chunks_of_rounds_give_the_unchunked_result_and_say_so(caplog):
         chunked = stacked_rounds.train_and_evaluate_stacked(x, y, x, y, max_rounds_per_chunk=2, **common)
     assert chunked["accuracies"] == whole["accuracies"]
     assert len(chunked["seconds_per_round"]) == 3
-    assert "training 3 rounds in 2 chunks of at most 2 rounds" in caplog.text
+    assert "training 3 rounds in 2 chunks of at most 2 rounds stacked (memory)" in caplog.text
 
 
-class MemoryCheckpoint:
-    """Keeps the state saved after ``stop_after`` in memory; the first save stops the run (a kill)."""
+class KilledAfterSave(EvaluationState):
+    """Resume state on disk whose first chunk save after epoch ``stop_after`` kills the run."""
 
-    def __init__(self, stop_after: int):
-        self.stop_after, self.saved = stop_after, {}
+    def __init__(self, folder, stop_after: int):
+        super().__init__(folder, JobKey.of({"job": "test"}), every=1)
+        self.stop_after = stop_after
 
     def due(self, epoch):
         return epoch == self.stop_after
 
-    def save(self, state):
-        self.saved[state.rounds] = copy.deepcopy(state)
+    def save_chunk(self, rounds, state):
+        super().save_chunk(rounds, state)
         raise KeyboardInterrupt  # killed right after writing the state
 
-    def load(self, rounds):
-        return self.saved.get(tuple(rounds))
 
-
-def test_a_run_stopped_after_an_epoch_and_resumed_ends_like_an_unbroken_one():
+def test_a_run_stopped_after_an_epoch_and_resumed_ends_like_an_unbroken_one(tmp_path):
     x, y = tiny_set(12, 1, 0)
     finals = {}
     keep = lambda name: lambda info: finals.__setitem__(name, info["model"].unpack())  # noqa: E731
     common = dict(num_classes=3, channel=1, im_size=(8, 8), epochs=4, rounds=2, device="cpu", seed=9, **TINY)
     unbroken = stacked_rounds.train_and_evaluate_stacked(x, y, x, y, on_epoch=keep("unbroken"), **common)
-    checkpoint = MemoryCheckpoint(stop_after=2)  # momentum buffers saved; the lr drop (after pass 3) comes later
+    state = KilledAfterSave(tmp_path, stop_after=2)  # momentum buffers saved; the lr drop (after pass 3) comes later
     with pytest.raises(KeyboardInterrupt):
-        stacked_rounds.train_and_evaluate_stacked(x, y, x, y, checkpoint=checkpoint, **common)
-    assert checkpoint.saved[(0, 1)].epoch == 2 and len(checkpoint.saved[(0, 1)].generators) == 2
-    checkpoint.stop_after = -1  # the second run saves nothing
-    resumed = stacked_rounds.train_and_evaluate_stacked(x, y, x, y, checkpoint=checkpoint,
-                                                        on_epoch=keep("resumed"), **common)
+        stacked_rounds.train_and_evaluate_stacked(x, y, x, y, state=state, **common)
+    saved = state.load_chunk([0, 1])
+    assert saved["epoch"] == 2 and len(saved["generators"]) == 2
+    state.stop_after = -1  # the second run saves nothing mid-way
+    resumed = stacked_rounds.train_and_evaluate_stacked(x, y, x, y, state=state, on_epoch=keep("resumed"), **common)
     assert resumed["accuracies"] == unbroken["accuracies"] and resumed["resumed_rounds"] == [0, 1]
     for a, b in zip(finals["unbroken"], finals["resumed"]):
         for key in a:
             assert torch.equal(a[key], b[key]), key
+    assert not state.chunk_file([0, 1]).exists()  # the finished chunk's state is gone, its rounds recorded
+    assert sorted(state.finished_rounds()) == [0, 1]
+
+
+def test_finished_rounds_are_taken_from_the_state_and_the_rest_trained(tmp_path):
+    x, y = tiny_set(12, 1, 0)
+    common = dict(num_classes=3, channel=1, im_size=(8, 8), epochs=2, rounds=3, device="cpu", seed=4, **TINY)
+    unbroken = stacked_rounds.train_and_evaluate_stacked(x, y, x, y, **common)
+    state = EvaluationState(tmp_path, JobKey.of({"job": "test"}))
+    state.finish_round(1, 0.123, 1.0)  # as if an earlier run had finished round 2
+    result = stacked_rounds.train_and_evaluate_stacked(x, y, x, y, state=state, **common)
+    assert result["accuracies"] == [unbroken["accuracies"][0], 0.123, unbroken["accuracies"][2]]
+    assert result["resumed_rounds"] == [1]
+
+
+def test_rounds_that_fit_follow_the_activation_memory():
+    # digits 1x8x8, width 128: feature maps 12x12, 6x6 (pooled) -> 6x6, 3x3 -> 3x3: 128 * (144 + 36 + 9) values
+    per_round = stacked_rounds.BYTES_PER_ACTIVATION * 100 * 128 * (144 + 36 + 9)
+    fit = lambda free: stacked_rounds.rounds_that_fit(5, 100, (1, 8, 8), 128, 3, free)  # noqa: E731
+    assert fit(None) == 5  # the CPU: no limit here
+    assert fit(2 * 5 * per_round) == 5 and fit(2 * 3 * per_round + 1) == 3
+    assert fit(per_round) == 1  # never fewer than one round at a time
+
+
+def test_stacking_is_chosen_on_cuda_only():
+    assert stacked_rounds.pays_on("cuda") and stacked_rounds.pays_on(torch.device("cuda", 0))
+    assert not stacked_rounds.pays_on("cpu")
+
+
+def test_the_fastest_evaluator_is_sequential_on_a_cpu_and_stacked_in_chunks_that_fit_elsewhere(monkeypatch, caplog):
+    x, y = tiny_set(12, 1, 0)
+    common = dict(num_classes=3, channel=1, im_size=(8, 8), epochs=2, rounds=3, device="cpu", seed=6, **TINY)
+    sequential = evaluation.train_and_evaluate(x, y, x, y, **common)
+    on_cpu = stacked_rounds.train_and_evaluate_fastest(x, y, x, y, **common)
+    assert on_cpu["rounds_at_once"] == 1 and on_cpu["accuracies"] == sequential["accuracies"]
+    # As on a GPU with room for two rounds' activations at a time (run here on the CPU).
+    per_round = stacked_rounds.BYTES_PER_ACTIVATION * 5 * 8 * (144 + 36 + 9)
+    monkeypatch.setattr(stacked_rounds, "pays_on", lambda device: True)
+    monkeypatch.setattr(stacked_rounds, "free_memory", lambda device: 2 * 2 * per_round)
+    with caplog.at_level(logging.INFO, logger="diffdistill.stacked_rounds"):
+        stacked = stacked_rounds.train_and_evaluate_fastest(x, y, x, y, **common)
+    assert stacked["rounds_at_once"] == 2 and "3 rounds in 2 chunks" in caplog.text
+    assert stacked["accuracies"] == pytest.approx(sequential["accuracies"], abs=1e-6)

@@ -221,6 +221,24 @@ def test_tiny_run_evaluates_each_training_set_resumably(tiny_run, kind):
         assert "fresh subset per round" in evaluation["settings"]["train_set"]
 
 
+def log_clock(path: Path, line: int) -> str:
+    """The HH:MM:SS stamp of a log's first (0) or last (-1) line."""
+    return path.read_text().strip().splitlines()[line][:8]
+
+
+@pytest.mark.slow
+def test_tiny_run_puts_the_critical_path_first_and_each_job_on_its_threads(tiny_run):
+    # On 2 cores pretraining (threads scaled to 2) takes both: with its priority it runs before the
+    # real-data evaluations, which were ready at the same time and would otherwise start first.
+    logs = tiny_run / "logs" / "digits"
+    pretrain_end = log_clock(logs / "pretrain_unconditional.log", -1)
+    for kind in ("real_ipc", "real_full"):
+        assert log_clock(logs / "evaluate" / f"{kind}.log", 0) >= pretrain_end, kind
+        evaluation = json.loads((digits_out(tiny_run) / "evaluation" / f"{kind}.json").read_text())
+        assert evaluation["environment"]["cpu_threads"] == 1  # the rule's threads: (Snakemake's OMP_NUM_THREADS)
+        assert evaluation["rounds_at_once"] == 1  # rounds one after another on a CPU
+
+
 @pytest.mark.slow
 def test_tiny_run_summary_and_report(tiny_run):
     from diffdistill import data

@@ -5,7 +5,9 @@ runs for hours, so a killed or pre-empted job should not start over. One folder 
 
 - ``rounds.json``: the test accuracy and seconds of every finished round;
 - ``round_<r>.pt``: the running round's model, optimizer, learning rate, generator state and last
-  finished epoch, rewritten every ``every`` epochs (atomically, so a kill never leaves half a file).
+  finished epoch, rewritten every ``every`` epochs (atomically, so a kill never leaves half a file);
+- ``rounds_<a>-<b>.pt``: the same for a chunk of rounds trained together (:mod:`diffdistill.stacked_rounds`),
+  with every round's generator state.
 
 Both carry the job's :class:`~diffdistill.resume.JobKey` (its settings and its data); state with
 another key is not used (:mod:`diffdistill.resume`), so a changed config or a resampled pool starts
@@ -78,22 +80,42 @@ class EvaluationState:
         return (epoch + 1) % self.every == 0
 
     def save_epoch(self, r: int, epoch: int, model, optimizer, lr: float, generator) -> None:
-        state = {"key": self.key.to_dict(), "epoch": epoch, "lr": lr, "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(),
+        state = {"epoch": epoch, "lr": lr, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "generator": generator.get_state() if generator is not None else None}
-        atomic.torch_save(state, self.round_file(r))
+        self._save(self.round_file(r), state)
 
     def load_epoch(self, r: int) -> dict | None:
         """The running round's state, or None when there is none for this key (or it is unreadable)."""
-        path = self.round_file(r)
+        return self._load(self.round_file(r), f"round {r + 1}")
+
+    def chunk_file(self, rounds) -> Path:
+        return self.folder / f"rounds_{rounds[0]}-{rounds[-1]}.pt"
+
+    def save_chunk(self, rounds, state: dict) -> None:
+        """A chunk of stacked rounds after an epoch: epoch, lr, model, optimizer, generators (one per round)."""
+        self._save(self.chunk_file(rounds), state)
+
+    def load_chunk(self, rounds) -> dict | None:
+        return self._load(self.chunk_file(rounds), f"rounds {rounds[0] + 1}-{rounds[-1] + 1}")
+
+    def finish_chunk(self, rounds, accuracies, seconds) -> None:
+        """Rounds of a chunk done: recorded as finished rounds, the chunk's state removed."""
+        for r, accuracy, took in zip(rounds, accuracies, seconds):
+            self.finish_round(r, accuracy, took)
+        self.chunk_file(rounds).unlink(missing_ok=True)
+
+    def _save(self, path: Path, state: dict) -> None:
+        atomic.torch_save({"key": self.key.to_dict(), **state}, path)
+
+    def _load(self, path: Path, what: str) -> dict | None:
         if not path.exists():
             return None
         try:
             state = atomic.read_torch(path, "evaluation round checkpoint")
-        except DiffdistillError as err:
-            log.warning("%s; starting round %d afresh", err, r + 1)
+        except DiffdistillError as err:  # our own cache, not the user's input: redo rather than stop
+            log.warning("%s; starting %s afresh", err, what)
             return None
-        if not isinstance(state, dict) or not self.key.fits(state.get("key"), f"{path} (round {r + 1})"):
+        if not isinstance(state, dict) or not self.key.fits(state.get("key"), f"{path} ({what})"):
             return None
         return state
 

@@ -202,6 +202,7 @@ class EvaluationResult(Record):
     rounds: int
     train_size: int
     resumed_rounds: list[int] = dataclasses.field(default_factory=list)
+    rounds_at_once: int = 1  # rounds trained together (stacked_rounds; 1: one after another)
     budget_prefix: BudgetPrefix | None = None
     timings_s: dict = dataclasses.field(default_factory=dict)
     environment: dict = dataclasses.field(default_factory=dict)

@@ -21,8 +21,7 @@ with its own seed and packed), its own generator from ``evaluation._round_seeds`
 exactly what ``evaluation._epoch_draws`` draws for a sequential round (order, DSA family and
 parameters), its own training subset (``round_indices[r]``) and its own optimizer state. DSA is
 applied once per family present in a step, to the rounds that drew it (parameters are per sample,
-so rounds concatenated along the batch transform exactly as apart). Rounds whose stacked network
-would not fit are split into chunks of at most ``max_rounds_per_chunk`` rounds.
+so rounds concatenated along the batch transform exactly as apart).
 
 Why grouped convolutions rather than ``torch.func.stack_module_state`` + ``vmap`` (measured on the
 2-core CPU, shared with other jobs at a load of 6-7, so absolute times are inflated): one training
@@ -40,22 +39,24 @@ cost, and oneDNN runs the grouped ones less efficiently; stacking pays where per
 dominates (small batches, idle threads, host synchronisation, a GPU's kernel launches). The
 grouped network is also a plain ``nn.Module``: plain SGD, state_dict and checkpoints.
 
-Whole evaluations (benchmarks/evaluator_speed.py, digits, 5 rounds, seconds per round): on the
-machine at rest (20 epochs) stacking did not pay on the CPU: IPC 1 0.243 s against the organisers'
-0.297 s and the sequential 0.272 s, IPC 10 1.274 / 1.016 / 0.959 s, IPC 50 5.04 / 4.82 / 4.28 s;
-under load from other jobs (3 epochs) it was 2.3x (IPC 1), 2.8x (IPC 10), 1.3x (IPC 50) and 1.1x
-(a 2,000-image pool) faster than the organisers' loop. Its place is the GPU, still to be measured.
+Whole evaluations (benchmarks/evaluator_speed.py, digits, 5 rounds, seconds per round against the
+organisers' loop): on an H200, 100 epochs, stacked 3.3x (IPC 1), 4.8x (IPC 10), 5.0x (IPC 50) and
+5.6x (a 2,000-image pool), rounds one after another 1.1-2.3x; so :func:`pays_on` picks it on CUDA.
+On the 2-core CPU at rest (20 epochs) it did not pay: IPC 10 1.274 s stacked, 1.016 s organisers,
+0.959 s sequential. There the step is arithmetic: 4.1 GFLOP of convolutions per round and step at
+IPC 10 take at least 26 ms at the 155 GFLOP/s this CPU's best fp32 matrix product reaches, which
+is already half of the organisers' 48 ms per epoch; no reordering of the same fp32 work gets 3x.
 
-Memory: the stacked network's activations are R times a round's; ``max_rounds_per_chunk`` (default:
-all rounds at once) is the caller's cap, e.g. for CIFAR-size images on a small GPU.
+Memory: the stacked step's activations are R times a round's. :func:`rounds_that_fit` sizes the
+chunks of rounds stacked at once from the free GPU memory (``max_rounds_per_chunk``), and a log
+line says when the rounds are split.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -66,6 +67,7 @@ from . import evaluation
 from .convnet import BLOCK_LEN, ConvNet, first_padding
 from .dsa import DSAParams, apply_params
 from .errors import DiffdistillError
+from .evaluation_state import EvaluationState
 
 log = logging.getLogger(__name__)
 
@@ -140,32 +142,6 @@ class StackedConvNet(nn.Module):
 
 
 
-@dataclass
-class StackedState:
-    """A chunk of stacked rounds after ``epoch``: what continuing exactly where it stopped needs.
-
-    ``model`` and ``optimizer`` are the live state_dicts (their tensors change with the next step):
-    write or copy them at once. ``generators`` holds each round's generator state (None without one).
-    """
-
-    rounds: tuple[int, ...]
-    epoch: int
-    lr: float
-    model: dict
-    optimizer: dict
-    generators: list
-
-
-class StackedCheckpoint(Protocol):
-    """Where a chunk's per-epoch state goes and comes back from (a file per chunk; memory in tests)."""
-
-    def due(self, epoch: int) -> bool: ...
-
-    def save(self, state: StackedState) -> None: ...
-
-    def load(self, rounds: tuple[int, ...]) -> StackedState | None: ...
-
-
 EpochCallback = Callable[[dict], None]
 
 
@@ -219,17 +195,17 @@ def _train_epoch(model, optimizer, x, y, batch_size, use_dsa, dsa_params, genera
     return [v / n for v in loss_sum.tolist()], [v / n for v in correct.tolist()]
 
 
-def _resume(checkpoint, rounds, model, generators, momentum, weight_decay):
+def _resume(state: EvaluationState | None, rounds, model, generators, momentum, weight_decay):
     """(first epoch, lr, optimizer) from the chunk's saved state, or None when there is none."""
-    saved = checkpoint.load(rounds) if checkpoint is not None else None
+    saved = state.load_chunk(rounds) if state is not None else None
     if saved is None:
         return None
-    plain = {"model": saved.model, "optimizer": saved.optimizer, "generator": None}
-    optimizer = evaluation._restore(plain, model, None, saved.lr, momentum, weight_decay)
-    for generator, state in zip(generators, saved.generators):
-        if generator is not None and state is not None:
-            generator.set_state(state)
-    return saved.epoch + 1, saved.lr, optimizer
+    plain = {"model": saved["model"], "optimizer": saved["optimizer"], "generator": None}
+    optimizer = evaluation._restore(plain, model, None, saved["lr"], momentum, weight_decay)
+    for generator, generator_state in zip(generators, saved["generators"]):
+        if generator is not None and generator_state is not None:
+            generator.set_state(generator_state)
+    return saved["epoch"] + 1, saved["lr"], optimizer
 
 
 def train_stacked(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, im_size: Sequence[int], epochs: int = 1000,
@@ -238,14 +214,14 @@ def train_stacked(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, im_size
                   init_seeds: Sequence[int | None], net_width: int = 128, net_depth: int = 3,
                   dsa_params: DSAParams = DSAParams(), on_epoch: EpochCallback | None = None,
                   log_every: int = 50, rounds: Sequence[int] | None = None,
-                  checkpoint: StackedCheckpoint | None = None) -> StackedConvNet:
+                  state: EvaluationState | None = None) -> StackedConvNet:
     """Train R fresh challenge ConvNets together, round r on x[r] (R, N, C, H, W) with labels y[r] (R, N).
 
     Round r starts from ``evaluation._new_model(..., init_seeds[r])`` and draws from ``generators[r]``,
-    as :func:`evaluation.train_convnet` would. ``rounds`` names the rounds (for logs and the
-    checkpoint; default 0..R-1). ``on_epoch`` gets per pass: epoch, lr, rounds, loss and acc (lists
-    by round), seconds, model, optimizer. With ``checkpoint`` the chunk continues from its saved state
-    and saves one every epoch ``checkpoint.due`` accepts. Returns the stacked network.
+    as :func:`evaluation.train_convnet` would. ``rounds`` names the rounds (for logs and the resume
+    state; default 0..R-1). ``on_epoch`` gets per pass: epoch, lr, rounds, loss and acc (lists by
+    round), seconds, model, optimizer. With ``state`` the chunk continues from its saved state and
+    saves one every epoch ``state.due`` accepts. Returns the stacked network.
     """
     rounds = tuple(range(len(x)) if rounds is None else rounds)
     channel = x.shape[2]
@@ -254,7 +230,7 @@ def train_stacked(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, im_size
     x = x.to(device=device, dtype=torch.float32)  # (R, N, C, H, W)
     y = y.to(device=device, dtype=torch.long)  # (R, N)
     first, optimizer = 0, evaluation._sgd(model, lr, momentum, weight_decay)
-    resumed = _resume(checkpoint, rounds, model, generators, momentum, weight_decay)
+    resumed = _resume(state, rounds, model, generators, momentum, weight_decay)
     if resumed is not None:
         first, lr, optimizer = resumed
         log.info("rounds %s resumed after epoch %d of %d", _names(rounds), first - 1, epochs)
@@ -272,10 +248,10 @@ def train_stacked(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, im_size
         if epoch == evaluation.lr_drop_epoch(epochs):
             lr *= 0.1
             optimizer = evaluation._sgd(model, lr, momentum, weight_decay)  # re-created, as the reference does
-        if checkpoint is not None and checkpoint.due(epoch) and epoch < epochs:
-            generator_states = [g.get_state() if g is not None else None for g in generators]
-            checkpoint.save(StackedState(rounds, epoch, lr, model.state_dict(), optimizer.state_dict(),
-                                         generator_states))
+        if state is not None and state.due(epoch) and epoch < epochs:
+            state.save_chunk(rounds, {"epoch": epoch, "lr": lr, "model": model.state_dict(),
+                                      "optimizer": optimizer.state_dict(),
+                                      "generators": [g.get_state() if g is not None else None for g in generators]})
     return model
 
 
@@ -298,14 +274,46 @@ def stacked_accuracies(model: StackedConvNet, x: torch.Tensor, y: torch.Tensor, 
     return [c / len(x) for c in correct.tolist()]
 
 
-def _chunks(rounds: int, max_rounds_per_chunk: int | None) -> list[list[int]]:
-    size = rounds if max_rounds_per_chunk is None else max_rounds_per_chunk
+def pays_on(device) -> bool:
+    """Whether stacking rounds is the faster evaluator on ``device``: on a CUDA GPU (3.3-5.6x the
+    organisers' loop on the digits against 1.1-2.3x for rounds one after another, README "Evaluator
+    speed"); not on a CPU, where the convolutions' arithmetic is the cost and oneDNN runs grouped ones
+    more slowly than plain ones (see the module docstring)."""
+    return torch.device(device).type == "cuda"
+
+
+# Bytes one round's training step holds per activation element: conv output, norm output and their
+# gradients, 4 bytes each (our estimate; ReLU is in place, pooling outputs are a quarter of a conv's).
+BYTES_PER_ACTIVATION = 4 * 4
+
+
+def rounds_that_fit(rounds: int, batch_size: int, shape: Sequence[int], net_width: int, net_depth: int,
+                    free_bytes: int | None) -> int:
+    """How many of ``rounds`` rounds one stacked step holds in half of ``free_bytes`` (None: no limit),
+    from the activations of a batch of ``shape`` (C, H, W) images; at least 1."""
+    if free_bytes is None:
+        return rounds
+    side, padding, elements = min(shape[1:]), first_padding(shape[0]), 0
+    for _ in range(net_depth):
+        side = side + 2 * padding - 2  # 3x3 convolution
+        elements += net_width * side * side
+        side, padding = side // 2, 1
+    per_round = BYTES_PER_ACTIVATION * batch_size * elements
+    return max(1, min(rounds, free_bytes // 2 // per_round))
+
+
+def free_memory(device) -> int | None:
+    """Free bytes on a CUDA device (None elsewhere: the CPU path is not limited here)."""
+    device = torch.device(device)
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+def _chunks(todo: Sequence[int], size: int) -> list[list[int]]:
     if size < 1:
         raise DiffdistillError(f"max_rounds_per_chunk must be >= 1 (or None for all rounds at once), got {size}")
-    chunks = [list(range(start, min(start + size, rounds))) for start in range(0, rounds, size)]
+    chunks = [list(todo[start:start + size]) for start in range(0, len(todo), size)]
     if len(chunks) > 1:
-        log.info("training %d rounds in %d chunks of at most %d rounds stacked (max_rounds_per_chunk)",
-                 rounds, len(chunks), size)
+        log.info("training %d rounds in %d chunks of at most %d rounds stacked (memory)", len(todo), len(chunks), size)
     return chunks
 
 
@@ -335,36 +343,61 @@ def train_and_evaluate_stacked(train_x: torch.Tensor, train_y: torch.Tensor, tes
                                epochs: int = 1000, rounds: int = 3, device, seed: int | None = None,
                                round_indices: Sequence[torch.Tensor] | None = None,
                                max_rounds_per_chunk: int | None = None, on_epoch: EpochCallback | None = None,
-                               checkpoint: StackedCheckpoint | None = None, **train_kwargs) -> dict:
+                               state: EvaluationState | None = None, **train_kwargs) -> dict:
     """:func:`evaluation.train_and_evaluate` with the rounds trained together (stacked, see the module).
 
     The same arguments (``train_kwargs`` go to :func:`train_stacked`: lr, momentum, weight_decay,
-    batch_size, dsa, log_every, net_width, net_depth, dsa_params) and the same seeds per round;
+    batch_size, dsa, log_every, net_width, net_depth, dsa_params), the same seeds per round and the
+    same resume ``state`` (finished rounds are taken from it, a running chunk continues).
     ``max_rounds_per_chunk`` (default: all) caps the rounds stacked at once, for memory. Returns the
     same dict: mean, std, accuracies, epochs, rounds, train_size, seconds, seconds_per_round (a
-    chunk's time shared by its rounds), resumed_rounds (rounds whose chunk continued from
-    ``checkpoint``).
+    chunk's time shared by its rounds), resumed_rounds (rounds that took state from an earlier run).
     """
     shape = (channel, int(im_size[0]), int(im_size[1]))
     evaluation._check_split("test", test_x, test_y, num_classes, shape)
     _check_rounds(rounds, epochs, round_indices)
     seeds = evaluation._round_seeds(seed, rounds)
-    accuracies, times, resumed = [], [], []
-    for chunk in _chunks(rounds, max_rounds_per_chunk):
+    finished = state.finished_rounds() if state is not None else {}
+    accuracies = {r: done["accuracy"] for r, done in finished.items()}
+    times = {r: done["seconds"] for r, done in finished.items()}
+    resumed = set(finished)
+    todo = [r for r in range(rounds) if r not in finished]
+    for chunk in _chunks(todo, rounds if max_rounds_per_chunk is None else max_rounds_per_chunk):
         began = time.perf_counter()
         x, y = _round_data(train_x, train_y, round_indices, chunk)  # (R, N, C, H, W), (R, N)
         evaluation._check_split("training", x[0], y[0], num_classes, shape)
-        if checkpoint is not None and checkpoint.load(tuple(chunk)) is not None:
-            resumed += chunk
+        if state is not None and state.load_chunk(chunk) is not None:
+            resumed.update(chunk)
         model = train_stacked(x, y, num_classes=num_classes, im_size=im_size, epochs=epochs, device=device,
                               generators=[seeds[r][1] for r in chunk], init_seeds=[seeds[r][0] for r in chunk],
-                              on_epoch=on_epoch, rounds=chunk, checkpoint=checkpoint, **train_kwargs)
-        accuracies += stacked_accuracies(model, test_x, test_y, device)
-        times += [(time.perf_counter() - began) / len(chunk)] * len(chunk)
+                              on_epoch=on_epoch, rounds=chunk, state=state, **train_kwargs)
+        chunk_accuracies = stacked_accuracies(model, test_x, test_y, device)
+        seconds = [(time.perf_counter() - began) / len(chunk)] * len(chunk)
+        accuracies.update(zip(chunk, chunk_accuracies))
+        times.update(zip(chunk, seconds))
+        if state is not None:
+            state.finish_chunk(chunk, chunk_accuracies, seconds)
         for r in chunk:
             log.info("round %d/%d: test accuracy %.4f (stacked with rounds %s)", r + 1, rounds, accuracies[r],
                      _names(chunk))
     train_size = len(train_x) if round_indices is None else len(round_indices[0])
-    return dict(mean=float(np.mean(accuracies)), std=float(np.std(accuracies)), accuracies=accuracies,
-                epochs=epochs, rounds=rounds, train_size=train_size, seconds=float(sum(times)),
-                seconds_per_round=times, resumed_rounds=resumed)
+    ordered = [accuracies[r] for r in range(rounds)]
+    return dict(mean=float(np.mean(ordered)), std=float(np.std(ordered)), accuracies=ordered,
+                epochs=epochs, rounds=rounds, train_size=train_size, seconds=float(sum(times.values())),
+                seconds_per_round=[times[r] for r in range(rounds)], resumed_rounds=sorted(resumed))
+
+
+def train_and_evaluate_fastest(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+                               test_y: torch.Tensor, *, channel: int, im_size: Sequence[int], rounds: int, device,
+                               batch_size: int = 256, net_width: int = 128, net_depth: int = 3, **kwargs) -> dict:
+    """The rounds of the challenge protocol by the faster evaluator on ``device`` (:func:`pays_on`):
+    stacked, in chunks that fit the free memory, or one after another. Both train each round alike
+    (to float tolerance); the result's ``rounds_at_once`` says how many rounds trained together."""
+    common = dict(channel=channel, im_size=im_size, rounds=rounds, device=device, batch_size=batch_size,
+                  net_width=net_width, net_depth=net_depth, **kwargs)
+    if not pays_on(device):
+        return {**evaluation.train_and_evaluate(train_x, train_y, test_x, test_y, **common), "rounds_at_once": 1}
+    shape = (channel, int(im_size[0]), int(im_size[1]))
+    at_once = rounds_that_fit(rounds, batch_size, shape, net_width, net_depth, free_memory(device))
+    result = train_and_evaluate_stacked(train_x, train_y, test_x, test_y, max_rounds_per_chunk=at_once, **common)
+    return {**result, "rounds_at_once": at_once}

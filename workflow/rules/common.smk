@@ -10,6 +10,10 @@ import yaml
 DATASET = config["dataset"]
 OUT = f"{config['results']}/{DATASET}"
 LOGS = f"logs/{DATASET}"
+# Snakemake runs ready jobs of higher priority first: the chain that decides the wall time (pretraining,
+# fine-tuning, scoring, sampling, packaging) goes ahead of jobs that can run beside or after it (the
+# real-data evaluations), instead of starting behind them.
+CRITICAL_PATH = 10
 SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
 
 

@@ -20,6 +20,8 @@ rule package:
         convnet=lambda wildcards, input: f"--feature-convnet {input.convnet}" if "convnet" in input.keys() else "",
     log:
         f"{LOGS}/package.log",
+    priority: CRITICAL_PATH
+    threads: 1
     resources:
         mem_mb=8000,
         runtime=30,

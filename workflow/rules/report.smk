@@ -26,6 +26,7 @@ rule report:
     log:
         f"{LOGS}/report.log",
     localrule: True
+    threads: 1
     conda:
         "../../envs/diffdistill.yaml"
     shell:

@@ -22,6 +22,7 @@ rule sample_budget:
         f"{LOGS}/sample_budget{'_{shard}' if SHARDS > 1 else ''}.log",
     benchmark:
         f"{OUT}/benchmarks/sample_budget{'_{shard}' if SHARDS > 1 else ''}.tsv"
+    priority: CRITICAL_PATH
     threads: 8
     resources:
         gpu=gpu_count(config["sampling"]),

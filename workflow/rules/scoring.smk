@@ -21,6 +21,7 @@ rule reference_stats:
     log:
         f"{LOGS}/reference_stats.log",
     cache: True
+    priority: CRITICAL_PATH
     threads: 8
     resources:
         gpu=gpu_count(config["scoring"]),
@@ -57,6 +58,7 @@ rule score_checkpoint:
         f"{LOGS}/score_checkpoint/step_{{step}}.log",
     benchmark:
         f"{OUT}/benchmarks/score_checkpoint/step_{{step}}.tsv"
+    priority: CRITICAL_PATH
     threads: 1
     resources:
         gpu=gpu_count(config["scoring"]),
@@ -85,6 +87,8 @@ rule select_checkpoint:
     log:
         f"{LOGS}/select_checkpoint.log",
     localrule: True
+    priority: CRITICAL_PATH
+    threads: 1
     conda:
         "../../envs/diffdistill.yaml"
     shell:

@@ -19,6 +19,7 @@ rule pretrain_unconditional:
         f"{LOGS}/pretrain_unconditional.log",
     benchmark:
         f"{OUT}/benchmarks/pretrain_unconditional.tsv"
+    priority: CRITICAL_PATH
     threads: 8
     resources:
         gpu=gpu_count(PRETRAINING),
@@ -56,6 +57,7 @@ rule finetune:
         f"{LOGS}/finetune.log",
     benchmark:
         f"{OUT}/benchmarks/finetune.tsv"
+    priority: CRITICAL_PATH
     threads: 8
     resources:
         gpu=gpu_count(config["finetune"]),

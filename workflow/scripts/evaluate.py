@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from diffdistill import cli, evaluation
+from diffdistill import cli, evaluation, stacked_rounds
 from diffdistill.data import load_images
 from diffdistill.errors import DiffdistillError
 from diffdistill.evaluation_state import EvaluationState
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
                              environment=cli.environment(device)).write(args.out)
             return 0
         state = resume_state(args, x, y, test) if args.resume_dir else None
-        result = evaluation.train_and_evaluate(
+        result = stacked_rounds.train_and_evaluate_fastest(
             x, y, normalize(test.images, mean, std), test.labels, num_classes=test.num_classes, channel=channel,
             im_size=(height, width), epochs=args.epochs, rounds=args.rounds, device=device, seed=args.seed,
             round_indices=round_indices, batch_size=args.batch_size, log_every=args.log_every, state=state)
