@@ -27,8 +27,9 @@ $PY -m pip wheel -q --no-deps -w "$DEST" "connection_pool>=0.0.3"
 $PY -m pip download -q "${TARGET[@]}" --find-links "$DEST" -d "$DEST" "$SNAKEMAKE"
 $PY -m pip download -q --no-deps "${TARGET[@]}" -d "$DEST" pytorch-fid==0.3.0
 
-# Expected in the node's environment already: keep its versions.
-for name in pulp attrs certifi charset_normalizer idna jinja2 markupsafe packaging platformdirs psutil pyyaml \
+# Expected in the node's environment already: keep its versions. (platformdirs stays in the wheelhouse:
+# a PyTorch GPU image without it was seen, and Snakemake does not start without it.)
+for name in pulp attrs certifi charset_normalizer idna jinja2 markupsafe packaging psutil pyyaml \
             requests tabulate typing_extensions urllib3 wrapt; do
     rm -f "$DEST"/"$name"-[0-9]*.whl
 done

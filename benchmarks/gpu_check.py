@@ -296,13 +296,19 @@ def step_finetune(args) -> int:
 
 
 def step_evaluator(args) -> int:
+    """benchmarks/evaluator_speed.py on the digits (IPC 1, 10, 50 and a 2,000-image pool, 5 rounds),
+    then on the rehearsal's CIFAR-size data."""
     data = Path(args.work) / "rehearsal" / "data"
-    epochs, device = ("1", "cpu") if args.tiny else ("20", "cuda")
+    epochs, device = ("1", "cpu") if args.tiny else ("30", "cuda")
+    bench = benchmark("evaluator_speed")
+    sets = ["1", "10"] if args.tiny else ["1", "10", "50", "--pool", "2000"]
+    digits = ["--digits-ipc", *sets, "--rounds", "2" if args.tiny else "5"]
+    status = bench.main([*digits, "--epochs", epochs, "--device", device])
     if (data / "train.pt").is_file():  # the rehearsal's real-format data (full size: 2,000 train, 1,000 test images)
         flags = ["--train", data / "train.pt", "--test", data / "test.pt", "--dataset", "cifar100"]
     else:
         flags = ["--classes", "100", "--per-class", "20", "--size", "32"]
-    return benchmark("evaluator_speed").main([str(f) for f in [*flags, "--epochs", epochs, "--device", device]])
+    return bench.main([str(f) for f in [*flags, "--epochs", epochs, "--device", device]]) or status
 
 
 STEPS = {"env": step_env, "rehearsal": step_rehearsal, "sampler": step_sampler, "finetune": step_finetune,
