@@ -6,6 +6,9 @@ challenge ConvNet on each (and on fresh random real IPC subsets, the baseline) f
 seeded rounds and prints accuracy mean +- std per rule. Usage::
 
     python benchmarks/package_rules.py --run results/digits --rules herding coverage first --rounds 5
+
+Rules "augmented" (generated images and their DSA copies) and "difficulty" (picks matching the real class's
+difficulty histogram) are among them (docs/reference.md, "Package rules").
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def main(argv=None) -> None:
     real, test = load_images(run / "data" / "train.pt"), load_images(run / "data" / "test.pt")
     mean, std = evaluation.normalization_stats(args.dataset, real)
     extractor = feature_convnet.load_feature_convnet(run / "scoring" / "feature_convnet.pt", "cpu")
-    classify = functools.lru_cache(maxsize=2)(extractor.classify)  # pool and real features once for all rules
+    classify = functools.lru_cache(maxsize=2)(extractor.classify)  # pool and real outputs once for all rules
     common = dict(num_classes=test.num_classes, channel=test.images.shape[1], im_size=tuple(test.images.shape[2:]),
                   epochs=args.epochs, rounds=args.rounds, device="cpu", seed=args.seed, log_every=0)
     test_x = normalize(test.images, mean, std)
@@ -51,9 +54,10 @@ def main(argv=None) -> None:
     for rule in args.rules:
         inputs = submission.selection_inputs(classify, pool, real, rule)
         index = submission.select_indices(pool, args.ipc, rule, args.seed, **inputs)
+        package = submission.package(pool, args.dataset, args.ipc, mean=mean, std=std, rule=rule, seed=args.seed,
+                                     index=index)  # (K * ipc, C, H, W), the DSA copies of rule "augmented" made
         began = time.perf_counter()
-        result = evaluation.train_and_evaluate(normalize(pool.images[index], mean, std), pool.labels[index],
-                                               test_x, test.labels, **common)
+        result = evaluation.train_and_evaluate(package, pool.labels[index], test_x, test.labels, **common)
         rows.append((f"synthetic {rule}", result, time.perf_counter() - began))
     if not args.no_baseline:
         generator = torch.Generator().manual_seed(args.seed)

@@ -122,3 +122,28 @@ def test_evaluator_speed_compares_three_paths_per_digits_set(capsys):
         for row in others:
             assert float(row[6]) == pytest.approx(float(first[3]) / float(row[3]), rel=0.05)
     assert sum(line.startswith("# agreement: stacked - organisers") for line in lines) == 2
+
+
+def test_package_rules_evaluates_every_rule_on_a_toy_run(tmp_path, capsys):
+    from diffdistill import feature_convnet, submission
+    from diffdistill.data import LabeledImages, save_images
+
+    g = torch.Generator().manual_seed(0)
+
+    def split(n, kind):  # n images of each of 3 classes, 8x8 grey noise
+        return LabeledImages(torch.randint(0, 256, (3 * n, 1, 8, 8), generator=g, dtype=torch.uint8),
+                             torch.arange(3).repeat(n), ["a", "b", "c"], "toy", kind)
+
+    (tmp_path / "samples").mkdir(), (tmp_path / "data").mkdir(), (tmp_path / "scoring").mkdir()
+    real = split(6, "train")
+    save_images(split(8, "synthetic"), tmp_path / "samples" / "pool.pt")
+    save_images(real, tmp_path / "data" / "train.pt")
+    save_images(split(2, "test"), tmp_path / "data" / "test.pt")
+    feature_convnet.save_feature_convnet(tmp_path / "scoring" / "feature_convnet.pt", feature_convnet.train_feature_convnet(
+        real, epochs=1, device="cpu", seed=0, net_width=8, net_depth=3))
+    load_benchmark("package_rules").main(["--run", str(tmp_path), "--dataset", "toy", "--ipc", "6", "--epochs", "1",
+                                          "--rounds", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "pool 24 images, IPC 6, 1 epochs, 1 rounds, seed 0"
+    names = [line[:32].strip() for line in lines[2:]]
+    assert names == [f"synthetic {rule}" for rule in submission.RULES] + ["random real (fresh subsets)"]

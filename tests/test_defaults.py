@@ -66,7 +66,7 @@ NOT_IN_CONFIG = {
 
 def smk_value(name: str):
     """A constant common.smk writes out (Snakemake runs without the package under conda deployment)."""
-    written = re.search(rf"^{name} = (\(.*\))$", COMMON_SMK, re.MULTILINE)
+    written = re.search(rf"^{name} = (.+)$", COMMON_SMK, re.MULTILINE)
     assert written, name
     return ast.literal_eval(written.group(1))
 
@@ -187,3 +187,21 @@ def test_flags_the_workflow_always_passes_are_required(script, parse, argv, flag
 
 def test_workflow_feature_rules_are_the_package_ones():
     assert smk_value("FEATURE_RULES") == submission.FEATURE_RULES
+
+
+def test_workflow_challenge_ipc_is_the_package_one():
+    assert smk_value("CHALLENGE_IPC") == submission.TRACK1_IPC
+
+
+def test_the_ipc_grid_is_a_list_and_a_bare_integer_a_grid_of_one():
+    ipc_grid = smk_functions("ipc_grid")["ipc_grid"]
+    assert ipc_grid([1, 10, 50]) == [1, 10, 50] and ipc_grid(10) == [10]
+    assert DEFAULT_RUN["package"]["ipc"] == [1, 10]
+    for name in ("cifar100", "tinyimagenet"):  # the challenge's IPC stays in the paper configs' grids
+        paper = yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
+        assert submission.TRACK1_IPC in ipc_grid(paper["package"]["ipc"])
+    with pytest.raises(ValueError, match=r"package.ipc: 10 is listed twice in \[1, 10, 10\]"):
+        ipc_grid([1, 10, 10])
+    for bad in ([0, 10], [5, -1], 0):
+        with pytest.raises(ValueError, match=r"package.ipc: (0|-1) is not a positive number"):
+            ipc_grid(bad)

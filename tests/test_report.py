@@ -51,19 +51,29 @@ def sampling_summary(counts, sampling_s, *, shard=0, budget_s=10.0, classes=None
 
 def test_summary_has_the_contract_keys_and_markdown_shows_the_figures():
     meta = sampling_summary([100] * 5, 10.0)
-    acc = {k: accuracy(v) for k, v in zip(report.ACCURACY_ROWS, (0.9, 0.92, 0.95, 0.99))}
-    summary = report.build_summary(dataset="digits", best=BEST, sampling=meta, accuracy=acc)
+    means = {"synthetic_ipc1": 0.5, "real_ipc1": 0.6, "synthetic_ipc10": 0.9, "real_ipc10": 0.95,
+             "synthetic_pool": 0.92, "real_full": 0.99}
+    acc = {kind: accuracy(mean) for kind, mean in means.items()}
+    summary = report.build_summary(dataset="digits", best=BEST, sampling=meta, accuracy=acc, ipc_grid=[10, 1])
     assert summary["best_step"] == 1000 and summary["pool_images"] == 500
     assert summary["sampling_images_per_s_per_shard"] == [50.0]
-    assert summary["accuracy"]["real_ipc"] == {"mean": 0.95, "std": 0.01}
-    text = report.render_markdown(summary, ipc=10, scores=[{"step": 500, "score": 2.0}, {"step": 1000, "score": 1.25}],
-                                  sampling=meta, figures={"curve": "c.png", "grid": "g.png"}, evaluations=acc)
+    assert summary["accuracy"] == {kind: {"mean": mean, "std": 0.01} for kind, mean in means.items()}
+    assert summary["ipc_grid"] == [  # by IPC, whatever the grid's order
+        {"ipc": 1, "synthetic": {"mean": 0.5, "std": 0.01}, "real": {"mean": 0.6, "std": 0.01}},
+        {"ipc": 10, "synthetic": {"mean": 0.9, "std": 0.01}, "real": {"mean": 0.95, "std": 0.01}}]
+    text = report.render_markdown(summary, scores=[{"step": 500, "score": 2.0}, {"step": 1000, "score": 1.25}],
+                                  sampling=meta, figures={"curve": "c.png", "grid": "g.png", "ipc": "i.png"},
+                                  evaluations=acc)
     assert "| 1000 | 1.250 ← |" in text and "50.0 images/s" in text and "| 90.00 ± 1.00 | 2 | 3 |" in text
-    assert "synthetic, IPC-10 package" in text and "![score curve](c.png)" in text
+    assert "synthetic, IPC-10 package" in text and "real, random IPC-1 subsets" in text
+    assert "![score curve](c.png)" in text and "![accuracy against IPC](i.png)" in text
+    assert "| 1 | 50.00 ± 1.00 | 60.00 ± 1.00 |" in text and "| 10 | 90.00 ± 1.00 | 95.00 ± 1.00 |" in text
+    assert "full real training set reaches 99.00 ± 1.00 %" in text
     assert "DPM-Solver multistep dpmsolver++ order 2, 20 steps, guidance w=2.0, fp32" in text
-    with pytest.raises(DiffdistillError, match="real_full"):
-        report.build_summary(dataset="digits", best=BEST, sampling=meta,
-                             accuracy={k: v for k, v in acc.items() if k != "real_full"})
+    for missing in ("real_full", "real_ipc1"):
+        with pytest.raises(DiffdistillError, match=missing):
+            report.build_summary(dataset="digits", best=BEST, sampling=meta, ipc_grid=[1, 10],
+                                 accuracy={k: v for k, v in acc.items() if k != missing})
     with pytest.raises(DiffdistillError, match="synthetic_pool.json: field 'budget_prefix' is null"):
         report.budget_curve({"synthetic_pool.json": acc["synthetic_pool"]})
 
@@ -105,25 +115,30 @@ def test_report_script_end_to_end(tmp_path, capsys):
         tmp_path / "best.json")
     pd.DataFrame([{"step": 3, "score": 0.7}, {"step": 6, "score": 0.5}]).to_csv(tmp_path / "scores.csv", index=False)
     evals = []
-    for kind in report.ACCURACY_ROWS:
+    for kind in report.accuracy_rows([1, 3], 12):
         path = tmp_path / f"{kind}.json"
-        accuracy(0.5, std=0.1).write(path)
+        accuracy(0.5 if kind != "synthetic_ipc1" else 0.3, std=0.1).write(path)
         evals.append(str(path))
-    out = {name: tmp_path / "out" / name for name in ("report.md", "summary.json", "grid.png")}
+    out = {name: tmp_path / "out" / name for name in ("report.md", "summary.json", "grid.png", "ipc_grid.png")}
     args = ["--dataset", "digits", "--best", str(tmp_path / "best.json"), "--scores", str(tmp_path / "scores.csv"),
             "--curve", str(tmp_path / "curve.png"), "--pool", str(tmp_path / "pool.pt"),
-            "--pool-meta", str(tmp_path / "pool.json"), "--evaluations", *evals, "--ipc", "3",
+            "--pool-meta", str(tmp_path / "pool.json"), "--evaluations", *evals, "--ipc", "1", "3",
             "--report", str(out["report.md"]), "--summary", str(out["summary.json"]), "--grid", str(out["grid.png"]),
-            "--accuracy-table", str(tmp_path / "out" / "accuracy.tsv")]
+            "--accuracy-table", str(tmp_path / "out" / "accuracy.tsv"), "--ipc-plot", str(out["ipc_grid.png"])]
     assert script.main(args) == 0
     summary = json.loads(out["summary.json"].read_text())
     assert summary["accuracy"]["real_full"] == {"mean": 0.5, "std": 0.1}
     assert summary["budget_curve"] == [] and summary["sweep"] == []  # off: empty lists
-    assert "](../curve.png)" in out["report.md"].read_text()
+    assert [(row["ipc"], row["synthetic"]["mean"]) for row in summary["ipc_grid"]] == [(1, 0.3), (3, 0.5)]
+    assert "](../curve.png)" in out["report.md"].read_text() and "](ipc_grid.png)" in out["report.md"].read_text()
+    assert Image.open(out["ipc_grid.png"]).size[0] > 0
     assert "What the budget buys" not in out["report.md"].read_text()
     assert Image.open(out["grid.png"]).size == (10 * 9 * 4, 4 * 9 * 4)
     table = pd.read_csv(tmp_path / "out" / "accuracy.tsv", sep="\t")
-    assert table["accuracy mean (%)"].tolist() == [50.0] * 4 and "IPC-3" in table["training set"][0]
+    assert table["accuracy mean (%)"].tolist() == [30.0] + [50.0] * 5
+    assert table["training set"].tolist()[:4] == ["synthetic, IPC-1 package", "real, random IPC-1 subsets (a fresh one "
+                                                  "per round)", "synthetic, IPC-3 package",
+                                                  "real, random IPC-3 subsets (a fresh one per round)"]
 
     # With a budget curve and a sweep: their numbers in summary.json, figures and tables beside report.md.
     budget = []

@@ -211,14 +211,14 @@ def test_toy_failing_job_is_reported_promptly(slurm_cluster, toy):
 # --- the tiny workflow (tests/configs/tiny.yaml) ----------------------------------------------------
 
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
-# Jobs of the tiny config (one data set, unconditional pre-training, checkpoints at steps 3 and 6, four
-# accuracy rows) and the rules that must run on the cluster: everything that trains or samples.
+# Jobs of the tiny config (one data set, unconditional pre-training, checkpoints at steps 3 and 6, an IPC
+# grid of two, six accuracy rows) and the rules that must run on the cluster: everything that trains or samples.
 TINY_JOBS = Counter({"prepare_data": 1, "pretrain_unconditional": 1, "finetune": 1, "reference_stats": 1,
                      "score_checkpoint": 2, "select_checkpoint": 1, "sample_budget": 1, "package": 1,
-                     "evaluate": 4, "report": 1, "all": 1})
+                     "package_ipc": 1, "evaluate": 6, "report": 1, "all": 1})
 HEAVY_RULES = {"prepare_data", "pretrain_unconditional", "finetune", "reference_stats", "score_checkpoint",
                "sample_budget", "evaluate"}
-ACCURACY_KINDS = ("synthetic_ipc", "synthetic_pool", "real_ipc", "real_full")
+ACCURACY_KINDS = ("synthetic_ipc1", "real_ipc1", "synthetic_ipc2", "real_ipc2", "synthetic_pool", "real_full")
 
 
 def tiny_args(workdir: Path, *config: str) -> list[str]:
@@ -240,7 +240,7 @@ def test_tiny_workflow_runs_every_cluster_job_through_slurm(slurm_cluster, tmp_p
     summary = json.loads((tmp_path / "results" / "digits" / "summary.json").read_text())
     assert set(summary) == {"dataset", "best_step", "best_score", "score_kind", "pool_images",
                             "sampling_images_per_s", "sampling_images_per_s_per_shard", "budget_s", "accuracy",
-                            "budget_curve", "sweep"}
+                            "ipc_grid", "budget_curve", "sweep"}
     assert summary["budget_curve"] == [] and summary["sweep"] == []  # both studies are off by default
     assert summary["dataset"] == "digits" and summary["best_step"] in (3, 6)
     assert summary["score_kind"] == "FD-ConvNet" and summary["best_score"] >= 0

@@ -67,6 +67,29 @@ def test_dry_run_of_paper_configs_builds_expected_jobs(tmp_path, name, weights, 
     assert extractors == ["inception"] * (1 + checkpoints), extractors  # reference_stats + one per checkpoint
 
 
+@pytest.mark.parametrize("overlays, grid, submission", [
+    ((), [1, 10], 10),  # the default grid
+    (("config/ipc_grid.yaml",), [1, 10, 50], 10),  # the papers' grid
+    (("tests/configs/tiny.yaml",), [1, 2], 2),  # no IPC 10: the submission file holds the largest
+])
+def test_ipc_grid_plans_one_package_and_two_evaluations_per_ipc(tmp_path, overlays, grid, submission):
+    result = snakemake("-n", "-p", "--cores", "2", "--configfile", str(REPO / "config" / "config.yaml"),
+                       *(str(REPO / overlay) for overlay in overlays), "--config", f"results={tmp_path}/results",
+                       cwd=tmp_path, check=True)
+    jobs = planned_jobs(result.stdout)
+    assert (jobs["package"], jobs["package_ipc"], jobs["evaluate"]) == (1, len(grid) - 1, 2 * len(grid) + 2)
+    out = f"{tmp_path}/results/digits"
+    packages = re.findall(r"package\.py .*--ipc (\d+) .*--out-dir (\S+) ", result.stdout)
+    assert sorted(packages) == sorted((str(ipc), f"{out}/package" if ipc == submission else f"{out}/package/ipc{ipc}")
+                                      for ipc in grid)
+    for ipc in grid:
+        package = f"{out}/package/digits.pt" if ipc == submission else f"{out}/package/ipc{ipc}/digits.pt"
+        assert f"--train {package} --train-format package --ipc {ipc} " in result.stdout
+        assert f"--random-ipc {ipc} " in result.stdout and f"evaluation/real_ipc{ipc}.json" in result.stdout
+    assert f"--ipc {' '.join(map(str, grid))} " in result.stdout  # the report's grid
+    assert "--pool-out" in result.stdout and result.stdout.count("--pool-out") == 1  # the submission's job only
+
+
 def test_missing_public_weights_say_where_they_come_from(tmp_path):
     result = snakemake(
         "-n", "--cores", "1", "--configfile", str(REPO / "config" / "cifar100.yaml"),
@@ -121,6 +144,11 @@ def test_each_gpu_stage_takes_its_gpus_from_its_own_config(tmp_path):
         ("sweep: [{steps: 10}, {stepz: 20}]", "sweep[1]: Additional properties are not allowed ('stepz'"),
         ("sweep: [{steps: 0}]", "sweep[0].steps"),
         ("sweep: [{guidance_scale: 2}, {guidance_scale: 2.0}]", "sweep[1].name: 'w2' names two variants"),
+        ("package: {ipc: [1, 10, 10]}", "package.ipc: 10 is listed twice in [1, 10, 10]"),
+        ("package: {ipc: [0, 10]}", "package.ipc: 0 is not a positive number"),
+        ("package: {ipc: []}", "['properties']['package']['properties']['ipc']"),
+        ("package: {rule: best}", "'best' is not one of ['first', 'random', 'herding', 'coverage', 'augmented', "
+                                  "'difficulty']"),
     ],
 )
 def test_bad_config_fails_naming_the_key(tmp_path, override, expected):
@@ -209,15 +237,18 @@ def test_tiny_run_package_is_a_valid_submission(tiny_run):
     assert all(check["status"] != "fail" for check in checks)
 
 
+TINY_KINDS = ("synthetic_ipc1", "real_ipc1", "synthetic_ipc2", "real_ipc2", "synthetic_pool", "real_full")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["synthetic_ipc", "synthetic_pool", "real_ipc", "real_full"])
+@pytest.mark.parametrize("kind", TINY_KINDS)
 def test_tiny_run_evaluates_each_training_set_resumably(tiny_run, kind):
     out = digits_out(tiny_run)
     evaluation = json.loads((out / "evaluation" / f"{kind}.json").read_text())
     assert 0.0 <= evaluation["mean"] <= 1.0
     assert "--resume-dir" in (tiny_run / "logs" / "digits" / "evaluate" / f"{kind}.log").read_text()
     assert not (out / "evaluation" / ".resume" / kind).exists()  # cleared once the result is written
-    if kind == "real_ipc":
+    if kind.startswith("real_ipc"):
         assert "fresh subset per round" in evaluation["settings"]["train_set"]
 
 
@@ -232,7 +263,7 @@ def test_tiny_run_puts_the_critical_path_first_and_each_job_on_its_threads(tiny_
     # real-data evaluations, which were ready at the same time and would otherwise start first.
     logs = tiny_run / "logs" / "digits"
     pretrain_end = log_clock(logs / "pretrain_unconditional.log", -1)
-    for kind in ("real_ipc", "real_full"):
+    for kind in ("real_ipc1", "real_full"):
         assert log_clock(logs / "evaluate" / f"{kind}.log", 0) >= pretrain_end, kind
         evaluation = json.loads((digits_out(tiny_run) / "evaluation" / f"{kind}.json").read_text())
         assert evaluation["environment"]["cpu_threads"] == 1  # the rule's threads: (Snakemake's OMP_NUM_THREADS)
@@ -247,20 +278,26 @@ def test_tiny_run_summary_and_report(tiny_run):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"dataset", "best_step", "best_score", "score_kind", "pool_images",
                             "sampling_images_per_s", "sampling_images_per_s_per_shard", "budget_s", "accuracy",
-                            "budget_curve", "sweep"}
+                            "ipc_grid", "budget_curve", "sweep"}
     assert summary["budget_curve"] == [] and summary["sweep"] == []  # off by default
     assert not (out / "budget_curve.png").exists() and not (out / "sweep").exists()
     assert (out / "accuracy.tsv").read_text().startswith("training set\taccuracy mean (%)")
     best = json.loads((out / "scoring" / "best.json").read_text())
     assert summary["best_step"] == best["step"]
     assert summary["pool_images"] == len(data.load_images(out / "samples" / "pool.pt"))
-    for kind in ("synthetic_ipc", "synthetic_pool", "real_ipc", "real_full"):
+    assert set(summary["accuracy"]) == set(TINY_KINDS)
+    for kind in TINY_KINDS:
         evaluation = json.loads((out / "evaluation" / f"{kind}.json").read_text())
         assert summary["accuracy"][kind] == {"mean": evaluation["mean"], "std": evaluation["std"]}
+    assert [row["ipc"] for row in summary["ipc_grid"]] == [1, 2]
+    for row in summary["ipc_grid"]:
+        assert (row["synthetic"], row["real"]) == (summary["accuracy"][f"synthetic_ipc{row['ipc']}"],
+                                                   summary["accuracy"][f"real_ipc{row['ipc']}"])
     report = (out / "report.md").read_text()
-    for needle in ("Checkpoint selection", "score_curve.png", "sample_grid.png", "images/s", "IPC-2 package"):
+    for needle in ("Checkpoint selection", "score_curve.png", "sample_grid.png", "images/s", "IPC-2 package",
+                   "IPC-1 package", "Accuracy against IPC", "ipc_grid.png"):
         assert needle in report
-    assert (out / "sample_grid.png").is_file()
+    assert (out / "sample_grid.png").is_file() and (out / "ipc_grid.png").is_file()
 
 
 def copy_run(tiny_run: Path, folder: Path) -> Path:
@@ -279,7 +316,7 @@ def pd_read(path):
 @pytest.mark.slow
 def test_forcerun_of_one_stage_reruns_it_and_only_what_depends_on_it(tiny_run):
     jobs = planned_jobs(tiny_snakemake(tiny_run, "-n", "--forcerun", "sample_budget").stdout)
-    assert jobs == {"sample_budget": 1, "package": 1, "evaluate": 2, "report": 1, "all": 1}
+    assert jobs == {"sample_budget": 1, "package": 1, "package_ipc": 1, "evaluate": 3, "report": 1, "all": 1}
     # -f RULE makes the rule itself the target: just that stage, nothing upstream or downstream.
     assert planned_jobs(tiny_snakemake(tiny_run, "-n", "-f", "sample_budget").stdout) == {"sample_budget": 1}
 
@@ -390,10 +427,10 @@ def test_killed_run_resumes_with_rerun_incomplete_from_the_kept_checkpoint(tiny_
 def test_budget_study_plans_one_evaluation_per_prefix_and_a_sampling_and_evaluation_job_per_variant(tmp_path):
     common = ("-n", "--cores", "2", "--configfile", str(REPO / "config" / "config.yaml"), str(TINY))
     off = planned_jobs(snakemake(*common, cwd=tmp_path, check=True).stdout)
-    assert off["evaluate"] == 4 and "sample_sweep" not in off  # both off by default
+    assert off["evaluate"] == 6 and "sample_sweep" not in off  # both off by default
     result = snakemake(*common, str(REPO / "config" / "budget_study.yaml"), cwd=tmp_path, check=True)
     on = planned_jobs(result.stdout)
-    assert on["evaluate"] == 4 + 4 + 6 and on["sample_sweep"] == 6 and on["sample_budget"] == 1
+    assert on["evaluate"] == 6 + 4 + 6 and on["sample_sweep"] == 6 and on["sample_budget"] == 1
     assert {k: v for k, v in on.items() if k not in ("evaluate", "sample_sweep")} == {
         k: v for k, v in off.items() if k != "evaluate"}
     for name in ("s10_w1", "s10_w2", "s20_w1", "s20_w2", "s40_w1", "s40_w2"):
@@ -418,10 +455,12 @@ def test_evaluation_table_gives_each_kind_its_training_set_and_flags(tmp_path):
     commands = {re.search(r"--out \S*evaluation/(\S+)\.json", line).group(1): line.split("--test")[0].split("--train ")[1]
                 for line in result.stdout.splitlines() if "evaluate.py" in line}
     out = "results/digits"
-    assert commands == {  # tiny.yaml: ipc 2, epochs 2, pool_epochs 1
-        "synthetic_ipc": f"{out}/package/digits.pt --train-format package --ipc 2 --epochs 2 ",
+    assert commands == {  # tiny.yaml: ipc [1, 2], epochs 2, pool_epochs 1
+        "synthetic_ipc1": f"{out}/package/ipc1/digits.pt --train-format package --ipc 1 --epochs 2 ",
+        "real_ipc1": f"{out}/data/train.pt --train-format images --random-ipc 1 --epochs 2 ",
+        "synthetic_ipc2": f"{out}/package/digits.pt --train-format package --ipc 2 --epochs 2 ",
         "synthetic_pool": f"{out}/samples/pool.pt --train-format images --epochs 1 ",
-        "real_ipc": f"{out}/data/train.pt --train-format images --random-ipc 2 --epochs 2 ",
+        "real_ipc2": f"{out}/data/train.pt --train-format images --random-ipc 2 --epochs 2 ",
         "real_full": f"{out}/data/train.pt --train-format images --epochs 1 ",
         "budget_0.25": f"{out}/samples/pool.pt --train-format images --epochs 1 --pool-meta {out}/samples/pool.json "
                        "--budget-fraction 0.25 ",
@@ -431,7 +470,7 @@ def test_evaluation_table_gives_each_kind_its_training_set_and_flags(tmp_path):
         "sweep_w1": f"{out}/sweep/w1/pool.pt --train-format images --epochs 1 ",
     }
     # Only the table's kinds are evaluations: another fraction or variant is no target of the rules.
-    for kind in ("budget_0.5", "sweep_s4", "budget_"):
+    for kind in ("budget_0.5", "sweep_s4", "budget_", "synthetic_ipc3", "synthetic_ipc"):
         missing = snakemake("-n", "--configfile", str(REPO / "config" / "config.yaml"), str(TINY),
                             str(tmp_path / "study.yaml"), f"{out}/evaluation/{kind}.json", cwd=tmp_path)
         assert missing.returncode != 0 and f"evaluation/{kind}.json" in missing.stdout + missing.stderr, kind
@@ -501,7 +540,8 @@ def test_snakemake_report_holds_every_figure(study_run, name):
 
     snakemake("--configfile", str(REPO / "config" / "config.yaml"), str(TINY), str(study_run / "study.yaml"),
               "--report", name, cwd=study_run, check=True)
-    figures = ["score_curve.png", "sample_grid.png", "budget_curve.png", "sweep.png", "sweep.tsv", "accuracy.tsv"]
+    figures = ["score_curve.png", "sample_grid.png", "budget_curve.png", "sweep.png", "sweep.tsv", "accuracy.tsv",
+               "ipc_grid.png"]
     if name.endswith(".zip"):
         files = {Path(member).name for member in zipfile.ZipFile(study_run / name).namelist()}
         assert set(figures) <= files, files

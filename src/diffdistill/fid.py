@@ -206,10 +206,9 @@ class ConvNetExtractor:
 
     @torch.no_grad()
     def classify(self, images: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features (N, F), predicted labels (N,)) of uint8 images, in batches."""
+        """(features (N, F), logits (N, K)) of uint8 images, in batches (the prediction is the argmax)."""
         feats = torch.cat([self(part) for part in images.split(batch_size)])  # (N, F)
-        logits = self.convnet.classifier(feats.to(self.device)).cpu()  # (N, K)
-        return feats, logits.argmax(1)
+        return feats, self.convnet.classifier(feats.to(self.device)).cpu()  # (N, K) logits
 
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]

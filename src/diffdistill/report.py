@@ -2,9 +2,10 @@
 
 The summary keys are a contract other tools read: ``dataset``, ``best_step``, ``best_score``,
 ``score_kind``, ``pool_images``, ``sampling_images_per_s`` (all shards together),
-``sampling_images_per_s_per_shard``, ``budget_s``, ``accuracy`` ->
-{``synthetic_ipc``, ``synthetic_pool``, ``real_ipc``, ``real_full``} -> {``mean``, ``std``},
-``budget_curve`` (a list of {``fraction``, ``seconds``, ``images``, ``accuracy``: {``mean``, ``std``}}: the
+``sampling_images_per_s_per_shard``, ``budget_s``, ``accuracy`` -> every accuracy evaluation by kind
+(``synthetic_ipc<n>`` and ``real_ipc<n>`` for each IPC n of the grid, ``synthetic_pool``, ``real_full``) ->
+{``mean``, ``std``}, ``ipc_grid`` (a list of {``ipc``, ``synthetic``: {``mean``, ``std``}, ``real``: {``mean``,
+``std``}} by IPC: the package and the random real subsets of each IPC), ``budget_curve`` (a list of {``fraction``, ``seconds``, ``images``, ``accuracy``: {``mean``, ``std``}}: the
 pool's images made within each fraction of the budget) and ``sweep`` (a list of {``name``, ``settings``,
 ``images``, ``images_per_s``, ``accuracy``: {``mean``, ``std``}}: one budgeted pool per sampler variant).
 Both lists are empty when the workflow does not make them; an empty budget prefix has accuracy null.
@@ -24,12 +25,21 @@ from .errors import DiffdistillError
 from .records import BestCheckpoint, EvaluationResult
 from .sampling_summary import SamplingSummary
 
-ACCURACY_ROWS = {
-    "synthetic_ipc": "synthetic, IPC-{ipc} package",
+ACCURACY_ROWS = {  # kind (a kind with {ipc}: one per IPC of the grid) -> row label
+    "synthetic_ipc{ipc}": "synthetic, IPC-{ipc} package",
+    "real_ipc{ipc}": "real, random IPC-{ipc} subsets (a fresh one per round)",
     "synthetic_pool": "synthetic, full pool ({pool} images)",
-    "real_ipc": "real, random IPC-{ipc} subsets (a fresh one per round)",
     "real_full": "real, full training set",
 }
+
+
+def accuracy_rows(ipc_grid, pool_images: int) -> dict[str, str]:
+    """kind -> row label of every accuracy evaluation: both IPC kinds for each IPC of the grid (in
+    ascending order), then the pool and the full real set."""
+    rows = {}
+    for ipc in sorted(ipc_grid):
+        rows |= {kind.format(ipc=ipc): label.format(ipc=ipc) for kind, label in ACCURACY_ROWS.items() if "{ipc}" in kind}
+    return rows | {kind: label.format(pool=pool_images) for kind, label in ACCURACY_ROWS.items() if "{" not in kind}
 
 
 def sample_grid(data: LabeledImages, per_class: int = 10, *, pixel_scale: int = 1, max_classes: int = 100):
@@ -57,13 +67,16 @@ def grid_scale(image_side: int) -> int:
 
 
 def build_summary(*, dataset: str, best: BestCheckpoint, sampling: SamplingSummary,
-                  accuracy: dict[str, EvaluationResult], budget_curve: list[dict] = (), sweep: list[dict] = ()) -> dict:
+                  accuracy: dict[str, EvaluationResult], ipc_grid, budget_curve: list[dict] = (),
+                  sweep: list[dict] = ()) -> dict:
     """The summary.json document from the stage outputs (see the module docstring for keys);
-    ``accuracy``: the evaluation of each of :data:`ACCURACY_ROWS`; ``budget_curve`` and ``sweep`` as
-    made by :func:`budget_curve` and :func:`sweep_rows`."""
-    missing = [key for key in ACCURACY_ROWS if key not in accuracy]
+    ``accuracy``: the evaluation of each kind of :func:`accuracy_rows` for ``ipc_grid`` (the IPCs);
+    ``budget_curve`` and ``sweep`` as made by :func:`budget_curve` and :func:`sweep_rows`."""
+    kinds = accuracy_rows(ipc_grid, sampling.images)
+    missing = [key for key in kinds if key not in accuracy]
     if missing:
         raise DiffdistillError(f"accuracy results missing for {missing}: expected evaluation/<kind>.json of each")
+    acc = {key: _mean_std(accuracy[key]) for key in kinds}
     return {
         "dataset": dataset,
         "best_step": best.step,
@@ -73,7 +86,9 @@ def build_summary(*, dataset: str, best: BestCheckpoint, sampling: SamplingSumma
         "sampling_images_per_s": sampling.images_per_s,
         "sampling_images_per_s_per_shard": sampling.images_per_s_per_shard,
         "budget_s": sampling.budget_s,
-        "accuracy": {key: _mean_std(accuracy[key]) for key in ACCURACY_ROWS},
+        "accuracy": acc,
+        "ipc_grid": [{"ipc": ipc, "synthetic": acc[f"synthetic_ipc{ipc}"], "real": acc[f"real_ipc{ipc}"]}
+                     for ipc in sorted(ipc_grid)],
         "budget_curve": list(budget_curve),
         "sweep": list(sweep),
     }
@@ -105,13 +120,13 @@ def sweep_rows(variants: list[tuple[str, SamplingSummary, EvaluationResult]]) ->
             for name, sampling, result in variants]
 
 
-def accuracy_table(summary: dict, ipc: int):
+def accuracy_table(summary: dict):
     """The accuracy table as a DataFrame (percent), for a TSV beside report.md."""
     import pandas as pd
 
-    rows = [{"training set": label.format(ipc=ipc, pool=summary["pool_images"]),
-             "accuracy mean (%)": 100 * summary["accuracy"][key]["mean"],
-             "accuracy std (%)": 100 * summary["accuracy"][key]["std"]} for key, label in ACCURACY_ROWS.items()]
+    kinds = accuracy_rows([row["ipc"] for row in summary["ipc_grid"]], summary["pool_images"])
+    rows = [{"training set": label, "accuracy mean (%)": 100 * summary["accuracy"][key]["mean"],
+             "accuracy std (%)": 100 * summary["accuracy"][key]["std"]} for key, label in kinds.items()]
     return pd.DataFrame(rows)
 
 
@@ -166,6 +181,24 @@ def plot_budget_curve(curve: list[dict], references: dict[str, dict], path: str 
     _save(figure, path)
 
 
+def plot_ipc_grid(grid: list[dict], full_real: dict, path: str | os.PathLike) -> None:
+    """Accuracy against IPC (log axis) of the synthetic packages and the random real subsets (error bars:
+    std over rounds), the full real training set (``full_real`` {mean, std}) as a horizontal line; PNG, atomic."""
+    figure, axes = _figure(6, 4)
+    ipcs = [row["ipc"] for row in grid]
+    for key, label, marker in (("synthetic", "synthetic package", "o"), ("real", "random real subsets", "s")):
+        axes.errorbar(ipcs, [100 * row[key]["mean"] for row in grid], yerr=[100 * row[key]["std"] for row in grid],
+                      marker=marker, capsize=3, label=label)
+    axes.axhline(100 * full_real["mean"], linestyle="--", color="grey", label=ACCURACY_ROWS["real_full"])
+    axes.set_xscale("log")
+    axes.set_xticks(ipcs, [str(ipc) for ipc in ipcs])
+    axes.set_xlabel("images per class (IPC)")
+    axes.set_ylabel("ConvNet test accuracy (%)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="lower right")
+    _save(figure, path)
+
+
 def plot_sweep(sweep: list[dict], path: str | os.PathLike) -> None:
     """Per sampler variant: images made within the budget (left) and accuracy of its pool (right); PNG, atomic."""
     figure, (made, accuracy) = _figure(max(6, 1.2 * len(sweep) + 2), 3.5, columns=2)
@@ -182,12 +215,12 @@ def plot_sweep(sweep: list[dict], path: str | os.PathLike) -> None:
     _save(figure, path)
 
 
-def render_markdown(summary: dict, *, ipc: int, scores: list[dict], sampling: SamplingSummary,
+def render_markdown(summary: dict, *, scores: list[dict], sampling: SamplingSummary,
                     figures: dict[str, str], evaluations: dict[str, EvaluationResult]) -> str:
-    """report.md: what was chosen, how fast it sampled, and the accuracy table (with each evaluation's
-    rounds and epochs), with figure links."""
+    """report.md: what was chosen, how fast it sampled, the accuracy table (with each evaluation's rounds
+    and epochs) and accuracy against IPC, with figure links."""
     acc = summary["accuracy"]
-    pct = lambda a: f"{100 * a['mean']:.2f} ± {100 * a['std']:.2f}"  # noqa: E731
+    kinds = accuracy_rows([row["ipc"] for row in summary["ipc_grid"]], summary["pool_images"])
     lines = [
         f"# diffdistill report: {summary['dataset']}",
         "",
@@ -219,13 +252,24 @@ def render_markdown(summary: dict, *, ipc: int, scores: list[dict], sampling: Sa
         "",
         "| training set | accuracy (%) | rounds | epochs |",
         "|---|---:|---:|---:|",
+        *[f"| {label} | {_accuracy_text(acc[key])} | {evaluations[key].rounds} | {evaluations[key].epochs} |"
+          for key, label in kinds.items()],
     ]
-    for key, label in ACCURACY_ROWS.items():
-        lines.append(f"| {label.format(ipc=ipc, pool=summary['pool_images'])} | {pct(acc[key])} | "
-                     f"{evaluations[key].rounds} | {evaluations[key].epochs} |")
-    lines += _budget_curve_lines(summary, figures) + _sweep_lines(summary, figures)
+    lines += _ipc_grid_lines(summary, figures) + _budget_curve_lines(summary, figures) + _sweep_lines(summary, figures)
     lines += ["", "Plain numbers: `summary.json`.", ""]
     return "\n".join(lines)
+
+
+def _ipc_grid_lines(summary: dict, figures: dict[str, str]) -> list[str]:
+    return [
+        "", "## Accuracy against IPC", "",
+        "The synthetic package and random real subsets of each IPC (images per class); the full real training set "
+        f"reaches {_accuracy_text(summary['accuracy']['real_full'])} %.", "",
+        "| IPC | synthetic package (%) | random real (%) |", "|---:|---:|---:|",
+        *[f"| {row['ipc']} | {_accuracy_text(row['synthetic'])} | {_accuracy_text(row['real'])} |"
+          for row in summary["ipc_grid"]],
+        "", f"![accuracy against IPC]({figures['ipc']})" if "ipc" in figures else "",
+    ]
 
 
 def _accuracy_text(acc: dict) -> str:

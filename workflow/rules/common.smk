@@ -185,17 +185,49 @@ def sweep_variants():
 SWEEP = sweep_variants()
 
 
+# The IPC of the challenge's Track 1: the same as diffdistill.submission.TRACK1_IPC (tests/test_defaults.py).
+CHALLENGE_IPC = 10
+
+
+def ipc_grid(value):
+    """package.ipc as the list of IPCs to package and evaluate (a bare integer is a grid of one);
+    a value that is not positive, or listed twice, stops the run, named."""
+    grid = value if isinstance(value, list) else [value]
+    for i, ipc in enumerate(grid):
+        if ipc < 1:
+            raise ValueError(f"config key package.ipc: {ipc} is not a positive number of images per class")
+        if ipc in grid[:i]:
+            raise ValueError(f"config key package.ipc: {ipc} is listed twice in {grid}; list each IPC once")
+    return grid
+
+
+IPC_GRID = ipc_grid(config["package"]["ipc"])
+# The submission file package/<dataset>.pt holds the challenge's IPC when the grid has it, else the grid's
+# largest (a scaled-down run; the package's validator warns that Track 1 asserts IPC 10).
+SUBMISSION_IPC = CHALLENGE_IPC if CHALLENGE_IPC in IPC_GRID else max(IPC_GRID)
+
+
+def package_file(ipc):
+    """The package of one IPC of the grid: the submission file at SUBMISSION_IPC, else in package/ipc<n>/."""
+    folder = f"{OUT}/package" if ipc == SUBMISSION_IPC else f"{OUT}/package/ipc{ipc}"
+    return f"{folder}/{DATASET}.pt"
+
+
 def evaluation_table():
     """kind -> one evaluation: ``train`` (the file the ConvNet trains on) and evaluate's flags for it:
     train_format, ipc (a package) or random_ipc (a fresh random real subset per round), epochs, and for a
-    budget prefix of the pool its summary (pool_meta) and the fraction from the config."""
-    ev, ipc, pool = config["evaluation"], config["package"]["ipc"], f"{OUT}/samples/pool.pt"
+    budget prefix of the pool its summary (pool_meta) and the fraction from the config. The package and
+    the random real subsets come once per IPC of the grid (synthetic_ipc<n>, real_ipc<n>)."""
+    ev, pool = config["evaluation"], f"{OUT}/samples/pool.pt"
     real_train = f"{OUT}/data/train.pt"
-    accuracy = {
-        "synthetic_ipc": {"train": f"{OUT}/package/{DATASET}.pt", "train_format": "package", "ipc": ipc,
-                          "epochs": ev["epochs"]},
+    accuracy = {}
+    for ipc in IPC_GRID:
+        accuracy[f"synthetic_ipc{ipc}"] = {"train": package_file(ipc), "train_format": "package", "ipc": ipc,
+                                           "epochs": ev["epochs"]}
+        accuracy[f"real_ipc{ipc}"] = {"train": real_train, "train_format": "images", "random_ipc": ipc,
+                                      "epochs": ev["epochs"]}
+    accuracy |= {
         "synthetic_pool": {"train": pool, "train_format": "images", "epochs": ev["pool_epochs"]},
-        "real_ipc": {"train": real_train, "train_format": "images", "random_ipc": ipc, "epochs": ev["epochs"]},
         "real_full": {"train": real_train, "train_format": "images", "epochs": ev["pool_epochs"]},
     }
     # The budget curve: the pool's images made within each fraction of its budget (empty: off).
@@ -229,7 +261,7 @@ def evaluation_args(wildcards):
 # Package rules that pick images with the real-data feature ConvNet of FD-ConvNet scoring: the same as
 # diffdistill.submission.FEATURE_RULES (tests/test_defaults.py), written out so that Snakemake itself
 # runs without the package (conda deployment).
-FEATURE_RULES = ("herding", "coverage")
+FEATURE_RULES = ("herding", "coverage", "difficulty")
 
 
 def package_convnet():

@@ -1,7 +1,7 @@
 rule report:
-    """report.md (score curve, chosen checkpoint, sample grid, images/s, accuracy table, and the budget
-    curve and sweep when on) and summary.json (the same figures as plain numbers). The report() outputs
-    (and the score curve) are what `snakemake --report report.html` shows, with workflow/report/ captions."""
+    """report.md (score curve, chosen checkpoint, sample grid, images/s, accuracy table, accuracy against IPC,
+    and the budget curve and sweep when on) and summary.json (the same figures as plain numbers). The report()
+    outputs (and the score curve) are what `snakemake --report report.html` shows, with workflow/report/ captions."""
     input:
         best=rules.select_checkpoint.output.best,
         scores=rules.select_checkpoint.output.csv,
@@ -17,11 +17,12 @@ rule report:
         summary=f"{OUT}/summary.json",
         grid=report(f"{OUT}/sample_grid.png", caption="../report/sample_grid.rst", category="Samples"),
         accuracy=report(f"{OUT}/accuracy.tsv", caption="../report/accuracy.rst", category="Accuracy"),
+        ipc_plot=report(f"{OUT}/ipc_grid.png", caption="../report/ipc_grid.rst", category="Accuracy"),
         **study_outputs(),
     params:
         script=f"{SCRIPTS}/report.py",
         dataset=DATASET,
-        ipc=config["package"]["ipc"],
+        ipc=" ".join(map(str, IPC_GRID)),
         studies=lambda wildcards, input, output: study_args(input, output),
     log:
         f"{LOGS}/report.log",
@@ -33,5 +34,5 @@ rule report:
         "python {params.script} --dataset {params.dataset} --best {input.best} --scores {input.scores} "
         "--curve {input.curve} --pool {input.pool} --pool-meta {input.pool_meta} "
         "--evaluations {input.evaluations} --ipc {params.ipc} --report {output.report} "
-        "--summary {output.summary} --grid {output.grid} --accuracy-table {output.accuracy} {params.studies} "
-        "--log {log}"
+        "--summary {output.summary} --grid {output.grid} --accuracy-table {output.accuracy} "
+        "--ipc-plot {output.ipc_plot} {params.studies} --log {log}"

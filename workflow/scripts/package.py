@@ -1,7 +1,7 @@
 """Make the challenge submission file from a sampled pool: IPC per class, class-major, normalised.
 
 Writes ``<out-dir>/<dataset>.pt`` (a bare float tensor, validated against the official contract),
-the whole pool normalised the same way (for full-pool evaluation) and a JSON sidecar.
+a JSON sidecar and, with ``--pool-out``, the whole pool normalised the same way (for full-pool evaluation).
 """
 
 import argparse
@@ -19,10 +19,11 @@ def parse(argv):
     p.add_argument("--dataset", required=True)
     p.add_argument("--ipc", type=int, required=True)
     p.add_argument("--rule", choices=submission.RULES, required=True)
-    p.add_argument("--feature-convnet", help="real-data ConvNet of reference_stats (for --rule herding/coverage)")
+    p.add_argument("--feature-convnet", help="real-data ConvNet of reference_stats (for --rule herding/coverage/"
+                   "difficulty)")
     p.add_argument("--real-train", help="real training split (statistics of non-challenge data sets)")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--pool-out", required=True, help="whole pool, normalised, as a dict")
+    p.add_argument("--pool-out", help="whole pool, normalised, as a dict (the submission's job writes it)")
     p.add_argument("--meta", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log")
@@ -30,7 +31,7 @@ def parse(argv):
 
 
 def feature_inputs(args, pool, real) -> dict:
-    """What rules herding and coverage need from the real-data feature ConvNet (checked flags first)."""
+    """What rules herding, coverage and difficulty need from the real-data feature ConvNet (checked flags first)."""
     if args.rule not in submission.FEATURE_RULES:
         return {}
     if not args.feature_convnet:
@@ -39,8 +40,9 @@ def feature_inputs(args, pool, real) -> dict:
         raise DiffdistillError(f"--rule {args.rule} needs --real-train (its real features are the targets)")
     convnet = feature_convnet.load_feature_convnet(args.feature_convnet, "cpu")
     inputs = submission.selection_inputs(convnet.classify, pool, real, args.rule)
-    cli.log.info("feature ConvNet puts %.1f%% of the pool in its sampled class",
-                 100 * float((inputs["predictions"] == pool.labels).float().mean()))
+    if "predictions" in inputs:
+        cli.log.info("feature ConvNet puts %.1f%% of the pool in its sampled class",
+                     100 * float((inputs["predictions"] == pool.labels).float().mean()))
     return inputs
 
 
@@ -53,18 +55,20 @@ def main(argv=None) -> int:
         real = load_images(args.real_train) if args.real_train else None
         mean, std = evaluation.normalization_stats(args.dataset, real)
         index = submission.select_indices(pool, args.ipc, args.rule, args.seed, **feature_inputs(args, pool, real))
-        tensor = submission.package(pool, args.dataset, args.ipc, mean=mean, std=std, index=index)
+        tensor = submission.package(pool, args.dataset, args.ipc, mean=mean, std=std, rule=args.rule, seed=args.seed,
+                                    index=index)
         contract = dict(num_classes=pool.num_classes, ipc=args.ipc, image_shape=tuple(pool.images.shape[1:]),
                         mean=mean, std=std)
         submission.validate(tensor, args.dataset, **contract)  # fail before anything is written
         checks = submission.save_package(tensor, out, args.dataset, **contract)
-        atomic.torch_save(submission.normalized_pool(pool, mean, std), args.pool_out)
+        if args.pool_out:
+            atomic.torch_save(submission.normalized_pool(pool, mean, std), args.pool_out)
         cli.write_sidecar(
             args.meta, settings={"dataset": args.dataset, "ipc": args.ipc, "rule": args.rule, "seed": args.seed,
                                  "pool": args.pool, "real_train": args.real_train},
             package=str(out), shape=list(tensor.shape), mean=list(mean), std=list(std), classes=pool.classes,
             pool_counts=pool.counts(), pool_images=len(pool), chosen_indices=index.tolist(), checks=checks)
-    cli.log.info("wrote %s %s and the normalised pool of %d images", out, list(tensor.shape), len(pool))
+    cli.log.info("wrote %s %s (pool of %d images)", out, list(tensor.shape), len(pool))
     return 0
 
 

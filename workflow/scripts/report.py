@@ -3,9 +3,13 @@
     python workflow/scripts/report.py --dataset digits --best results/digits/scoring/best.json \
         --scores results/digits/scoring/scores.csv --curve results/digits/scoring/score_curve.png \
         --pool results/digits/samples/pool.pt --pool-meta results/digits/samples/pool.json \
-        --evaluations results/digits/evaluation/*.json --ipc 10 \
+        --evaluations results/digits/evaluation/*.json --ipc 1 10 \
         --report results/digits/report.md --summary results/digits/summary.json \
-        --grid results/digits/sample_grid.png --accuracy-table results/digits/accuracy.tsv
+        --grid results/digits/sample_grid.png --accuracy-table results/digits/accuracy.tsv \
+        --ipc-plot results/digits/ipc_grid.png
+
+--evaluations holds synthetic_ipc<n>.json and real_ipc<n>.json for each IPC n of --ipc (the grid), and
+synthetic_pool.json and real_full.json.
 
 With a budget curve, add --budget-evaluations (evaluate's budget_<fraction>.json) and --budget-plot; with
 a sampler sweep, --sweep-metas (sweep/<name>/pool.json), --sweep-evaluations (sweep_<name>.json, same
@@ -32,20 +36,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True)
     for flag in ("--best", "--scores", "--curve", "--pool", "--pool-meta", "--report", "--summary", "--grid",
-                 "--accuracy-table"):
+                 "--accuracy-table", "--ipc-plot"):
         parser.add_argument(flag, required=True)
     parser.add_argument("--evaluations", nargs="+", required=True, help="<kind>.json files of the evaluate stage")
     for flag in ("--budget-evaluations", "--sweep-metas", "--sweep-evaluations"):
         parser.add_argument(flag, nargs="*", default=[])
     for flag in ("--budget-plot", "--sweep-plot", "--sweep-table"):
         parser.add_argument(flag)
-    parser.add_argument("--ipc", type=int, required=True)
+    parser.add_argument("--ipc", type=int, nargs="+", required=True, help="the IPC grid")
     parser.add_argument("--log")
     args = parser.parse_args(argv)
     cli.start("report", sys.argv[1:] if argv is None else argv, args.log)
 
-    outputs = [args.report, args.summary, args.grid, args.accuracy_table, args.budget_plot, args.sweep_plot,
-               args.sweep_table]
+    outputs = [args.report, args.summary, args.grid, args.accuracy_table, args.ipc_plot, args.budget_plot,
+               args.sweep_plot, args.sweep_table]
     with cli.cleanup_on_failure(outputs):
         evaluations = {Path(p).stem: EvaluationResult.read(p) for p in args.evaluations}
         curve, sweep = budget_and_sweep(args)
@@ -56,14 +60,14 @@ def main(argv=None) -> int:
         with atomic.atomic_path(args.grid) as tmp:
             grid.save(tmp, format="PNG")
         summary = report.build_summary(dataset=args.dataset, best=best, sampling=sampling, accuracy=evaluations,
-                                       budget_curve=curve, sweep=sweep)
+                                       ipc_grid=args.ipc, budget_curve=curve, sweep=sweep)
         scores = pd.read_csv(args.scores).to_dict("records")
         report_dir = Path(args.report).parent
         figures = {"curve": os.path.relpath(args.curve, report_dir), "grid": os.path.relpath(args.grid, report_dir)}
         figures |= plots(args, summary, report_dir)
-        atomic.write_text(args.accuracy_table, report.accuracy_table(summary, args.ipc).to_csv(sep="\t", index=False))
-        text = report.render_markdown(summary, ipc=args.ipc, scores=scores, sampling=sampling,
-                                      figures=figures, evaluations=evaluations)
+        atomic.write_text(args.accuracy_table, report.accuracy_table(summary).to_csv(sep="\t", index=False))
+        text = report.render_markdown(summary, scores=scores, sampling=sampling, figures=figures,
+                                      evaluations=evaluations)
         atomic.write_json(args.summary, summary)
         atomic.write_text(args.report, text)
     return 0
@@ -81,11 +85,13 @@ def budget_and_sweep(args):
 
 
 def plots(args, summary, report_dir) -> dict:
-    """The budget curve and sweep figures (and the sweep's TSV) that were asked for; their links."""
-    figures = {}
+    """The IPC grid's figure, the budget curve and sweep figures (and the sweep's TSV) that were asked for; their
+    links."""
+    report.plot_ipc_grid(summary["ipc_grid"], summary["accuracy"]["real_full"], args.ipc_plot)
+    figures = {"ipc": os.path.relpath(args.ipc_plot, report_dir)}
     if args.budget_plot:
-        references = {report.ACCURACY_ROWS[key].format(ipc=args.ipc, pool=""): summary["accuracy"][key]
-                      for key in ("real_ipc", "real_full")}
+        labels = report.accuracy_rows([max(args.ipc)], summary["pool_images"])  # the largest IPC's random real line
+        references = {labels[key]: summary["accuracy"][key] for key in (f"real_ipc{max(args.ipc)}", "real_full")}
         report.plot_budget_curve(summary["budget_curve"], references, args.budget_plot)
         figures["budget"] = os.path.relpath(args.budget_plot, report_dir)
     if args.sweep_plot:
