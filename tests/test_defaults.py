@@ -139,7 +139,8 @@ def test_every_setting_is_a_flag_with_its_default_in_help():
                          hflip=True, seed=4, t_min=1e-3, bf16=False, log_every=2, compile=True, fused_adamw=True,
                          tf32=True),
     sampling.SamplerSettings(steps=50, order=3, method="singlestep", algorithm="dpmsolver", skip_type="time_uniform",
-                             t_end=1e-4, guidance_scale=2.5, precision="bf16", compile="default"),
+                             t_end=1e-4, guidance_scale=2.5, precision="bf16", compile="default", mode_guidance=0.25,
+                             mode_guidance_stop=0.4, modes_per_class=3),
 ])
 def test_flags_the_workflow_writes_parse_back_to_the_same_settings(settings):
     flags = smk_functions("settings_args", "cli_flag")["settings_args"](

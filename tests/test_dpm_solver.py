@@ -278,3 +278,72 @@ def test_bad_arguments_raise(kwargs, name):
     with pytest.raises(ValueError, match=name):
         sample(oracle_eps, torch.zeros(4, dtype=torch.float64), **{"steps": 10, "order": 2, **kwargs})
 
+
+
+# --------------------------------------------------------------------------- x0 pull (mode guidance)
+
+C0, MODE = 0.6, -0.4  # a network whose clean-image prediction is C0 everywhere; the mode it is pulled to
+
+
+def constant_x0_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The noise that makes x0 = (x - sigma eps) / alpha equal C0: eps = (x - alpha C0) / sigma."""
+    a, s = alpha_sigma(t.view((-1,) + (1,) * (x.dim() - 1)))
+    return (x - a * C0) / s
+
+
+def ddim_by_hand(x, ts, x0s):
+    """First-order steps written as DDIM: x_t = alpha_t x0 + sigma_t (x_s - alpha_s x0) / sigma_s."""
+    for s, t, x0 in zip(ts[:-1], ts[1:], x0s):
+        (a_s, s_s), (a_t, s_t) = (alpha_sigma(torch.tensor(u, dtype=torch.float64)) for u in (s, t))
+        x = a_t * x0 + s_t * (x - a_s * x0) / s_s
+    return x
+
+
+@pytest.mark.parametrize("algorithm", ["dpmsolver", "dpmsolver++"])
+def test_pulled_x0_is_used_before_the_stop_and_the_plain_one_after(algorithm):
+    strength, stop = 0.25, 2  # evaluations 0 and 1 pulled, 2 and 3 not
+    seen = []
+
+    def pull(x0, evaluation):
+        seen.append((evaluation, x0.clone()))
+        return strength * (MODE - x0) if evaluation < stop else None
+
+    x_T = exact(T_START, Z[:8])
+    x = sample(constant_x0_eps, x_T, steps=4, order=1, algorithm=algorithm, x0_pull=pull)
+    # Every evaluation sees the network's own x0; the pulled one is C0 + 0.25 (MODE - C0), 1/4 nearer the mode.
+    assert [e for e, _ in seen] == [0, 1, 2, 3]
+    assert all(torch.allclose(x0, torch.full_like(x0, C0)) for _, x0 in seen)
+    pulled = C0 + strength * (MODE - C0)
+    ts = time_grid("logSNR", T_START, T_END, 4).tolist()
+    assert torch.allclose(x, ddim_by_hand(x_T, ts, [pulled, pulled, C0, C0]), atol=1e-10)
+    plain = sample(constant_x0_eps, x_T, steps=4, order=1, algorithm=algorithm)
+    assert torch.allclose(plain, ddim_by_hand(x_T, ts, [C0] * 4), atol=1e-10)
+
+
+@pytest.mark.parametrize("algorithm", ["dpmsolver", "dpmsolver++"])
+def test_one_pulled_step_lands_nearer_the_mode_by_the_pull(algorithm):
+    # One first-order step from t_start: x = alpha_t x0 + (sigma_t / sigma_s)(x_T - alpha_s x0), linear in
+    # x0 with slope k = alpha_t - sigma_t alpha_s / sigma_s; pulling x0 by d moves x by k d.
+    x_T = exact(T_START, Z[:8])
+    plain = sample(constant_x0_eps, x_T, steps=1, order=1, algorithm=algorithm)
+    pulled = sample(constant_x0_eps, x_T, steps=1, order=1, algorithm=algorithm,
+                    x0_pull=lambda x0, evaluation: 0.5 * (MODE - x0))
+    (a_s, s_s), (a_t, s_t) = (alpha_sigma(torch.tensor(u, dtype=torch.float64)) for u in (T_START, T_END))
+    assert torch.allclose(pulled - plain, (a_t - s_t * a_s / s_s) * 0.5 * (MODE - C0) * torch.ones(8, dtype=torch.float64),
+                          atol=1e-10)
+    assert (pulled - MODE).abs().mean() < (plain - MODE).abs().mean()
+
+
+@pytest.mark.parametrize("method,order", [("multistep", 2), ("multistep", 3), ("singlestep", 3)])
+@pytest.mark.parametrize("algorithm", ["dpmsolver", "dpmsolver++"])
+def test_a_pull_that_never_acts_changes_nothing_and_calls_the_network_as_often(method, order, algorithm):
+    plain, pulled = CountingOracle(), CountingOracle()
+    x_T = exact(T_START, Z)
+    kwargs = dict(steps=10, order=order, method=method, algorithm=algorithm)
+    a = sample(plain, x_T, **kwargs)
+    b = sample(pulled, x_T, **kwargs, x0_pull=lambda x0, evaluation: None)
+    assert torch.equal(a, b)  # bit for bit: no guidance leaves the solver's arithmetic as it was
+    assert plain.times == pulled.times
+    acting = CountingOracle()
+    sample(acting, x_T, **kwargs, x0_pull=lambda x0, evaluation: 0.5 * (MODE - x0))
+    assert acting.times == plain.times  # the pull costs no network evaluation

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from diffdistill import sampling, uvit
+from diffdistill.data import from_model_range
 from diffdistill.errors import DiffdistillError
 from diffdistill.sampling import SamplerSettings, balanced_labels, generate, sample_budgeted
 from diffdistill.sampling_summary import SamplingSummary, ShardRun
@@ -27,7 +28,7 @@ def fake_generate(clock, costs):
     """Stand-in for sampling.generate: each call costs the next of ``costs`` seconds on ``clock``."""
     calls = []
 
-    def run(model, labels, settings, *, device, generator=None, seed=None):
+    def run(model, labels, settings, *, device, generator=None, seed=None, mode_targets=None):
         clock.now += costs[min(len(calls), len(costs) - 1)]
         calls.append(labels.clone())
         return torch.zeros(labels.shape[0], 3, 8, 8, dtype=torch.uint8)
@@ -69,7 +70,8 @@ def test_balanced_labels_offset_continues_the_sequence():
 def test_settings_defaults_are_the_default_runs_sampler_and_bad_values_are_refused():
     d = SamplerSettings().to_dict()
     assert d == dict(steps=20, order=2, method="multistep", algorithm="dpmsolver++", skip_type="logSNR",
-                     t_end=1e-3, guidance_scale=1.0, precision="fp32", compile="none")
+                     t_end=1e-3, guidance_scale=1.0, precision="fp32", compile="none", mode_guidance=0.0,
+                     mode_guidance_stop=0.5, modes_per_class=10)
     with pytest.raises(DiffdistillError, match="precision"):
         SamplerSettings(precision="fp16")
     with pytest.raises(DiffdistillError, match="steps"):
@@ -322,3 +324,84 @@ def test_config_schema_offers_exactly_the_solver_choices():
     assert sampler["method"]["enum"] == list(dpm_solver.METHODS)
     assert sampler["algorithm"]["enum"] == list(dpm_solver.ALGORITHMS)
     assert sampler["skip_type"]["enum"] == list(dpm_solver.SKIP_TYPES)
+
+
+# ----------------------------------------------------------------------------- mode guidance
+
+GUIDED = dict(mode_guidance=0.5, mode_guidance_stop=0.5, modes_per_class=2)
+
+
+@pytest.mark.parametrize("key, value", [("mode_guidance", -0.1), ("mode_guidance", 1.5), ("mode_guidance_stop", -0.5),
+                                        ("mode_guidance_stop", 1.01), ("modes_per_class", 0)])
+def test_bad_mode_guidance_settings_are_refused_naming_the_key(key, value):
+    with pytest.raises(DiffdistillError, match=rf"sampler settings: {key} must be"):
+        SamplerSettings(**{key: value})
+
+
+@pytest.mark.parametrize("stop, steps, guided", [(0.5, 20, 10), (0.3, 10, 3), (0.55, 20, 11), (0.0, 5, 0), (1.0, 7, 7)])
+def test_guidance_acts_on_the_evaluations_before_the_stop(stop, steps, guided):
+    assert SamplerSettings(steps=steps, mode_guidance_stop=stop).guided_evaluations == guided
+
+
+def test_mode_guidance_calls_the_network_as_often_as_plain_sampling(tiny):
+    labels = balanced_labels(3, 6)
+    modes = torch.rand(3, 2, 3, 8, 8) * 2 - 1
+    calls = {}
+    for strength in (0.0, 0.5):
+        counter = OOMAbove(tiny, limit=10**6)  # records one size per network call
+        settings = SamplerSettings(**FAST, **{**GUIDED, "mode_guidance": strength, "mode_guidance_stop": 1.0})
+        generate(counter, labels, settings, device="cpu", seed=0, mode_targets=sampling.mode_targets_of(modes, labels))
+        calls[strength] = counter.sizes
+    assert calls[0.0] == calls[0.5] == [6] * FAST["steps"]
+
+
+def test_full_strength_guidance_to_the_end_makes_the_mode_itself(tiny):
+    # Strength 1 with no stop replaces every x0 by the mode, so every step is the same first-order (DDIM)
+    # step towards it: x_end = alpha_end mode + sigma_end / sigma_T (x_T - alpha_T mode), within
+    # sigma_end (3e-3 at t_end 1e-4) times |x_T| of the mode, and far from the plain sample.
+    labels = balanced_labels(3, 6)
+    modes = torch.rand(3, 2, 3, 8, 8) * 2 - 1
+    targets = sampling.mode_targets_of(modes, labels)
+    solver = {**FAST, "t_end": 1e-4}
+    settings = SamplerSettings(**solver, mode_guidance=1.0, mode_guidance_stop=1.0)
+    images = generate(tiny, labels, settings, device="cpu", seed=0, mode_targets=targets)
+    assert (images.float() - from_model_range(targets).float()).abs().max() <= 4  # 4 of 255 levels
+    plain = generate(tiny, labels, SamplerSettings(**solver), device="cpu", seed=0)
+    assert (plain.float() - from_model_range(targets).float()).abs().mean() > 20
+
+
+def test_mode_guidance_moves_samples_towards_their_modes_and_off_changes_nothing(tiny):
+    labels = balanced_labels(3, 12)
+    modes = torch.rand(3, 2, 3, 8, 8) * 2 - 1
+    targets = sampling.mode_targets_of(modes, labels)
+    plain = generate(tiny, labels, SamplerSettings(**FAST), device="cpu", seed=2)
+    off = generate(tiny, labels, SamplerSettings(**FAST, **{**GUIDED, "mode_guidance": 0.0}), device="cpu", seed=2,
+                   mode_targets=targets)
+    assert torch.equal(plain, off)
+    guided = generate(tiny, labels, SamplerSettings(**FAST, **GUIDED), device="cpu", seed=2, mode_targets=targets)
+    distance = {name: (images.float() - from_model_range(targets).float()).abs().mean()
+                for name, images in (("plain", plain), ("guided", guided))}
+    assert distance["guided"] < distance["plain"]
+
+
+def test_mode_guidance_without_modes_is_an_error_naming_the_key(tiny):
+    with pytest.raises(DiffdistillError, match="mode_guidance 0.5 needs one mode per image"):
+        generate(tiny, balanced_labels(3, 3), SamplerSettings(**FAST, **GUIDED), device="cpu", seed=0)
+
+
+def test_budgeted_pool_takes_each_class_through_its_modes_in_turn(monkeypatch):
+    # Mode j of class c is the constant image 10 c + j, so each image's target names its mode.
+    modes = (10 * torch.arange(3).view(3, 1) + torch.arange(2)).float().view(3, 2, 1, 1, 1).expand(3, 2, 3, 8, 8)
+    seen = []
+    clock = FakeClock()
+
+    def run(model, labels, settings, *, device, generator=None, seed=None, mode_targets=None):
+        seen.append(mode_targets[:, 0, 0, 0].long())
+        return torch.zeros(labels.shape[0], 3, 8, 8, dtype=torch.uint8)
+
+    monkeypatch.setattr(sampling, "generate", run)
+    result = sample_budgeted(object(), 3, SamplerSettings(**GUIDED), budget_s=math.inf, batch_size=4,
+                             device="cpu", seed=0, clock=clock, max_images=12, modes=modes)
+    target = torch.cat(seen)
+    for label in range(3):
+        assert target[result.labels == label].tolist() == [10 * label + i % 2 for i in range(4)]

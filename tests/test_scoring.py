@@ -73,7 +73,7 @@ def test_score_uses_ema_weights_and_the_same_noise_for_every_checkpoint(tmp_path
 def test_scoring_samples_class_balanced_labels_in_fixed_batches(monkeypatch):
     seen = []
 
-    def fake_generate(model, labels, settings, *, device, generator=None, seed=None):
+    def fake_generate(model, labels, settings, *, device, generator=None, seed=None, mode_targets=None):
         seen.append(labels.clone())
         return torch.zeros(labels.shape[0], 3, 8, 8, dtype=torch.uint8)
 

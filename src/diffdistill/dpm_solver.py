@@ -57,6 +57,9 @@ from .schedule import VPSchedule
 log = logging.getLogger(__name__)
 
 NoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# x0_pull(x0, evaluation): the change to make to the clean-image prediction of that network evaluation
+# (0-based), or None to leave it (diffdistill.modes.ModePull).
+X0Pull = Callable[[torch.Tensor, int], "torch.Tensor | None"]
 METHODS = ("multistep", "singlestep")  # as in the authors' dpm_solver_pytorch.py
 ALGORITHMS = ("dpmsolver", "dpmsolver++")
 SKIP_TYPES = ("logSNR", "time_uniform", "time_quadratic")
@@ -145,6 +148,7 @@ class _Solver:
     noise_fn: NoiseFn
     schedule: VPSchedule
     data_prediction: bool
+    x0_pull: X0Pull | None = None
     nfe: int = 0
 
     def _scalars(self, t: float) -> tuple[float, float, float]:
@@ -174,10 +178,15 @@ class _Solver:
         # CUDA graphs would overwrite its own output buffer on the next call.
         eps = self.noise_fn(x, t_batch).to(x.dtype, copy=True)  # (B, ...)
         self.nfe += 1
-        if not self.data_prediction:
+        if not self.data_prediction and self.x0_pull is None:
             return eps
         log_alpha, log_sigma, _ = self._scalars(t)
-        return (x - math.exp(log_sigma) * eps) / math.exp(log_alpha)
+        x0 = (x - math.exp(log_sigma) * eps) / math.exp(log_alpha)
+        pull = None if self.x0_pull is None else self.x0_pull(x0, self.nfe - 1)
+        if pull is None:
+            return x0 if self.data_prediction else eps
+        # The pulled x0 as it is, or as the noise that gives it: eps' = (x - alpha x0') / sigma.
+        return x0 + pull if self.data_prediction else eps - math.exp(log_alpha - log_sigma) * pull
 
     def update(self, x, m0, s: float, t: float, d1=None, d2=None) -> torch.Tensor:
         """x_t from x_s given m0 = m(s), d1 ~ h m'(s) and d2 ~ h^2 m''(s) (module docstring)."""
@@ -270,16 +279,20 @@ def sample(
     t_end: float = 1e-4,
     schedule: VPSchedule = VPSchedule(),
     return_intermediates: bool = False,
+    x0_pull: X0Pull | None = None,
 ):
     """Solve the probability-flow ODE from x_T at t_start to t_end with ``steps`` network calls.
 
     x_T: (B, ...) noise. Returns x at t_end in x_T's dtype, or with ``return_intermediates`` the
     pair (x, [x_T, x after each outer step]). Bad arguments raise ValueError naming the argument.
+    ``x0_pull`` changes the clean-image prediction x0 = (x - sigma eps) / alpha of each evaluation
+    to x0 + pull before the solver uses it (stored for later multistep steps too); "dpmsolver" uses
+    the noise that gives the changed x0. It calls the network no more often.
     """
     _validate(steps, order, method, algorithm, skip_type, t_start, t_end)
     if x_T.dim() < 1:
         raise ValueError(f"x_T must have a batch dimension, got shape {tuple(x_T.shape)}")
-    solver = _Solver(noise_fn, schedule, data_prediction=algorithm == "dpmsolver++")
+    solver = _Solver(noise_fn, schedule, data_prediction=algorithm == "dpmsolver++", x0_pull=x0_pull)
     keep = [x_T] if return_intermediates else None
     if method == "multistep":
         orders = multistep_orders(steps, order)

@@ -14,6 +14,7 @@ estimate's error) and no finished batch is thrown away.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
@@ -24,6 +25,7 @@ from . import dpm_solver, speed
 from .data import from_model_range
 from .errors import DiffdistillError
 from .guidance import guided_noise_fn
+from .modes import ModePull, balanced_mode_indices
 from .sampling_summary import ShardRun
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,9 @@ class SamplerSettings:
     cores (CUDA only); "auto" is bf16 where it is fast and fp32 elsewhere (:func:`precision_on`).
     ``compile`` (not "none") samples through :class:`diffdistill.speed.FixedBatchNetwork`,
     torch.compile at one batch shape in that mode ("reduce-overhead": CUDA graphs).
+    ``mode_guidance`` s > 0 pulls the clean-image prediction x0 to x0 + s (mode - x0) during the first
+    ``mode_guidance_stop`` fraction of the ``steps`` network evaluations, towards one of
+    ``modes_per_class`` k-means modes of the image's class (:mod:`diffdistill.modes`; 0: off).
     """
 
     steps: int = 20
@@ -55,6 +60,9 @@ class SamplerSettings:
     guidance_scale: float = 1.0
     precision: str = "fp32"
     compile: str = "none"
+    mode_guidance: float = 0.0
+    mode_guidance_stop: float = 0.5
+    modes_per_class: int = 10
 
     def __post_init__(self):
         problems = []
@@ -70,6 +78,13 @@ class SamplerSettings:
                 problems.append(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
         if not 0.0 < float(self.t_end) < 1.0:
             problems.append(f"t_end must be in (0, 1), got {self.t_end}")
+        if not 0.0 <= float(self.mode_guidance) <= 1.0:
+            problems.append(f"mode_guidance must be in [0, 1] (0: off, 1: x0 replaced by the mode), got {self.mode_guidance}")
+        if not 0.0 <= float(self.mode_guidance_stop) <= 1.0:
+            problems.append(f"mode_guidance_stop must be in [0, 1] (the guided fraction of the steps), "
+                            f"got {self.mode_guidance_stop}")
+        if int(self.modes_per_class) < 1:
+            problems.append(f"modes_per_class must be >= 1, got {self.modes_per_class}")
         if problems:
             raise DiffdistillError("sampler settings: " + "; ".join(problems))
 
@@ -85,6 +100,11 @@ class SamplerSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def guided_evaluations(self) -> int:
+        """How many network evaluations, from the first, mode guidance changes (those before the stop)."""
+        return math.ceil(self.mode_guidance_stop * self.steps - 1e-9)
 
 
 def precision_on(precision: str, device: torch.device | str) -> str:
@@ -115,12 +135,14 @@ def generate(
     device: torch.device | str,
     generator: torch.Generator | None = None,
     seed: int | None = None,
+    mode_targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One batch: x_T ~ N(0, I), DPM-Solver on the guided noise prediction -> uint8 (N, C, H, W) on CPU.
 
     The noise comes from ``generator`` (which must live on ``device``), else from a fresh generator
     seeded with ``seed``, else from torch's global generator. The model is used as it is (the caller
-    puts it in eval mode on ``device``).
+    puts it in eval mode on ``device``). ``mode_targets`` (N, C, H, W) in [-1, 1]: each image's mode,
+    needed with ``settings.mode_guidance`` > 0 and unused without.
     """
     device = torch.device(device)
     settings = settings.on_device(device)
@@ -134,14 +156,37 @@ def generate(
     except ValueError as err:  # guidance asked of a model without a null class
         raise DiffdistillError(f"guidance_scale: {err}") from err
     shape = (labels.shape[0], *image_shape(model))
+    pull = mode_pull(settings, mode_targets, shape, device)
     with torch.inference_mode(), speed.tf32(settings.precision == "tf32", device):
         x_T = torch.randn(shape, generator=generator, device=device)  # (N, C, H, W)
         x_0 = dpm_solver.sample(
             noise_fn, x_T, steps=settings.steps, order=settings.order, method=settings.method,
             algorithm=settings.algorithm, skip_type=settings.skip_type, t_start=1.0, t_end=settings.t_end,
+            x0_pull=pull,
         )  # (N, C, H, W) in [-1, 1]
         # .cpu() also waits for the device, so the caller's clock sees the batch as finished.
         return from_model_range(x_0).cpu()
+
+
+def mode_pull(settings: SamplerSettings, mode_targets: torch.Tensor | None, shape: tuple, device) -> ModePull | None:
+    """The solver's pull towards ``mode_targets`` under these settings; None without mode guidance."""
+    if settings.mode_guidance == 0:
+        return None
+    if mode_targets is None or tuple(mode_targets.shape) != tuple(shape):
+        got = None if mode_targets is None else tuple(mode_targets.shape)
+        raise DiffdistillError(f"sampler key mode_guidance {settings.mode_guidance} needs one mode per image, "
+                               f"shape {tuple(shape)}, got {got}")
+    return ModePull(mode_targets.to(device=device, dtype=torch.float32), float(settings.mode_guidance),
+                    settings.guided_evaluations)
+
+
+def mode_targets_of(modes: torch.Tensor | None, labels: torch.Tensor, offset: int = 0) -> torch.Tensor | None:
+    """Each image's mode for :func:`balanced_labels` ``labels`` (same ``offset``) from ``modes``
+    (num_classes, k, C, H, W): image i of a class gets mode i mod k; None without modes."""
+    if modes is None:
+        return None
+    index = balanced_mode_indices(modes.shape[0], labels.numel(), modes.shape[1], offset)  # (N,)
+    return modes[labels.cpu(), index]  # (N, C, H, W)
 
 
 def balanced_labels(num_classes: int, n: int, offset: int = 0) -> torch.Tensor:
@@ -183,17 +228,20 @@ def is_out_of_memory(err: BaseException) -> bool:
     )
 
 
-def generate_halving(model, labels, settings, *, device, generator, batch_size: int):
+def generate_halving(model, labels, settings, *, device, generator, batch_size: int, mode_targets=None):
     """:func:`generate` in chunks of ``batch_size``; on out-of-memory halve it and redo the same labels.
 
     Returns (uint8 images, the batch size that worked). The generator state is rewound before a
-    retry so that a retry draws the same noise stream as the failed attempt.
+    retry so that a retry draws the same noise stream as the failed attempt. ``mode_targets``: as
+    for :func:`generate`, one per label.
     """
     state = generator.get_state() if generator is not None else None
     while True:
         try:
-            parts = [generate(model, part, settings, device=device, generator=generator)
-                     for part in labels.split(batch_size)]
+            label_parts = labels.split(batch_size)
+            target_parts = [None] * len(label_parts) if mode_targets is None else mode_targets.split(batch_size)
+            parts = [generate(model, part, settings, device=device, generator=generator, mode_targets=targets)
+                     for part, targets in zip(label_parts, target_parts)]
             return torch.cat(parts), batch_size
         except Exception as err:
             if not is_out_of_memory(err):
@@ -235,6 +283,7 @@ def sample_budgeted(
     max_images: int | None = None,
     label_offset: int = 0,
     on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    modes: torch.Tensor | None = None,
 ) -> BudgetResult:
     """Class-balanced batches until the next one would overrun ``budget_s`` (or ``max_images``).
 
@@ -242,7 +291,9 @@ def sample_budgeted(
     a fake clock. ``on_batch(images, labels)`` sees each kept batch (e.g. to save progress).
     ``label_offset`` shifts the class cycle (shards start at different classes). A batch that ends
     past the budget (only possible when the estimate was wrong, e.g. the first batch) was not made
-    within it: it is dropped and counted in ``dropped_images``.
+    within it: it is dropped and counted in ``dropped_images``. ``modes`` (num_classes, k, C, H, W):
+    the class modes of mode guidance (:func:`diffdistill.modes.modes_for`), each class's images
+    assigned to them in turn.
     """
     _check_budget_args(budget_s, batch_size, max_images)
     model = speed.sampling_network(model, settings.compile)  # compiled in the first batch, inside the budget
@@ -250,9 +301,11 @@ def sample_budgeted(
     run = _BudgetRun(budget_s, clock, max_images, start=clock())
     while size := run.next_size(batch_size):
         batch_labels = balanced_labels(num_classes, size, offset=run.done + label_offset)  # (size,)
+        targets = mode_targets_of(modes, batch_labels, offset=run.done + label_offset)
         began = clock()
         batch_images, batch_size = generate_halving(model, batch_labels, settings, device=device,
-                                                    generator=generator, batch_size=batch_size)
+                                                    generator=generator, batch_size=batch_size,
+                                                    mode_targets=targets)
         if not run.finish(batch_images, batch_labels, began):
             break
         if on_batch is not None:

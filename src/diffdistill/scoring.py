@@ -45,8 +45,9 @@ def build_extractor(kind: str, device, *, inception_weights=None, convnet_path=N
 
 
 def sample_for_scoring(model, num_images: int, batch_size: int, settings: sampling.SamplerSettings, *,
-                       device, seed: int) -> torch.Tensor:
-    """``num_images`` class-balanced samples from one generator seeded with ``seed``: uint8 (N, C, H, W)."""
+                       device, seed: int, modes: torch.Tensor | None = None) -> torch.Tensor:
+    """``num_images`` class-balanced samples from one generator seeded with ``seed``: uint8 (N, C, H, W).
+    ``modes``: the class modes of mode guidance, as for :func:`diffdistill.sampling.sample_budgeted`."""
     if num_images < 2 or batch_size < 1:
         raise DiffdistillError(f"num_images must be >= 2 and batch_size >= 1, got {num_images} and {batch_size}")
     if getattr(model, "num_classes", 0) < 1:
@@ -55,13 +56,13 @@ def sample_for_scoring(model, num_images: int, batch_size: int, settings: sampli
     generator = torch.Generator(device=torch.device(device)).manual_seed(int(seed))
     model = speed.sampling_network(model, settings.compile)
     images, _ = sampling.generate_halving(model, labels, settings, device=device, generator=generator,
-                                          batch_size=batch_size)
+                                          batch_size=batch_size, mode_targets=sampling.mode_targets_of(modes, labels))
     return images
 
 
 def score_checkpoint(checkpoint_path: str | os.PathLike, reference: fid.FeatureStats, extractor, *,
                      num_images: int, batch_size: int, sampler: sampling.SamplerSettings, device,
-                     seed: int) -> dict:
+                     seed: int, modes: torch.Tensor | None = None) -> dict:
     """Sample with the checkpoint's EMA weights and return its Fréchet distance to ``reference``.
 
     Returns step, score, score_kind, num_images, checkpoint, seconds (total) and the sampling and
@@ -73,7 +74,7 @@ def score_checkpoint(checkpoint_path: str | os.PathLike, reference: fid.FeatureS
     began = time.perf_counter()
     ckpt = checkpoint.load_checkpoint(checkpoint_path, mmap=True)  # the EMA weights alone are read
     model = checkpoint.model_from_checkpoint(ckpt, weights="ema", device=device).eval()
-    images = sample_for_scoring(model, num_images, batch_size, sampler, device=device, seed=seed)
+    images = sample_for_scoring(model, num_images, batch_size, sampler, device=device, seed=seed, modes=modes)
     sampled = time.perf_counter()
     stats = fid.compute_stats(extractor, images, batch_size)
     score = stats.distance_to(reference)

@@ -116,6 +116,17 @@ def settings_args(settings):
     return " ".join(cli_flag(key, value) for key, value in settings.items())
 
 
+def mode_inputs(sampler):
+    """The real training split, an input of a sampling job whose sampler has mode guidance (the class
+    modes come from it); nothing without."""
+    return {"real_train": f"{OUT}/data/train.pt"} if sampler.get("mode_guidance", 0) > 0 else {}
+
+
+def sampler_args(sampler):
+    """A sampler block's flags, with --real-train when it has mode guidance."""
+    return " ".join([settings_args(sampler), *(f"--real-train {path}" for path in mode_inputs(sampler).values())])
+
+
 def cli_flag(key, value):
     """--key value; for a boolean the switch --key / --no-key (argparse's BooleanOptionalAction); a list
     comma-separated."""

@@ -4,6 +4,7 @@ rule sample_budget:
     input:
         best=rules.select_checkpoint.output.best,
         checkpoints=FINETUNE_CHECKPOINTS,
+        **mode_inputs(config["sampler"]),
     output:
         pool=sampling_output("pt"),
         meta=sampling_output("json"),
@@ -15,7 +16,7 @@ rule sample_budget:
         max_images=(
             f"--max-images {config['sampling']['max_images']}" if config["sampling"]["max_images"] else ""
         ),
-        sampler=settings_args(config["sampler"]),
+        sampler=sampler_args(config["sampler"]),
         seed=stage_seed("sample_budget"),
         shard=lambda wildcards: f"--shard {wildcards.shard} --num-shards {SHARDS}" if SHARDS > 1 else "",
     log:
@@ -63,6 +64,7 @@ rule sample_sweep:
     with the same budget, batch size and seed as sample_budget and the variant's sampler settings. One
     job per variant, so a cluster runs them side by side."""
     input:
+        unpack(lambda wildcards: mode_inputs(SWEEP[wildcards.variant])),
         best=rules.select_checkpoint.output.best,
         checkpoints=FINETUNE_CHECKPOINTS,
     output:
@@ -74,7 +76,7 @@ rule sample_sweep:
         budget=config["sampling"]["budget_s"],
         batch_size=config["sampling"]["batch_size"],
         max_images=rules.sample_budget.params.max_images,
-        sampler=lambda wildcards: settings_args(SWEEP[wildcards.variant]),
+        sampler=lambda wildcards: sampler_args(SWEEP[wildcards.variant]),
         seed=stage_seed("sample_budget"),
     log:
         f"{LOGS}/sweep/{{variant}}.log",

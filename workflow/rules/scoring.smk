@@ -42,6 +42,7 @@ rule score_checkpoint:
         checkpoint=f"{OUT}/checkpoints/step_{{step}}.pt",
         stats=rules.reference_stats.output.stats,
         **feature_convnet_output(),
+        **mode_inputs(SCORING_SAMPLER),
     output:
         score=f"{OUT}/scoring/step_{{step}}.json",
     params:
@@ -52,7 +53,7 @@ rule score_checkpoint:
         convnet=lambda wildcards, input: f"--convnet {input.convnet}" if "convnet" in input.keys() else "",
         num_images=config["scoring"]["num_images"],
         batch_size=config["scoring"]["batch_size"],
-        sampler=settings_args(SCORING_SAMPLER),
+        sampler=sampler_args(SCORING_SAMPLER),
         seed=stage_seed("score_checkpoint"),
     log:
         f"{LOGS}/score_checkpoint/step_{{step}}.log",

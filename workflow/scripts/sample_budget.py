@@ -6,7 +6,7 @@ The budget clock starts at the first sampling batch; model loading is timed and 
 import argparse
 import sys
 
-from diffdistill import checkpoint, cli, sampling
+from diffdistill import checkpoint, cli, modes, sampling
 from diffdistill.data import LabeledImages, save_images
 from diffdistill.errors import DiffdistillError
 from diffdistill.records import BestCheckpoint
@@ -24,6 +24,7 @@ def parse(argv):
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--max-images", type=int, default=None)
     cli.add_dataclass_flags(p, sampling.SamplerSettings)
+    p.add_argument("--real-train", help="real training split, the class modes' source (with --mode-guidance > 0)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -59,7 +60,8 @@ def main(argv=None) -> int:
         result = sampling.sample_budgeted(
             model, model.num_classes, settings, budget_s=args.budget_s, batch_size=args.batch_size,
             device=device, seed=args.seed + args.shard, max_images=args.max_images,
-            label_offset=sampling.shard_label_offset(args.shard, args.num_shards, model.num_classes))
+            label_offset=sampling.shard_label_offset(args.shard, args.num_shards, model.num_classes),
+            modes=modes.modes_for(settings, args.real_train))
         save_images(LabeledImages(result.images, result.labels, classes, str(data_config.get("name", "")),
                                   "synthetic"), args.out)
         shared = {**settings.to_dict(), "precision_used": settings.on_device(device).precision,

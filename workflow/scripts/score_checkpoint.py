@@ -10,7 +10,7 @@ num_images, checkpoint and seconds at its top level, plus the settings, timings 
 import argparse
 import sys
 
-from diffdistill import cli, fid, sampling, scoring
+from diffdistill import cli, fid, modes, sampling, scoring
 from diffdistill.records import CheckpointScore
 
 
@@ -24,6 +24,7 @@ def parse(argv):
     p.add_argument("--num-images", type=int, required=True, help="samples; keep it fixed across checkpoints")
     p.add_argument("--batch-size", type=int, required=True)
     cli.add_dataclass_flags(p, sampling.SamplerSettings)
+    p.add_argument("--real-train", help="real training split, the class modes' source (with --mode-guidance > 0)")
     p.add_argument("--out", required=True, help="score JSON")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0, help="the same seed for every checkpoint: same noise")
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
                                             convnet_path=args.convnet)
         result = scoring.score_checkpoint(
             args.checkpoint, reference, extractor, num_images=args.num_images, batch_size=args.batch_size,
-            sampler=settings, device=device, seed=args.seed)
+            sampler=settings, device=device, seed=args.seed, modes=modes.modes_for(settings, args.real_train))
         settings_used = {**vars(args), "sampler": settings.to_dict(), "precision_used": settings.on_device(device).precision}
         CheckpointScore(settings=settings_used, **result,
                         reference_count=reference.count, environment=cli.environment(device),
