@@ -141,9 +141,20 @@ def test_package_rules_evaluates_every_rule_on_a_toy_run(tmp_path, capsys):
     save_images(split(2, "test"), tmp_path / "data" / "test.pt")
     feature_convnet.save_feature_convnet(tmp_path / "scoring" / "feature_convnet.pt", feature_convnet.train_feature_convnet(
         real, epochs=1, device="cpu", seed=0, net_width=8, net_depth=3))
-    load_benchmark("package_rules").main(["--run", str(tmp_path), "--dataset", "toy", "--ipc", "6", "--epochs", "1",
-                                          "--rounds", "1"])
+    pool = tmp_path / "samples" / "pool.pt"
+    load_benchmark("package_rules").main(["--run", str(tmp_path), "--dataset", "toy", "--ipc", "1", "6", "--epochs", "1",
+                                          "--rounds", "2", "--pool", f"a={pool}", f"b={pool}"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "pool 24 images, IPC 6, 1 epochs, 1 rounds, seed 0"
-    names = [line[:32].strip() for line in lines[2:]]
-    assert names == [f"synthetic {rule}" for rule in submission.RULES] + ["random real (fresh subsets)"]
+    assert lines[0] == "IPC [1, 6], 1 epochs, 2 rounds, seed 0"
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[3:]]
+    expected = [(ipc, f"{pool} {rule}") for ipc in ("1", "6") for pool in "ab" for rule in submission.RULES]
+    expected += [("1", "random real (fresh subsets)"), ("6", "random real (fresh subsets)")]
+    assert sorted((row[0], row[1]) for row in rows) == sorted(expected)
+    for row in rows:  # beside each row random real at its IPC, and the gap in its std
+        base = next(r for r in rows if r[0] == row[0] and r[1].startswith("random real"))
+        assert row[3] == base[2]
+        mean, spread = (float(v) for v in base[2].split(" ± "))
+        if spread == 0:  # no spread: no gap in its units
+            assert row[4] == "-"
+        else:
+            assert float(row[4]) == pytest.approx((float(row[2].split(" ± ")[0]) - mean) / spread, abs=0.06, rel=0.02)
