@@ -106,3 +106,14 @@ def test_checkpoint_load_compares_reading_whole_and_mapped(tmp_path, capsys):
     assert all(float(row["peak_rss_MB"]) > 0 and float(row["seconds"]) > 0 for row in rows)
     assert list(tmp_path.iterdir()) == [out]  # the checkpoint went with its temporary folder
     assert capsys.readouterr().out.startswith("preset\tfile_MB\tmode")
+
+
+def test_folder_read_times_each_worker_count_and_extrapolates(capsys):
+    rows = load_benchmark("folder_read").main(["--images", "24", "--classes", "3", "--source-side", "20",
+                                               "--side", "8", "--workers", "1", "2", "--extrapolate", "1000"])
+    assert [row["workers"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["shape"] == (24, 3, 8, 8)  # every third file grey, the rest RGB: 3 channels inferred
+        assert row["images_per_s"] == pytest.approx(24 / row["seconds"])
+        assert row["extrapolated_s"] == pytest.approx(1000 / row["images_per_s"])
+    assert "images/s" in capsys.readouterr().out
