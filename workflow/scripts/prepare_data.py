@@ -46,15 +46,18 @@ def describe(split: data.LabeledImages) -> dict:
             "counts_per_class": split.counts(), "source": split.extra.get("source", "")}
 
 
-def read_folder(args) -> tuple[dict, dict]:
-    """Both splits of a folder data set (every check before the first file is written) and the time taken."""
+def read_folder(args) -> tuple[dict, dict, dict]:
+    """Both splits of a folder data set (every check before the first file is written), the time taken and
+    the sidecar's settings of the folder."""
     if args.download:
         raise DiffdistillError("--download: a folder data set is your own; there is nothing to download")
     models = {preset: uvit.preset_config(preset, **args.model_overrides) for preset in args.presets}
     with cli.Timer() as t:
         splits = folder.read_folder(args.root, cli.dataclass_from_args(folder.FolderSettings, args), ipcs=args.ipc,
                                     models=models, workers=args.workers)
-    return splits, {"read": round(t.seconds, 3)}
+    settings = {"side": args.side, "channels": splits["train"].extra["channels"],
+                "channels_inferred": args.channels == 0, "ipc": args.ipc, "presets": args.presets}
+    return splits, {"read": round(t.seconds, 3)}, settings
 
 
 def main(argv=None) -> int:
@@ -64,10 +67,10 @@ def main(argv=None) -> int:
     if args.dataset != "digits" and args.root is None:
         raise DiffdistillError(f"--root is required for --dataset {args.dataset}")
     outputs = [args.train_out, args.test_out, args.sidecar]
-    timings, splits = {}, {}
+    timings, splits, folder_settings = {}, {}, {}
     with cli.cleanup_on_failure(outputs):
         if args.dataset == "folder":
-            splits, timings = read_folder(args)
+            splits, timings, folder_settings = read_folder(args)
         for name, out in (("train", args.train_out), ("test", args.test_out)):
             with cli.Timer() as t:
                 # Download at most once: the first split fetches, the second finds the files.
@@ -77,10 +80,7 @@ def main(argv=None) -> int:
             timings[name] = round(t.seconds, 3)
         timings["total"] = round(sum(timings.values()), 3)
         settings = {"dataset": args.dataset, "root": args.root, "download": args.download,
-                    "train_out": args.train_out, "test_out": args.test_out}
-        if args.dataset == "folder":
-            settings |= {"side": args.side, "channels": splits["train"].extra["channels"],
-                         "channels_inferred": args.channels == 0, "ipc": args.ipc, "presets": args.presets}
+                    "train_out": args.train_out, "test_out": args.test_out, **folder_settings}
         cli.write_sidecar(args.sidecar, settings=settings, timings=timings, device=device,
                           classes=splits["train"].classes,
                           splits={name: describe(split) for name, split in splits.items()})
