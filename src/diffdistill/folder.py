@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,18 +200,19 @@ def _decode_chunk(paths: list[Path], side: int, channels: int) -> tuple[np.ndarr
 
 
 def decode_images(paths: list[Path], settings: FolderSettings, workers: int = 1) -> tuple[torch.Tensor, bool]:
-    """All files as uint8 (N, C, side, side) and whether any is stored in colour; with ``workers`` > 1 in a
-    process pool (benchmarks/folder_read.py measures both)."""
+    """All files as uint8 (N, C, side, side) and whether any is in colour; with ``workers`` > 1 in a process
+    pool (benchmarks/folder_read.py measures both). Chunks land in one preallocated array, in order."""
     side, channels = settings.side, settings.channels
     chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
-    if workers > 1 and len(chunks) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            parts = list(pool.map(_decode_chunk, chunks, [side] * len(chunks), [channels] * len(chunks)))
-    else:
-        parts = [_decode_chunk(chunk, side, channels) for chunk in chunks]
-    images = np.concatenate([p[0] for p in parts]) if parts else np.empty((0, side, side, channels or 3), np.uint8)
-    any_colour = bool(parts) and bool(np.concatenate([p[1] for p in parts]).any())
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), any_colour  # (N, C, side, side)
+    out = np.empty((len(paths), channels or 3, side, side), dtype=np.uint8)  # (N, C, H, W)
+    any_colour = False
+    with ProcessPoolExecutor(workers) if workers > 1 and len(chunks) > 1 else nullcontext() as pool:
+        mapper = pool.map if pool else map
+        for start, (pixels, colour) in zip(range(0, len(paths), CHUNK),
+                                           mapper(_decode_chunk, chunks, [side] * len(chunks), [channels] * len(chunks))):
+            out[start:start + len(pixels)] = pixels.transpose(0, 3, 1, 2)  # (n, H, W, C) -> (n, C, H, W)
+            any_colour = any_colour or bool(colour.any())
+    return torch.from_numpy(out), any_colour
 
 
 # --- the whole data set ---------------------------------------------------------------------------------
@@ -239,7 +241,7 @@ def read_folder(root, settings: FolderSettings = FolderSettings(), *, ipcs=(), m
 
 def _labeled(split: str, files: SplitFiles, images: torch.Tensor, labels: list[int], channels: int,
              extra: dict) -> LabeledImages:
-    images = images[:, :channels].contiguous()  # inferred grey: the first of its three copies
+    images = images[:, :channels].contiguous() if images.shape[1] != channels else images  # inferred grey: one copy
     log.info("read %s: %d images, %d classes, %d channel(s) at %dx%d", files.folder, len(labels), len(files.classes),
              channels, images.shape[2], images.shape[3])
     return LabeledImages(images, torch.tensor(labels, dtype=torch.int64), list(files.classes), "folder", split,
