@@ -16,6 +16,11 @@ class so a test can check label order without decoding anything else:
   wnids.txt is written unsorted; the first validation image is greyscale (JPEG mode "L") with value
   ``tiny_grey(i)`` (its R, G, B come back equal).
 
+* Folder data set (``make_image_folder``, the ImageFolder layout): image k of class i is PNG when k
+  is even, else JPEG; grey (mode "L", value ``folder_grey(i)``) when k % 3 == 0, else RGB
+  (``folder_colour(i)``); class folders are created in unsorted order. With ``noise`` every pixel
+  gets a seeded random offset (for runs that need images to differ).
+
 ``make_public_uvit_weights`` writes a stand-in for a public U-ViT checkpoint (randomly initialised,
 official flat state_dict layout).
 
@@ -151,6 +156,42 @@ def make_tiny_imagenet(root, num_classes: int = 3, n_train: int = 2, n_val: int 
     _tiny_val(folder, wnids, n_val)
     (folder / "test" / "images").mkdir(parents=True, exist_ok=True)  # unlabelled in the real set
     return folder
+
+
+def folder_colour(i: int) -> tuple[int, int, int]:
+    return (40 + 70 * i % 200, 200 - 50 * i % 180, 30 + 90 * i % 210)
+
+
+def folder_grey(i: int) -> int:
+    return 50 + 60 * i % 190
+
+
+def _folder_image(path: Path, i: int, k: int, side: int, rng) -> None:
+    grey = k % 3 == 0
+    pixels = np.full((side, side) if grey else (side, side, 3), folder_grey(i) if grey else folder_colour(i), np.int16)
+    if rng is not None:
+        pixels = pixels + rng.integers(-30, 31, pixels.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8), "L" if grey else "RGB")
+    if k % 2 == 0:
+        image.save(path, "PNG")
+    else:
+        image.save(path, "JPEG", quality=95)
+
+
+def make_image_folder(root, classes=("cat", "ant", "bee"), n_train: int = 3, n_test: int = 2, side: int = 16,
+                      held_out: str = "test", noise: bool = False) -> Path:
+    """Write ``root/train/<class>/`` and ``root/<held_out>/<class>/`` (PNG and JPEG, grey and RGB mixed;
+    see the module docstring); return ``root``. Class i is the i-th of ``sorted(classes)``."""
+    root = Path(root)
+    rng = np.random.default_rng(0) if noise else None
+    order = sorted(classes)
+    for split, count in (("train", n_train), (held_out, n_test)):
+        for name in classes:
+            for k in range(count):
+                suffix = "png" if k % 2 == 0 else "jpg"
+                _folder_image(root / split / name / f"{name}_{k:03d}.{suffix}", order.index(name), k, side, rng)
+    return root
 
 
 def make_public_uvit_weights(path, preset: str, num_classes: int, seed: int = 0) -> Path:

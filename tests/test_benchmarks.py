@@ -158,3 +158,14 @@ def test_package_rules_evaluates_every_rule_on_a_toy_run(tmp_path, capsys):
             assert row[4] == "-"
         else:
             assert float(row[4]) == pytest.approx((float(row[2].split(" ± ")[0]) - mean) / spread, abs=0.06, rel=0.02)
+
+
+def test_folder_read_times_each_worker_count_and_extrapolates(capsys):
+    rows = load_benchmark("folder_read").main(["--images", "24", "--classes", "3", "--source-side", "20",
+                                               "--side", "8", "--workers", "1", "2", "--extrapolate", "1000"])
+    assert [row["workers"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["shape"] == (24, 3, 8, 8)  # every third file grey, the rest RGB: 3 channels inferred
+        assert row["images_per_s"] == pytest.approx(24 / row["seconds"])
+        assert row["extrapolated_s"] == pytest.approx(1000 / row["images_per_s"])
+    assert "images/s" in capsys.readouterr().out

@@ -143,7 +143,7 @@ def test_prepare_dataset_dispatches_and_sets_name(cifar_root, tmp_path):
     make_tiny_imagenet(tmp_path / "t", num_classes=2)
     assert datasets.prepare_dataset("tinyimagenet", tmp_path / "t", "train").num_classes == 2
     assert datasets.prepare_dataset("digits", None, "test").name == "digits"
-    assert datasets.DATASETS == ("digits", "cifar100", "tinyimagenet")
+    assert datasets.DATASETS == ("digits", "cifar100", "tinyimagenet", "folder")
 
 
 def test_round_trip_through_save_and_load(cifar_root, tmp_path):

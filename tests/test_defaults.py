@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
-from diffdistill import cli, sampling, submission, training
+from diffdistill import cli, folder, sampling, submission, training
 from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,3 +208,25 @@ def test_the_ipc_grid_is_a_list_and_a_bare_integer_a_grid_of_one():
     for bad in ([0, 10], [5, -1], 0):
         with pytest.raises(ValueError, match=r"package.ipc: (0|-1) is not a positive number"):
             ipc_grid(bad)
+
+
+def test_the_folder_settings_are_the_data_block_with_the_same_defaults():
+    schema = {key: sub for key, (sub, _) in schema_block("data").items() if key not in ("root", "download")}
+    assert {key: sub["default"] for key, sub in schema.items()} == field_defaults(folder.FolderSettings)
+
+
+def test_folder_flags_the_workflow_writes_parse_back():
+    namespace = smk_functions("folder_prepare_params", "settings_args", "cli_flag")
+    overrides = {"img_size": 16, "patch_size": 4, "in_chans": 1}
+    namespace |= {"json": json, "DATASET": "folder", "PRETRAIN_PRESET": "uvit_tiny_test", "config": {
+        "data": {"side": 16, "channels": 1}, "package": {"ipc": [1, 10]}, "pretrained": {"source": "train"},
+        "model": {"preset": "uvit_digits", "overrides": overrides}}}
+    flags = shlex.split(namespace["folder_prepare_params"]()["folder"])
+    args = load_script("prepare_data").parse_args(["--dataset", "folder", "--train-out", "a", "--test-out", "b",
+                                                   "--sidecar", "c", *flags])
+    assert cli.dataclass_from_args(folder.FolderSettings, args) == folder.FolderSettings(side=16, channels=1)
+    assert (args.ipc, args.presets, args.model_overrides) == ([1, 10], ["uvit_digits", "uvit_tiny_test"], overrides)
+    namespace["config"]["package"]["ipc"] = 10  # package.ipc as one number
+    assert "--ipc 10 " in namespace["folder_prepare_params"]()["folder"]
+    namespace["DATASET"] = "digits"
+    assert namespace["folder_prepare_params"]() == {}  # the other data sets' command stays as it was

@@ -550,3 +550,81 @@ def test_snakemake_report_holds_every_figure(study_run, name):
         assert all(figure in html for figure in figures)
         for category in ("Checkpoint selection", "Samples", "Accuracy", "Budget curve", "Sampler sweep"):
             assert category in html, category
+
+
+# --- your own data: a generated folder data set through the whole DAG ---------------------------------------
+
+FOLDER_CONFIGS = [REPO / "config" / "config.yaml", REPO / "config" / "folder.yaml", TINY,
+                  REPO / "tests" / "configs" / "folder_tiny.yaml"]
+
+
+def folder_overlay(workdir: Path, root: Path) -> Path:
+    overlay = workdir / "root.yaml"
+    overlay.write_text(json.dumps({"data": {"root": str(root)}}))  # JSON is YAML
+    return overlay
+
+
+def test_dry_run_of_the_folder_config_reads_at_its_side_and_checks_its_model(tmp_path):
+    result = snakemake("-n", "-p", "--cores", "2", "--configfile", *map(str, FOLDER_CONFIGS),
+                       str(folder_overlay(tmp_path, tmp_path / "images")), cwd=tmp_path, check=True)
+    assert planned_jobs(result.stdout)["pretrain_unconditional"] == 1
+    assert "--dataset folder" in result.stdout and "--side 16 --channels 0 --ipc 2 --presets uvit_digits" in result.stdout
+    assert "results/folder/package/folder.pt" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """The whole workflow on a generated folder data set (3 classes at 16x16, PNG and JPEG, grey and RGB
+    mixed) with the tiny settings; 1.5 minutes on 2 cores."""
+    from datasets_fixtures import make_image_folder
+
+    workdir = tmp_path_factory.mktemp("folder_workflow")
+    root = make_image_folder(workdir / "images", classes=("cat", "ant", "bee"), n_train=8, n_test=4, side=16,
+                             noise=True)
+    result = snakemake("--cores", "2", "--configfile", *map(str, FOLDER_CONFIGS), str(folder_overlay(workdir, root)),
+                       cwd=workdir, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+    return workdir / "results" / "folder"
+
+
+@pytest.mark.slow
+def test_folder_run_prepares_the_images_with_their_class_names(folder_run):
+    from diffdistill import data
+
+    prepared = json.loads((folder_run / "data" / "prepare.json").read_text())
+    assert prepared["classes"] == ["ant", "bee", "cat"]
+    assert prepared["settings"]["channels"] == 3 and prepared["settings"]["channels_inferred"]  # RGB files present
+    train, test = data.load_images(folder_run / "data" / "train.pt"), data.load_images(folder_run / "data" / "test.pt")
+    assert tuple(train.images.shape) == (24, 3, 16, 16) and tuple(test.images.shape) == (12, 3, 16, 16)
+    assert train.classes == test.classes == ["ant", "bee", "cat"] and train.counts() == [8, 8, 8]
+
+
+@pytest.mark.slow
+def test_folder_run_package_is_class_major_and_normalised_with_the_data_statistics(folder_run):
+    import torch
+
+    from diffdistill import data, normalize, submission
+
+    meta = json.loads((folder_run / "package" / "package.json").read_text())
+    real = data.load_images(folder_run / "data" / "train.pt")
+    assert [meta["mean"], meta["std"]] == [list(v) for v in normalize.channel_stats(real.images)]
+    assert meta["classes"] == ["ant", "bee", "cat"] and meta["shape"] == [6, 3, 16, 16]
+    checks = submission.validate(folder_run / "package" / "folder.pt", "folder", num_classes=3, ipc=2,
+                                 image_shape=(3, 16, 16), mean=meta["mean"], std=meta["std"])
+    assert all(check["status"] != "fail" for check in checks)
+    pool = data.load_images(folder_run / "samples" / "pool.pt")
+    chosen = torch.tensor(meta["chosen_indices"])
+    assert pool.labels[chosen].tolist() == [0, 0, 1, 1, 2, 2]  # class-major blocks of IPC 2
+    package = torch.load(folder_run / "package" / "folder.pt", weights_only=True)
+    assert torch.equal(normalize.denormalize(package, meta["mean"], meta["std"]), pool.images[chosen])
+
+
+@pytest.mark.slow
+def test_folder_run_summary_and_report(folder_run):
+    summary = json.loads((folder_run / "summary.json").read_text())
+    assert summary["dataset"] == "folder" and summary["score_kind"] == "FD-ConvNet"
+    assert set(summary["accuracy"]) == {"synthetic_ipc", "synthetic_pool", "real_ipc", "real_full"}
+    assert all(0.0 <= value["mean"] <= 1.0 for value in summary["accuracy"].values())
+    report = (folder_run / "report.md").read_text()
+    assert report.startswith("# diffdistill report: folder") and "IPC-2 package" in report
+    assert (folder_run / "sample_grid.png").is_file() and (folder_run / "accuracy.tsv").is_file()

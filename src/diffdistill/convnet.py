@@ -56,20 +56,27 @@ def real_feature_side(side: int, net_depth: int, channel: int) -> int:
     return side
 
 
+def check_input_size(channel: int, im_size: Sequence[int], net_depth: int = 3) -> tuple[int, int]:
+    """The classifier's feature-map size for this input; refuses a size where it differs from what the
+    convolutions give (the organisers' network would fail at its first forward pass)."""
+    height, width = int(im_size[0]), int(im_size[1])
+    nominal = tuple(nominal_feature_side(s, net_depth, height) for s in (height, width))
+    real = tuple(real_feature_side(s, net_depth, channel) for s in (height, width))
+    if min(nominal) < 1 or nominal != real:
+        raise DiffdistillError(
+            f"im_size {tuple(im_size)} with {channel} channel(s) is not a size the challenge's ConvNet "
+            f"(depth {net_depth}) accepts: its classifier expects feature maps of {nominal} but the "
+            f"convolutions give {real}; expected e.g. 1x8x8, 1x28x28, 3x32x32 or 3x64x64")
+    return nominal
+
+
 class ConvNet(nn.Module):
     """Challenge ConvNet: ``net_depth`` conv blocks of width ``net_width``, then one Linear layer."""
 
     def __init__(self, channel: int, num_classes: int, net_width: int = 128, net_depth: int = 3,
                  im_size: Sequence[int] = (32, 32)):
         super().__init__()
-        height, width = int(im_size[0]), int(im_size[1])
-        nominal = tuple(nominal_feature_side(s, net_depth, height) for s in (height, width))
-        real = tuple(real_feature_side(s, net_depth, channel) for s in (height, width))
-        if min(nominal) < 1 or nominal != real:
-            raise DiffdistillError(
-                f"im_size {tuple(im_size)} with {channel} channel(s) is not a size the challenge's ConvNet "
-                f"(depth {net_depth}) accepts: its classifier expects feature maps of {nominal} but the "
-                f"convolutions give {real}; expected e.g. 1x8x8, 1x28x28, 3x32x32 or 3x64x64")
+        nominal = check_input_size(channel, im_size, net_depth)
         layers: list[nn.Module] = []
         in_channels = channel
         for depth in range(net_depth):

@@ -209,8 +209,13 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def build(preset: str, **overrides) -> UViT:
-    """A U-ViT from a preset name, with keyword overrides (e.g. ``num_classes=100``)."""
+def preset_config(preset: str, **overrides) -> dict:
+    """The constructor keywords of a preset with keyword overrides over them."""
     if preset not in PRESETS:
         raise KeyError(f"unknown U-ViT preset {preset!r}; known: {', '.join(PRESETS)}")
-    return UViT(**{**PRESETS[preset], **overrides})
+    return {**PRESETS[preset], **overrides}
+
+
+def build(preset: str, **overrides) -> UViT:
+    """A U-ViT from a preset name, with keyword overrides (e.g. ``num_classes=100``)."""
+    return UViT(**preset_config(preset, **overrides))

@@ -50,6 +50,19 @@ def sampling_output(extension):
     return f"{OUT}/samples/pool.{extension}"
 
 
+def folder_prepare_params():
+    """prepare_data's flags for a folder data set (nothing for the others, whose command stays as it was):
+    how to read it, the IPCs each class must hold and the U-ViT presets its images must fit."""
+    if DATASET != "folder":
+        return {}
+    presets = [config["model"]["preset"]]
+    if config["pretrained"]["source"] == "train" and PRETRAIN_PRESET not in presets:
+        presets.append(PRETRAIN_PRESET)
+    settings = {"side": config["data"]["side"], "channels": config["data"]["channels"], "ipc": config["package"]["ipc"]}
+    overrides = json.dumps(config["model"]["overrides"])
+    return {"folder": f"{settings_args(settings)} --presets {' '.join(presets)} --model-overrides '{overrides}'"}
+
+
 def pretrained_weights():
     """The file fine-tuning starts from: an upstream unconditional run, a public file, or none."""
     source = config["pretrained"]["source"]

@@ -5,14 +5,18 @@
 
 ``digits`` (the default) is embedded in scikit-learn and needs no ``--root``. ``--download`` fetches
 CIFAR-100 (torchvision) or Tiny-ImageNet (official zip) into ``--root`` first; it needs network.
+``folder`` reads your own ImageFolder layout at ``--side`` / ``--channels`` and checks, before writing
+anything, that every class holds the largest ``--ipc`` and that the U-ViT ``--presets`` (with
+``--model-overrides``) and the challenge ConvNet take its images.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from diffdistill import cli, data, datasets
+from diffdistill import cli, data, datasets, folder, uvit
 from diffdistill.cli import run_main
 from diffdistill.errors import DiffdistillError
 
@@ -26,6 +30,13 @@ def parse_args(argv):
     p.add_argument("--test-out", required=True)
     p.add_argument("--sidecar", required=True)
     p.add_argument("--log", default=None)
+    cli.add_dataclass_flags(p, folder.FolderSettings)  # --side, --channels: folder only
+    p.add_argument("--ipc", type=lambda text: [int(v) for v in text.split(",")], default=[],
+                   help="folder only: the IPCs evaluated, comma-separated (each class needs the largest)")
+    p.add_argument("--presets", nargs="+", default=[], choices=sorted(uvit.PRESETS),
+                   help="folder only: the U-ViT presets the images must fit")
+    p.add_argument("--model-overrides", type=json.loads, default={}, help="JSON of U-ViT constructor keywords")
+    p.add_argument("--workers", type=int, default=1, help="folder only: decoding processes")
     return p.parse_args(argv)
 
 
@@ -35,6 +46,20 @@ def describe(split: data.LabeledImages) -> dict:
             "counts_per_class": split.counts(), "source": split.extra.get("source", "")}
 
 
+def read_folder(args) -> tuple[dict, dict, dict]:
+    """Both splits of a folder data set (every check before the first file is written), the time taken and
+    the sidecar's settings of the folder."""
+    if args.download:
+        raise DiffdistillError("--download: a folder data set is your own; there is nothing to download")
+    models = {preset: uvit.preset_config(preset, **args.model_overrides) for preset in args.presets}
+    with cli.Timer() as t:
+        splits = folder.read_folder(args.root, cli.dataclass_from_args(folder.FolderSettings, args), ipcs=args.ipc,
+                                    models=models, workers=args.workers)
+    settings = {"side": args.side, "channels": splits["train"].extra["channels"],
+                "channels_inferred": args.channels == 0, "ipc": args.ipc, "presets": args.presets}
+    return splits, {"read": round(t.seconds, 3)}, settings
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -42,17 +67,20 @@ def main(argv=None) -> int:
     if args.dataset != "digits" and args.root is None:
         raise DiffdistillError(f"--root is required for --dataset {args.dataset}")
     outputs = [args.train_out, args.test_out, args.sidecar]
-    timings, splits = {}, {}
+    timings, splits, folder_settings = {}, {}, {}
     with cli.cleanup_on_failure(outputs):
+        if args.dataset == "folder":
+            splits, timings, folder_settings = read_folder(args)
         for name, out in (("train", args.train_out), ("test", args.test_out)):
             with cli.Timer() as t:
                 # Download at most once: the first split fetches, the second finds the files.
-                splits[name] = datasets.prepare_dataset(args.dataset, args.root, name, download=args.download)
+                if name not in splits:
+                    splits[name] = datasets.prepare_dataset(args.dataset, args.root, name, download=args.download)
                 data.save_images(splits[name], out)
             timings[name] = round(t.seconds, 3)
         timings["total"] = round(sum(timings.values()), 3)
         settings = {"dataset": args.dataset, "root": args.root, "download": args.download,
-                    "train_out": args.train_out, "test_out": args.test_out}
+                    "train_out": args.train_out, "test_out": args.test_out, **folder_settings}
         cli.write_sidecar(args.sidecar, settings=settings, timings=timings, device=device,
                           classes=splits["train"].classes,
                           splits={name: describe(split) for name, split in splits.items()})
