@@ -322,7 +322,8 @@ def _round_data(train_x, train_y, round_indices, chunk):
     if round_indices is None:
         shape = (len(chunk), *train_x.shape)
         return train_x.unsqueeze(0).expand(shape), train_y.unsqueeze(0).expand(shape[:2])
-    return torch.stack([train_x[round_indices[r]] for r in chunk]), torch.stack([train_y[round_indices[r]] for r in chunk])
+    picks = [round_indices[r] for r in chunk]
+    return torch.stack([train_x[index] for index in picks]), torch.stack([train_y[index] for index in picks])
 
 
 def _check_rounds(rounds, epochs, round_indices) -> None:
