@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import LabeledImages, to_model_range
 from .errors import DiffdistillError
+from .minimax import MinimaxTerms
 from .resume import JobKey
 from .schedule import TIME_SCALE, VPSchedule
 from .speed import tf32
@@ -48,6 +49,10 @@ log = logging.getLogger(__name__)
 # to change between runs.
 RESUME_KEYS = ("batch_size", "lr", "betas", "weight_decay", "warmup_steps", "ema_rate", "label_dropout",
                "hflip", "seed", "t_min")
+
+# Minimax Diffusion's fine-tuning terms (docs/reference.md, "Minimax fine-tuning terms"): they change the
+# trajectory too, but enter the job key only when on, so that the key of a run without them is unchanged.
+MINIMAX_KEYS = ("minimax_representativeness", "minimax_diversity", "minimax_memory")
 
 # Seed-sequence streams, so that the epoch permutations and the per-step draws never share a seed.
 _STREAM_EPOCH, _STREAM_STEP = 0, 1
@@ -76,6 +81,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile of the network (forward and backward)
     fused_adamw: bool = False  # AdamW's fused kernel (one launch for all parameters)
     tf32: bool = False  # TF32 tensor cores for the remaining fp32 matmuls (CUDA only)
+    minimax_representativeness: float = 0.0  # weight of the representativeness term; 0 = off
+    minimax_diversity: float = 0.0  # weight of the diversity term; 0 = off
+    minimax_memory: int = 64  # predicted images kept per class for the diversity term
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -87,10 +95,17 @@ class TrainConfig:
             "seed": self.seed >= 0, "t_min": 0 <= self.t_min < 1, "log_every": self.log_every >= 1,
             "betas": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             "checkpoint_steps": 1 <= self.checkpoint_steps[0] and self.checkpoint_steps[-1] == self.total_steps,
+            "minimax_representativeness": self.minimax_representativeness >= 0,
+            "minimax_diversity": self.minimax_diversity >= 0, "minimax_memory": self.minimax_memory >= 1,
         }
         bad = [key for key, ok in checks.items() if not ok]
         if bad:
             raise DiffdistillError(f"training config: invalid {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+
+    @property
+    def minimax(self) -> bool:
+        """Whether either minimax term is on."""
+        return self.minimax_representativeness > 0 or self.minimax_diversity > 0
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -256,16 +271,26 @@ class Trainer:
         self.sampler = BatchSampler(config, len(data), data.images.shape[1:], device)
         self.schedule = VPSchedule()
         self.autocast = config.bf16 and device.type == "cuda"
+        self.minimax = None  # the terms act per class: an unconditional model trains without them
+        if config.minimax and self.labels is not None:
+            self.minimax = MinimaxTerms(config.minimax_representativeness, config.minimax_diversity,
+                                        config.minimax_memory, model.num_classes, data.images.shape[1:], device)
+        elif config.minimax:
+            log.warning("minimax terms are off: the model is unconditional (they act per class)")
 
     def load_state(self, ckpt: Mapping) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
 
-    def micro_loss(self, draws: StepDraws, rows: slice) -> torch.Tensor:
-        """Noise-prediction MSE of the global-batch rows ``rows``, from the pre-drawn randomness."""
+    def _clean_images(self, draws: StepDraws, rows: slice) -> torch.Tensor:
         x0 = to_model_range(self.images[draws.index[rows]])  # (b, C, H, W) in [-1, 1]
-        x0 = torch.where(draws.flip[rows].view(-1, 1, 1, 1), x0.flip(-1), x0)
+        return torch.where(draws.flip[rows].view(-1, 1, 1, 1), x0.flip(-1), x0)
+
+    def micro_loss(self, draws: StepDraws, rows: slice) -> torch.Tensor:
+        """Noise-prediction MSE of the global-batch rows ``rows``, from the pre-drawn randomness (plus the
+        minimax terms when they are on)."""
+        x0 = self._clean_images(draws, rows)  # (b, C, H, W) in [-1, 1]
         t, noise = draws.t[rows], draws.noise[rows]  # (b,), (b, C, H, W)
         x_t = self.schedule.add_noise(x0, t, noise)  # (b, C, H, W)
         y = None
@@ -275,7 +300,20 @@ class Trainer:
                 y = torch.where(draws.drop[rows], torch.full_like(y, self.null_label), y)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             prediction = self.net(x_t, t * TIME_SCALE, y)  # (b, C, H, W)
-        return F.mse_loss(prediction.float(), noise)
+        loss = F.mse_loss(prediction.float(), noise)
+        if self.minimax is None:
+            return loss
+        return loss + self._minimax_terms(draws, rows, x_t, t, prediction.float())
+
+    def _minimax_terms(self, draws: StepDraws, rows: slice, x_t: torch.Tensor, t: torch.Tensor,
+                       eps: torch.Tensor) -> torch.Tensor:
+        """On the predicted clean images of the rows whose label was kept; the real side is the whole
+        global batch (every rank holds it), the generated side this process's memory and micro-batch."""
+        x0_pred = self.schedule.predict_x0(x_t, t, eps)  # (b, C, H, W)
+        labels = self.labels[draws.index]  # (B,) true labels of the global batch
+        own = torch.arange(rows.start, rows.stop, device=self.device)  # (b,) positions in the global batch
+        return self.minimax(x0_pred, labels[rows], ~draws.drop[rows], self._clean_images(draws, slice(None)),
+                            labels, own)
 
     def step(self, step: int) -> torch.Tensor:
         """Optimizer step ``step`` (from 1); returns this rank's mean loss as a 0-d tensor."""
@@ -358,7 +396,8 @@ def _job_key(model: nn.Module, data: LabeledImages, config: TrainConfig) -> JobK
     """What a checkpoint must have been made with to be continued: the same network and settings of the
     trajectory (RESUME_KEYS), and the same input data: the training images and the initial weights (the
     pretrained file and the seeded fresh layers), as the model comes in before training."""
-    settings = {"model": dict(model.config), **{key: getattr(config, key) for key in RESUME_KEYS}}
+    keys = RESUME_KEYS + (MINIMAX_KEYS if config.minimax and model.num_classes > 0 else ())
+    settings = {"model": dict(model.config), **{key: getattr(config, key) for key in keys}}
     return JobKey.of(settings, data.images, data.labels, list(data.classes), *model.state_dict().values())
 
 
