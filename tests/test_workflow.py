@@ -568,7 +568,7 @@ def test_dry_run_of_the_folder_config_reads_at_its_side_and_checks_its_model(tmp
     result = snakemake("-n", "-p", "--cores", "2", "--configfile", *map(str, FOLDER_CONFIGS),
                        str(folder_overlay(tmp_path, tmp_path / "images")), cwd=tmp_path, check=True)
     assert planned_jobs(result.stdout)["pretrain_unconditional"] == 1
-    assert "--dataset folder" in result.stdout and "--side 16 --channels 0 --ipc 2 --presets uvit_digits" in result.stdout
+    assert "--dataset folder" in result.stdout and "--side 16 --channels 0 --ipc 1,2 --presets uvit_digits" in result.stdout
     assert "results/folder/package/folder.pt" in result.stdout
 
 
@@ -623,7 +623,9 @@ def test_folder_run_package_is_class_major_and_normalised_with_the_data_statisti
 def test_folder_run_summary_and_report(folder_run):
     summary = json.loads((folder_run / "summary.json").read_text())
     assert summary["dataset"] == "folder" and summary["score_kind"] == "FD-ConvNet"
-    assert set(summary["accuracy"]) == {"synthetic_ipc", "synthetic_pool", "real_ipc", "real_full"}
+    assert set(summary["accuracy"]) == {"synthetic_ipc1", "real_ipc1", "synthetic_ipc2", "real_ipc2", "synthetic_pool",
+                                        "real_full"}
+    assert [row["ipc"] for row in summary["ipc_grid"]] == [1, 2]
     assert all(0.0 <= value["mean"] <= 1.0 for value in summary["accuracy"].values())
     report = (folder_run / "report.md").read_text()
     assert report.startswith("# diffdistill report: folder") and "IPC-2 package" in report
