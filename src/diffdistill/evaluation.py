@@ -221,6 +221,14 @@ def evaluate_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
     return float(correct) / len(x)
 
 
+def check_rounds(rounds: int, epochs: int, round_indices) -> None:
+    """At least one round, no negative epochs, and one index tensor per round when subsets are given."""
+    if rounds < 1 or epochs < 0:
+        raise DiffdistillError(f"rounds must be >= 1 and epochs >= 0, got rounds={rounds}, epochs={epochs}")
+    if round_indices is not None and len(round_indices) != rounds:
+        raise DiffdistillError(f"round_indices: one index tensor per round expected, got {len(round_indices)} for {rounds}")
+
+
 def _round_seeds(seed: int | None, rounds: int) -> list[tuple[int | None, torch.Generator | None]]:
     """Per round: (init seed, generator for shuffling and DSA), independent streams; none without a seed."""
     if seed is None:
@@ -244,10 +252,7 @@ def train_and_evaluate(train_x: torch.Tensor, train_y: torch.Tensor, test_x: tor
     train_size, seconds (and per round), resumed_rounds.
     """
     _check_split("test", test_x, test_y, num_classes, (channel, int(im_size[0]), int(im_size[1])))
-    if rounds < 1 or epochs < 0:
-        raise DiffdistillError(f"rounds must be >= 1 and epochs >= 0, got rounds={rounds}, epochs={epochs}")
-    if round_indices is not None and len(round_indices) != rounds:
-        raise DiffdistillError(f"round_indices: one index tensor per round expected, got {len(round_indices)} for {rounds}")
+    check_rounds(rounds, epochs, round_indices)
     accuracies, times = [], []
     finished = state.finished_rounds() if state is not None else {}
     for r, (init_seed, generator) in enumerate(_round_seeds(seed, rounds)):

@@ -195,11 +195,8 @@ def _train_epoch(model, optimizer, x, y, batch_size, use_dsa, dsa_params, genera
     return [v / n for v in loss_sum.tolist()], [v / n for v in correct.tolist()]
 
 
-def _resume(state: EvaluationState | None, rounds, model, generators, momentum, weight_decay):
-    """(first epoch, lr, optimizer) from the chunk's saved state, or None when there is none."""
-    saved = state.load_chunk(rounds) if state is not None else None
-    if saved is None:
-        return None
+def _resume(saved: dict, model, generators, momentum, weight_decay):
+    """(first epoch, lr, optimizer) from a chunk's saved state (:meth:`EvaluationState.load_chunk`)."""
     plain = {"model": saved["model"], "optimizer": saved["optimizer"], "generator": None}
     optimizer = evaluation._restore(plain, model, None, saved["lr"], momentum, weight_decay)
     for generator, generator_state in zip(generators, saved["generators"]):
@@ -214,14 +211,14 @@ def train_stacked(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, im_size
                   init_seeds: Sequence[int | None], net_width: int = 128, net_depth: int = 3,
                   dsa_params: DSAParams = DSAParams(), on_epoch: EpochCallback | None = None,
                   log_every: int = 50, rounds: Sequence[int] | None = None,
-                  state: EvaluationState | None = None) -> StackedConvNet:
+                  state: EvaluationState | None = None, resume_from: dict | None = None) -> StackedConvNet:
     """Train R fresh challenge ConvNets together, round r on x[r] (R, N, C, H, W) with labels y[r] (R, N).
 
     Round r starts from ``evaluation._new_model(..., init_seeds[r])`` and draws from ``generators[r]``,
     as :func:`evaluation.train_convnet` would. ``rounds`` names the rounds (for logs and the resume
     state; default 0..R-1). ``on_epoch`` gets per pass: epoch, lr, rounds, loss and acc (lists by
-    round), seconds, model, optimizer. With ``state`` the chunk continues from its saved state and
-    saves one every epoch ``state.due`` accepts. Returns the stacked network.
+    round), seconds, model, optimizer. ``resume_from`` (the chunk's saved state) continues where it
+    stopped; with ``state`` the chunk saves one every epoch ``state.due`` accepts. Returns the network.
     """
     rounds = tuple(range(len(x)) if rounds is None else rounds)
     channel = x.shape[2]
@@ -230,9 +227,8 @@ def train_stacked(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, im_size
     x = x.to(device=device, dtype=torch.float32)  # (R, N, C, H, W)
     y = y.to(device=device, dtype=torch.long)  # (R, N)
     first, optimizer = 0, evaluation._sgd(model, lr, momentum, weight_decay)
-    resumed = _resume(state, rounds, model, generators, momentum, weight_decay)
-    if resumed is not None:
-        first, lr, optimizer = resumed
+    if resume_from is not None:
+        first, lr, optimizer = _resume(resume_from, model, generators, momentum, weight_decay)
         log.info("rounds %s resumed after epoch %d of %d", _names(rounds), first - 1, epochs)
     began = time.perf_counter()
     for epoch in range(first, epochs + 1):
@@ -258,20 +254,6 @@ def train_stacked(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, im_size
 def _names(rounds: Sequence[int]) -> str:
     """Rounds as people count them: '1-5' or '3'."""
     return f"{rounds[0] + 1}-{rounds[-1] + 1}" if len(rounds) > 1 else f"{rounds[0] + 1}"
-
-
-@torch.no_grad()
-def stacked_accuracies(model: StackedConvNet, x: torch.Tensor, y: torch.Tensor, device,
-                       batch_size: int = 1024) -> list[float]:
-    """Per round, top-1 accuracy (fraction) on the whole set (N, C, H, W), in eval mode."""
-    model.eval()
-    correct = torch.zeros(model.rounds, device=device)
-    for start in range(0, len(x), batch_size):
-        images = x[start:start + batch_size].to(device=device, dtype=torch.float32)  # (B, C, H, W)
-        labels = y[start:start + batch_size].to(device)  # (B,)
-        logits = model(images.repeat(1, model.rounds, 1, 1))  # (B, R, K): every round sees every image
-        correct += (logits.argmax(2) == labels[:, None]).sum(0)
-    return [c / len(x) for c in correct.tolist()]
 
 
 def pays_on(device) -> bool:
@@ -327,14 +309,8 @@ def _round_data(train_x, train_y, round_indices, chunk):
 
 
 def _check_rounds(rounds, epochs, round_indices) -> None:
-    if rounds < 1 or epochs < 0:
-        raise DiffdistillError(f"rounds must be >= 1 and epochs >= 0, got rounds={rounds}, epochs={epochs}")
-    if round_indices is None:
-        return
-    if len(round_indices) != rounds:
-        raise DiffdistillError(f"round_indices: one index tensor per round expected, got {len(round_indices)} "
-                               f"for {rounds}")
-    if len({len(index) for index in round_indices}) != 1:
+    evaluation.check_rounds(rounds, epochs, round_indices)
+    if round_indices is not None and len({len(index) for index in round_indices}) != 1:
         raise DiffdistillError(f"round_indices: stacked rounds need subsets of one size, got "
                                f"{sorted({len(index) for index in round_indices})}")
 
@@ -367,12 +343,14 @@ def train_and_evaluate_stacked(train_x: torch.Tensor, train_y: torch.Tensor, tes
         began = time.perf_counter()
         x, y = _round_data(train_x, train_y, round_indices, chunk)  # (R, N, C, H, W), (R, N)
         evaluation._check_split("training", x[0], y[0], num_classes, shape)
-        if state is not None and state.load_chunk(chunk) is not None:
+        saved = state.load_chunk(chunk) if state is not None else None
+        if saved is not None:
             resumed.update(chunk)
         model = train_stacked(x, y, num_classes=num_classes, im_size=im_size, epochs=epochs, device=device,
                               generators=[seeds[r][1] for r in chunk], init_seeds=[seeds[r][0] for r in chunk],
-                              on_epoch=on_epoch, rounds=chunk, state=state, **train_kwargs)
-        chunk_accuracies = stacked_accuracies(model, test_x, test_y, device)
+                              on_epoch=on_epoch, rounds=chunk, state=state, resume_from=saved, **train_kwargs)
+        # Tested as the rounds' own ConvNets, by the sequential evaluator's test pass.
+        chunk_accuracies = [evaluation.evaluate_accuracy(m, test_x, test_y, device) for m in model.round_models()]
         seconds = [(time.perf_counter() - began) / len(chunk)] * len(chunk)
         accuracies.update(zip(chunk, chunk_accuracies))
         times.update(zip(chunk, seconds))
