@@ -124,6 +124,16 @@ def test_evaluator_speed_compares_three_paths_per_digits_set(capsys):
     assert sum(line.startswith("# agreement: stacked - organisers") for line in lines) == 2
 
 
+def test_host_memory_times_each_workload_in_both_modes(capsys):
+    bench = load_benchmark("host_memory")
+    argv = ["--workloads", "evaluate ipc 1", "fine-tune step", "--repeats", "1", "--epochs", "0", "--steps", "2"]
+    assert bench.main(argv) == 0
+    rows = [line.strip("|").split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row[0].strip() for row in rows[1:]] == ["evaluate ipc 1", "fine-tune step"]
+    for _, threads, default, kept, ratio, *_ in rows[1:]:
+        assert float(ratio) == pytest.approx(float(default) / float(kept), rel=0.05)
+
+
 def test_package_rules_evaluates_every_rule_on_a_toy_run(tmp_path, capsys):
     from diffdistill import feature_convnet, submission
     from diffdistill.data import LabeledImages, save_images

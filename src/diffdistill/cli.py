@@ -23,7 +23,7 @@ import typing
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from . import __version__, atomic
+from . import __version__, atomic, host_memory
 from .errors import DiffdistillError
 
 log = logging.getLogger("diffdistill")
@@ -66,9 +66,13 @@ def seed_everything(seed: int) -> None:
 
 
 def start(script: str, argv: Sequence[str], log_file=None, device: str = "auto", seed: int | None = None):
-    """Common start of every script: logging, the command line, device and seed. Returns the device."""
+    """Common start of every script: logging, the command line, device and seed, and freed host memory
+    kept for reuse (:mod:`diffdistill.host_memory`). Returns the device."""
     setup_logging(log_file)
     log.info("%s %s", script, " ".join(shlex.quote(a) for a in argv))
+    if host_memory.keep_freed_memory():
+        log.info("host memory: freed blocks kept for reuse (glibc mmap threshold %d MiB, trim threshold %d MiB)",
+                 host_memory.MMAP_THRESHOLD_BYTES >> 20, host_memory.TRIM_THRESHOLD_BYTES >> 20)
     dev = resolve_device(device)
     if seed is not None:
         seed_everything(seed)
