@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from diffdistill import evaluation, speed, stacked_rounds
+from diffdistill import evaluation, host_memory, speed, stacked_rounds
 from diffdistill.cli import resolve_device
 from diffdistill.convnet import ConvNet
 from diffdistill.data import load_images
@@ -277,6 +277,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    host_memory.keep_freed_memory()  # as every stage script does, for all three paths alike
     device = resolve_device(args.device)
     sets = data_sets(args)
     warm_up(sets[0], device, args.batch_size)
