@@ -22,18 +22,22 @@ import time
 
 import torch
 
-WORKLOADS = {"evaluate ipc 1": 1, "evaluate ipc 10": 1, "evaluate pool 2000": 1, "fine-tune step": 2}  # threads
+from diffdistill import evaluation, host_memory, training, uvit
+from diffdistill.digits import load_digits_split
+
+# workload -> (threads, the digits set of evaluator_speed.digits_sets; None: the fine-tuning step)
+WORKLOADS = {"evaluate ipc 1": (1, dict(digits_ipc=[1], pool=0)),
+             "evaluate ipc 10": (1, dict(digits_ipc=[10], pool=0)),
+             "evaluate pool 2000": (1, dict(digits_ipc=[], pool=2000)),
+             "fine-tune step": (2, None)}
 MODES = ("glibc default", "freed memory kept")
 
 
-def evaluation_work(name: str, epochs: int):
+def evaluation_work(digits_set: dict, epochs: int):
     """One round of the evaluator on a digits set (loaded here, outside the timing)."""
-    from evaluator_speed import digits_sets
-    from diffdistill import evaluation
+    from evaluator_speed import digits_sets  # a sibling script: importable when this file runs as one
 
-    ipc = [int(name.split()[-1])] if "ipc" in name else []
-    sets = digits_sets(argparse.Namespace(digits_ipc=ipc, pool=0 if ipc else 2000, rounds=1))
-    _, x, y, test_x, test_y, classes, subsets = next(sets)
+    _, x, y, test_x, test_y, classes, subsets = next(digits_sets(argparse.Namespace(**digits_set, rounds=1)))
     return lambda: evaluation.train_and_evaluate(
         x, y, test_x, test_y, num_classes=classes, channel=1, im_size=(8, 8), epochs=epochs, rounds=1,
         device=torch.device("cpu"), seed=0, round_indices=subsets, log_every=0)
@@ -41,9 +45,6 @@ def evaluation_work(name: str, epochs: int):
 
 def fine_tune_work(steps: int):
     """``steps`` fine-tuning steps of the default's U-ViT on the digits (built here, outside the timing)."""
-    from diffdistill import training, uvit
-    from diffdistill.digits import load_digits_split
-
     torch.manual_seed(0)
     model = uvit.build("uvit_digits", num_classes=10, null_class=True)
     config = training.TrainConfig(total_steps=steps, batch_size=128, lr=2e-3, warmup_steps=100, ema_rate=0.995,
@@ -56,11 +57,10 @@ def fine_tune_work(steps: int):
 def child(args) -> None:
     """One workload in this fresh process; prints {"seconds", "faults"} of its work as JSON."""
     if args.child == MODES[1]:
-        from diffdistill import host_memory
         host_memory.keep_freed_memory()
-    torch.set_num_threads(WORKLOADS[args.workload])
-    evaluating = args.workload.startswith("evaluate")
-    work = evaluation_work(args.workload, args.epochs) if evaluating else fine_tune_work(args.steps)
+    threads, digits_set = WORKLOADS[args.workload]
+    torch.set_num_threads(threads)
+    work = fine_tune_work(args.steps) if digits_set is None else evaluation_work(digits_set, args.epochs)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     began = time.perf_counter()
     work()
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
                 runs[mode].append(measure(args, workload, mode))
         seconds = {m: statistics.median(r["seconds"] for r in runs[m]) for m in MODES}
         faults = {m: statistics.median(r["faults"] / r["seconds"] for r in runs[m]) for m in MODES}
-        print(f"| {workload} | {WORKLOADS[workload]} | {seconds[MODES[0]]:.3f} | {seconds[MODES[1]]:.3f} | "
+        print(f"| {workload} | {WORKLOADS[workload][0]} | {seconds[MODES[0]]:.3f} | {seconds[MODES[1]]:.3f} | "
               f"{seconds[MODES[0]] / seconds[MODES[1]]:.2f} | {faults[MODES[0]]:,.0f} | {faults[MODES[1]]:,.0f} |",
               flush=True)
     return 0

@@ -20,7 +20,7 @@ from diffdistill import cli, host_memory
 CYCLES = """
 import resource, sys, torch
 from diffdistill import host_memory
-libc = host_memory._glibc()
+libc = host_memory.glibc()
 libc.mallopt(host_memory.M_MMAP_THRESHOLD, 128 * 1024)
 libc.mallopt(host_memory.M_TRIM_THRESHOLD, 128 * 1024)
 kept = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else None
@@ -35,7 +35,7 @@ for _ in range(20):
 print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
 """
 
-glibc_only = pytest.mark.skipif(host_memory._glibc() is None, reason="the thresholds are glibc's")
+glibc_only = pytest.mark.skipif(host_memory.glibc() is None, reason="the thresholds are glibc's")
 
 
 def faults_per_cycle(mode: str) -> tuple[str, float]:

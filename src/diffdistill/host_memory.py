@@ -23,7 +23,7 @@ MMAP_THRESHOLD_BYTES = 32 * 2**20
 TRIM_THRESHOLD_BYTES = 2**30
 
 
-def _glibc():
+def glibc():
     """The process's C library when it is glibc (Linux), else None (macOS, Windows, musl)."""
     if not sys.platform.startswith("linux"):
         return None
@@ -36,7 +36,7 @@ def _glibc():
 
 def keep_freed_memory() -> bool:
     """Fix glibc's mmap and trim thresholds for this process; True when set, False where not glibc."""
-    libc = _glibc()
+    libc = glibc()
     if libc is None:
         return False
     return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
