@@ -362,11 +362,15 @@ def torch_allclose(a, b):
 def test_two_process_finetuning_and_sharded_sampling_through_the_workflow(tiny_run, tmp_path):
     """finetune under torchrun with 2 gloo processes, which share the job's threads, gives the
     checkpoints of 1 process (same global batch) to 1e-5; sampling split into 2 shards merges into one balanced pool."""
+    copy_run(tiny_run, tmp_path)  # the data, pretraining and real-data evaluations are kept
     overlay = tmp_path / "parallel.yaml"
     overlay.write_text("finetune: {processes: 2}\nsampling: {shards: 2}\n")
+    # The process count alone does not make fine-tuning rerun: its checkpoints are the same.
     result = snakemake("--cores", "2", "--configfile", str(REPO / "config" / "config.yaml"), str(TINY), str(overlay),
-                       cwd=tmp_path, timeout=900)
+                       "--forcerun", "finetune", cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+    jobs = planned_jobs(result.stdout + result.stderr)
+    assert jobs["finetune"] == 1 and not {"prepare_data", "pretrain_unconditional"} & set(jobs)
     sidecar = json.loads((tmp_path / "results/digits/checkpoints/train.json").read_text())
     assert sidecar["world_size"] == 2
     assert sidecar["environment"]["cpu_threads"] == 1  # the job's 2 threads shared by its 2 processes
