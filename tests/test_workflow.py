@@ -361,7 +361,8 @@ def torch_allclose(a, b):
 @pytest.mark.slow
 def test_two_process_finetuning_and_sharded_sampling_through_the_workflow(tiny_run, tmp_path):
     """finetune under torchrun with 2 gloo processes, which share the job's threads, gives the
-    checkpoints of 1 process (same global batch) to 1e-5; sampling split into 2 shards merges into one balanced pool."""
+    checkpoints of 1 process (same global batch) to 1e-5; sampling split into 2 shards merges into
+    one balanced pool."""
     copy_run(tiny_run, tmp_path)  # the data, pretraining and real-data evaluations are kept
     overlay = tmp_path / "parallel.yaml"
     overlay.write_text("finetune: {processes: 2}\nsampling: {shards: 2}\n")
