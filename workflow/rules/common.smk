@@ -151,17 +151,21 @@ def cli_flag(key, value):
     return f"--{name} {value}"
 
 
-def launcher(cfg, threads):
-    """python, or torchrun with one process per GPU (or per configured CPU process, on gloo). The
-    processes share the job's ``threads``: Snakemake gives each of them all the job's threads (torch
-    takes MKL_NUM_THREADS over OMP_NUM_THREADS, so both are set), and 4 processes x 2 threads on
-    2 cores made CPU fine-tuning 2.2x slower."""
+def launcher(cfg):
+    """A params function: python, or torchrun with one process per GPU (or per configured CPU process,
+    on gloo). The processes share the job's threads, known only when the job runs: Snakemake gives
+    each of them all the job's threads (torch takes MKL_NUM_THREADS over OMP_NUM_THREADS, so both are
+    set), and 4 processes x 2 threads on 2 cores made CPU fine-tuning 2.2x slower."""
     processes = cfg["gpus"] or cfg["processes"]
-    if processes <= 1:
-        return "python"
-    share = max(1, threads // processes)
-    # "--" ends torchrun's own options: it would read the script's --log as one of them.
-    return f"OMP_NUM_THREADS={share} MKL_NUM_THREADS={share} torchrun --standalone --nproc_per_node {processes} --"
+
+    def command(wildcards, threads):
+        if processes <= 1:
+            return "python"
+        share = max(1, threads // processes)
+        # "--" ends torchrun's own options: it would read the script's --log as one of them.
+        return f"OMP_NUM_THREADS={share} MKL_NUM_THREADS={share} torchrun --standalone --nproc_per_node {processes} --"
+
+    return command
 
 
 def gpu_count(cfg):

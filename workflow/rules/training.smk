@@ -12,7 +12,7 @@ rule pretrain_unconditional:
         preset=PRETRAIN_PRESET,
         overrides=json.dumps(config["model"]["overrides"]),
         args=training_args(PRETRAINING),
-        launcher=lambda wildcards, threads: launcher(PRETRAINING, threads),
+        launcher=launcher(PRETRAINING),
         resume_dir=resume_dir("pretrain", "pretrain_unconditional"),
         seed=stage_seed("pretrain_unconditional"),
     log:
@@ -50,7 +50,7 @@ rule finetune:
         overrides=json.dumps(config["model"]["overrides"]),
         init=lambda wildcards, input: f"--init {input.init}" if input.init else "",
         args=training_args(config["finetune"]),
-        launcher=lambda wildcards, threads: launcher(config["finetune"], threads),
+        launcher=launcher(config["finetune"]),
         resume_dir=resume_dir("checkpoints", "finetune"),
         seed=stage_seed("finetune"),
     log:
