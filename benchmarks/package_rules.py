@@ -12,9 +12,6 @@ seeded rounds and prints accuracy mean +- std per rule. Usage::
 With several pools (e.g. one sampled with mode guidance) every rule is applied to each. The table
 gives, beside each row, random real at the same IPC and the gap in units of random real's std (a
 gap within one std is a tie).
-
-Rules "augmented" (generated images and their DSA copies) and "difficulty" (picks matching the real class's
-difficulty histogram) are among them (docs/reference.md, "Package rules").
 """
 
 from __future__ import annotations
@@ -73,7 +70,7 @@ def main(argv=None) -> None:
                 inputs = submission.selection_inputs(classify, pool, real, rule)
                 index = submission.select_indices(pool, ipc, rule, args.seed, **inputs)
                 package = submission.package(pool, args.dataset, ipc, mean=mean, std=std, rule=rule, seed=args.seed,
-                                             index=index)  # (K * ipc, C, H, W), rule "augmented" with its copies
+                                             index=index)  # (K * ipc, C, H, W)
                 began = time.perf_counter()
                 result = evaluate(package, pool.labels[index], test_x, test.labels, **common)
                 rows.append((ipc, f"{name} {rule}", result, time.perf_counter() - began))

@@ -15,7 +15,7 @@ from diffdistill.data import LabeledImages, load_images, save_images
 from diffdistill.errors import DiffdistillError
 from diffdistill.records import BestCheckpoint
 from diffdistill.sampling_summary import SamplingSummary
-from diffdistill.submission import (RULES, difficulty_scores, labels_by_position, load_package, package, save_package,
+from diffdistill.submission import (RULES, labels_by_position, load_package, package, save_package,
                                     select_indices, submission_filename, validate)
 from helpers import load_script
 
@@ -135,66 +135,9 @@ def test_unknown_rule_names_the_choices(pool):
     assert all(repr(rule) in str(err.value) for rule in RULES) and "'best'" in str(err.value)
 
 
-@pytest.fixture
-def distinct_pool():
-    """3 classes of 6 noise images each (8x8, RGB), classes interleaved in pool order."""
-    g = torch.Generator().manual_seed(4)
-    images = torch.randint(40, 216, (18, 3, 8, 8), generator=g, dtype=torch.uint8)
-    return LabeledImages(images, torch.arange(3).repeat(6), ["apple", "bee", "cat"], "toy", "synthetic")
-
-
-@pytest.mark.parametrize("ipc, sources, block_starts", [(10, 2, [0, 5]), (7, 2, [0, 5]), (3, 1, [0])])
-def test_augmented_rule_writes_blocks_of_a_generated_image_and_its_copies(distinct_pool, ipc, sources, block_starts):
-    # docs/reference.md, "Package rules": ceil(IPC / 5) generated images per class (the class's first in
-    # pool order), each followed by 4 DSA copies; the last block is cut at IPC.
-    mean, std = (0.5,) * 3, (0.25,) * 3
-    out = package(distinct_pool, "toy", ipc, mean=mean, std=std, rule="augmented", seed=1)
-    assert out.shape == (3 * ipc, 3, 8, 8)
-    for k in range(3):
-        members = torch.nonzero(distinct_pool.labels == k).flatten()  # pool positions k, k+3, k+6, ...
-        rows = out[k * ipc:(k + 1) * ipc]
-        for block, start in enumerate(block_starts):
-            source = by_hand(distinct_pool.images[members[block]][None], mean, std)[0]
-            assert torch.allclose(rows[start], source, atol=1e-6)  # the generated image, as it is
-            for copy in rows[start + 1:start + 5]:
-                assert not torch.allclose(copy, source, atol=1e-3)  # a DSA copy of it, not the image again
-        others = by_hand(distinct_pool.images[members[sources:]], mean, std)  # never used
-        assert not any(torch.allclose(row, other, atol=1e-6) for row in rows for other in others)
-    assert torch.equal(out, package(distinct_pool, "toy", ipc, mean=mean, std=std, rule="augmented", seed=1))
-    assert not torch.equal(out, package(distinct_pool, "toy", ipc, mean=mean, std=std, rule="augmented", seed=2))
-
-
-def test_augmented_rule_needs_only_the_generated_images_per_class(pool):
-    # IPC 10 needs 2 generated images per class; "bee" has 4, so it works where "first" would refuse.
-    assert package(pool, "toy", 10, mean=(0.5,) * 3, std=(0.5,) * 3, rule="augmented").shape == (30, 3, 4, 4)
+def test_a_class_smaller_than_the_ipc_is_named(pool):
     with pytest.raises(DiffdistillError, match=r"fewer than 10 images .*class 1 \('bee'\) has 4"):
         package(pool, "toy", 10, mean=(0.5,) * 3, std=(0.5,) * 3, rule="first")
-    with pytest.raises(DiffdistillError, match=r"fewer than 5 images .*class 1 \('bee'\) has 4"):
-        package(pool, "toy", 25, mean=(0.5,) * 3, std=(0.5,) * 3, rule="augmented")
-
-
-def test_difficulty_rule_reproduces_the_real_class_histogram():
-    # Real difficulties of the one class: 10 easy (0.05), 5 middling (0.45), 5 hard (0.85). IPC 4 cuts
-    # them into 4 bins of equal mass whose middle quantiles (0.125, 0.375, 0.625, 0.875 of 20 sorted
-    # values, positions 2.4, 7.1, 11.9, 16.6) are 0.05, 0.05, 0.45, 0.85. The nearest unused candidates:
-    # 0.06, then 0.03, then 0.44, then 0.9 -> 2 easy, 1 middling, 1 hard, as in the real class.
-    real = torch.tensor([0.05] * 10 + [0.45] * 5 + [0.85] * 5, dtype=torch.float64)
-    difficulty = torch.tensor([0.0, 0.03, 0.06, 0.2, 0.44, 0.6, 0.9, 0.99, 0.3, 0.01], dtype=torch.float64)
-    toy = LabeledImages(torch.zeros(10, 1, 2, 2, dtype=torch.uint8), torch.zeros(10, dtype=torch.long), ["a"])
-    index = select_indices(toy, 4, "difficulty", difficulty=difficulty, targets=[real])
-    assert index.tolist() == [1, 2, 4, 6]  # pool order
-    bins = [0.0, 0.1, 0.4, 0.5, 0.8, 1.0]
-    assert torch.histogram(difficulty[index], torch.tensor(bins, dtype=torch.float64)).hist.tolist() == [2, 0, 1, 0, 1]
-    assert torch.histogram(real, torch.tensor(bins, dtype=torch.float64)).hist.tolist() == [10, 0, 5, 0, 5]
-    with pytest.raises(DiffdistillError, match="difficulty"):
-        select_indices(toy, 4, "difficulty", difficulty=difficulty)
-
-
-def test_difficulty_is_one_minus_the_probability_of_the_labelled_class():
-    # Logits (0, 0) -> p = 1/2; (log 3, 0) -> p = 3/4 for class 0 and 1/4 for class 1.
-    logits = torch.tensor([[0.0, 0.0], [torch.log(torch.tensor(3.0)), 0.0], [torch.log(torch.tensor(3.0)), 0.0]])
-    scores = difficulty_scores(logits, torch.tensor([1, 0, 1]))
-    assert torch.allclose(scores, torch.tensor([0.5, 0.25, 0.75], dtype=torch.float64))
 
 
 def test_submission_filenames():
@@ -347,7 +290,7 @@ def test_package_bad_input_exits_2_and_writes_nothing(tmp_path, pool):
     assert not (tmp_path / "p.pt").exists() and not (tmp_path / "m.json").exists()
 
 
-@pytest.mark.parametrize("rule", ["herding", "coverage", "difficulty"])
+@pytest.mark.parametrize("rule", ["herding", "coverage"])
 def test_package_script_with_a_feature_convnet(tmp_path, rule):
     g = torch.Generator().manual_seed(2)
     real = LabeledImages(torch.randint(0, 256, (18, 3, 8, 8), generator=g, dtype=torch.uint8),

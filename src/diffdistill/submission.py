@@ -17,10 +17,10 @@ from typing import Sequence
 
 import torch
 
-from . import atomic, dsa
+from . import atomic
 from .data import LabeledImages
 from .errors import DiffdistillError
-from .normalize import CHALLENGE_STATS, denormalize, normalize
+from .normalize import CHALLENGE_STATS, normalize
 
 # The official Track 1 layout: (number of classes, (C, H, W)). The tensor has 10 * classes rows.
 TRACK1: dict[str, tuple[int, tuple[int, int, int]]] = {
@@ -30,13 +30,8 @@ TRACK1: dict[str, tuple[int, tuple[int, int, int]]] = {
 TRACK1_IPC = 10
 log = logging.getLogger(__name__)
 
-RULES = ("first", "random", "herding", "coverage", "augmented", "difficulty")
-FEATURE_RULES = ("herding", "coverage", "difficulty")  # rules that need the real-data feature ConvNet
-# Rule "augmented": blocks of one generated image and BLOCK - 1 DSA copies of it (docs/reference.md,
-# "Package rules").
-AUGMENTED_BLOCK = 5
-# A copy that DSA left unchanged (no flip drawn, a zero shift) is drawn again, at most this often.
-AUGMENT_TRIES = 10
+RULES = ("first", "random", "herding", "coverage")
+FEATURE_RULES = ("herding", "coverage")  # rules that need the real-data feature ConvNet
 # De-normalised pixels must lie in [0, 1] up to float rounding of the stored values.
 RANGE_TOLERANCE = 1e-3
 
@@ -46,29 +41,18 @@ def selection_inputs(classify, pool: LabeledImages, real: LabeledImages, rule: s
 
     ``classify(uint8 images) -> (features (N, F), logits (N, K))``, e.g.
     :meth:`diffdistill.fid.ConvNetExtractor.classify`. Herding's targets are the real class means
-    (K, F); coverage's are the real features of each class (K tensors (n_k, F)); difficulty's are the
-    real difficulties of each class (K tensors (n_k,)) beside the pool's. Other rules need none.
+    (K, F); coverage's are the real features of each class (K tensors (n_k, F)). Other rules need none.
     """
     if rule not in FEATURE_RULES:
         return {}
     features, logits = classify(pool.images)
-    real_features, real_logits = classify(real.images)
-    if rule == "difficulty":
-        real_difficulty = difficulty_scores(real_logits, real.labels)  # (n_real,)
-        return {"difficulty": difficulty_scores(logits, pool.labels),
-                "targets": [real_difficulty[real.labels == k] for k in range(pool.num_classes)]}
+    real_features, _ = classify(real.images)
     per_class = [real_features[real.labels == k] for k in range(pool.num_classes)]  # K x (n_k, F)
     targets = torch.stack([f.mean(0) for f in per_class]) if rule == "herding" else per_class
     return {"features": features, "predictions": logits.argmax(1), "targets": targets}
 
 
-def difficulty_scores(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """1 - p(labelled class) under the classifier's softmax: (N, K) logits, (N,) labels -> (N,) in [0, 1]."""
-    probabilities = logits.double().softmax(1)  # (N, K)
-    return 1.0 - probabilities.gather(1, labels.long()[:, None]).squeeze(1)
-
-
-def _check_selection(rule: str, ipc: int, features, predictions, targets, difficulty) -> None:
+def _check_selection(rule: str, ipc: int, features, predictions, targets) -> None:
     """What :func:`select_indices` needs for ``rule``, named when missing."""
     if rule not in RULES:
         raise DiffdistillError(f"rule must be one of {list(RULES)}, got {rule!r}")
@@ -78,14 +62,11 @@ def _check_selection(rule: str, ipc: int, features, predictions, targets, diffic
         raise DiffdistillError(f"rule {rule!r} needs the features and predictions of a real-data classifier")
     if rule == "coverage" and targets is None:
         raise DiffdistillError("rule 'coverage' needs the real training features of each class (targets)")
-    if rule == "difficulty" and (difficulty is None or targets is None):
-        raise DiffdistillError("rule 'difficulty' needs the pool's difficulties and the real training "
-                               "difficulties of each class (targets)")
 
 
 def select_indices(pool: LabeledImages, ipc: int, rule: str = "first", seed: int = 0, *,
                    features: torch.Tensor | None = None, predictions: torch.Tensor | None = None,
-                   targets=None, difficulty: torch.Tensor | None = None) -> torch.Tensor:
+                   targets=None) -> torch.Tensor:
     """Pool indices of the package rows, class-major: IPC per class, classes in index order.
 
     "first" takes each class's first IPC images in pool order. Every pool image is an independent
@@ -96,18 +77,14 @@ def select_indices(pool: LabeledImages, ipc: int, rule: str = "first", seed: int
     classifier assigns to that class, it greedily picks the IPC whose feature mean best matches
     ``targets[k]`` (K, F), the class's mean feature on the real training data (herding; without
     targets, the mean of the candidates), so the few images are on-label and representative.
-    "coverage" and "difficulty": see :func:`coverage` and :func:`difficulty_matched`. "augmented"
-    repeats each of the class's first :func:`augmented_sources` images in a block of
-    :data:`AUGMENTED_BLOCK` rows (the last block cut at IPC); :func:`package` turns the repeats into
-    DSA copies.
+    "coverage": see :func:`coverage`.
     """
-    _check_selection(rule, ipc, features, predictions, targets, difficulty)
+    _check_selection(rule, ipc, features, predictions, targets)
     generator = torch.Generator().manual_seed(int(seed))
-    needed = augmented_sources(ipc) if rule == "augmented" else ipc
     chosen, short = [], []
     for k, name in enumerate(pool.classes):
         members = torch.nonzero(pool.labels == k).flatten()  # (n_k,) in pool order
-        if members.numel() < needed:
+        if members.numel() < ipc:
             short.append(f"class {k} ({name!r}) has {members.numel()}")
             continue
         if rule == "random":
@@ -117,41 +94,11 @@ def select_indices(pool: LabeledImages, ipc: int, rule: str = "first", seed: int
             members = herding(members, features, predictions == k, ipc, name, target=target)
         elif rule == "coverage":
             members = coverage(members, features, predictions == k, ipc, targets[k], name)
-        elif rule == "difficulty":
-            members = difficulty_matched(members, difficulty, targets[k], ipc)
-        elif rule == "augmented":
-            members = members[:needed].repeat_interleave(AUGMENTED_BLOCK)  # (needed * BLOCK,) cut below
         chosen.append(members[:ipc])
     if short:
-        raise DiffdistillError(f"pool {pool.name!r} has fewer than {needed} images (ipc={ipc}, rule {rule!r}) "
+        raise DiffdistillError(f"pool {pool.name!r} has fewer than {ipc} images (ipc={ipc}, rule {rule!r}) "
                                f"for {len(short)} class(es): " + "; ".join(short))
     return torch.cat(chosen)  # (K * ipc,)
-
-
-def augmented_sources(ipc: int) -> int:
-    """Generated images per class of rule "augmented": ceil(IPC / AUGMENTED_BLOCK) (1 for IPC 1..5)."""
-    return -(-ipc // AUGMENTED_BLOCK)
-
-
-def difficulty_matched(members: torch.Tensor, difficulty: torch.Tensor, real_difficulty: torch.Tensor,
-                       ipc: int) -> torch.Tensor:
-    """IPC of ``members`` whose difficulties (``difficulty`` (N,) over the pool) follow the real class's.
-
-    The real class's difficulties (``real_difficulty`` (n_real,)) are cut into IPC bins of equal mass;
-    each bin's middle quantile, (i + 0.5) / IPC, takes the nearest candidate not taken yet (in order
-    of the quantiles; ties to the earlier pool image), so the picks have one image per bin of the real
-    distribution. Returned in pool order (docs/reference.md, "Package rules").
-    """
-    if real_difficulty.numel() == 0:
-        raise DiffdistillError("rule 'difficulty': a class has no real training images to match")
-    levels = torch.quantile(real_difficulty.double(), (torch.arange(ipc, dtype=torch.float64) + 0.5) / ipc)
-    scores = difficulty[members].double()  # (n,)
-    taken = torch.zeros(len(members), dtype=torch.bool)
-    for level in levels.tolist():
-        gap = (scores - level).abs()  # (n,)
-        gap[taken] = float("inf")
-        taken[int(gap.argmin())] = True
-    return members[taken]  # (ipc,) in pool order
 
 
 def on_label_candidates(members: torch.Tensor, on_label: torch.Tensor, ipc: int, name: str) -> torch.Tensor:
@@ -211,39 +158,14 @@ def herding(members: torch.Tensor, features: torch.Tensor, on_label: torch.Tenso
 def package(pool: LabeledImages, dataset: str, ipc: int = 10, *, mean, std, rule: str = "first",
             seed: int = 0, index: torch.Tensor | None = None, **selection) -> torch.Tensor:
     """float32 (K * IPC, C, H, W), normalised, class-major (see :func:`select_indices`, which gets
-    ``selection``: the classifier outputs for "herding"); ``index`` skips the selection. Rule
-    "augmented" makes the repeated rows DSA copies (:func:`augmented_blocks`)."""
+    ``selection``: the classifier outputs for "herding" and "coverage"); ``index`` skips the selection."""
     if index is None:
         try:
             index = select_indices(pool, ipc, rule, seed, **selection)
         except DiffdistillError as err:
             raise DiffdistillError(f"{dataset} package: {err}") from err
     images = pool.images[index]  # (K * ipc, C, H, W) uint8
-    if rule == "augmented":
-        images = augmented_blocks(images, ipc, mean=mean, std=std, seed=seed)
     return normalize(images, mean, std).contiguous()  # (K * ipc, C, H, W)
-
-
-def augmented_blocks(images: torch.Tensor, ipc: int, *, mean, std, seed: int = 0) -> torch.Tensor:
-    """Class-major rows (K * IPC, C, H, W) uint8 where each class's rows come in blocks of
-    :data:`AUGMENTED_BLOCK`: the block's first row stays as it is, every other row becomes a DSA copy.
-
-    Each copy is one draw of the challenge's DSA, mode 'S' (one family of the default strategy per
-    copy, docs/reference.md, "DSA augmentation"), applied where the evaluator applies it: to the
-    normalised image; the copy is brought back to uint8 (clamped into the pixel range), so it
-    normalises like any pool image. A draw that leaves the image unchanged is drawn again (at most
-    :data:`AUGMENT_TRIES` times). Seeded: the same seed gives the same copies.
-    """
-    generator = torch.Generator().manual_seed(int(seed))
-    out = images.clone()
-    copies = (torch.arange(len(images)) % ipc) % AUGMENTED_BLOCK != 0  # (K * ipc,) rows after a block's first
-    for row in torch.nonzero(copies).flatten().tolist():
-        source = normalize(images[row : row + 1], mean, std)  # (1, C, H, W)
-        for _ in range(AUGMENT_TRIES):
-            out[row] = denormalize(dsa.augment(source, generator), mean, std)[0]
-            if not torch.equal(out[row], images[row]):
-                break
-    return out
 
 
 def normalized_pool(pool: LabeledImages, mean, std) -> dict:

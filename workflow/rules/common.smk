@@ -293,7 +293,7 @@ def evaluation_args(wildcards):
 # Package rules that pick images with the real-data feature ConvNet of FD-ConvNet scoring: the same as
 # diffdistill.submission.FEATURE_RULES (tests/test_defaults.py), written out so that Snakemake itself
 # runs without the package (conda deployment).
-FEATURE_RULES = ("herding", "coverage", "difficulty")
+FEATURE_RULES = ("herding", "coverage")
 
 
 def package_convnet():

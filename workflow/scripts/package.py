@@ -19,8 +19,7 @@ def parse(argv):
     p.add_argument("--dataset", required=True)
     p.add_argument("--ipc", type=int, required=True)
     p.add_argument("--rule", choices=submission.RULES, required=True)
-    p.add_argument("--feature-convnet", help="real-data ConvNet of reference_stats (for --rule herding/coverage/"
-                   "difficulty)")
+    p.add_argument("--feature-convnet", help="real-data ConvNet of reference_stats (for --rule herding/coverage)")
     p.add_argument("--real-train", help="real training split (statistics of non-challenge data sets)")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--pool-out", help="whole pool, normalised, as a dict (the submission's job writes it)")
@@ -31,7 +30,7 @@ def parse(argv):
 
 
 def feature_inputs(args, pool, real) -> dict:
-    """What rules herding, coverage and difficulty need from the real-data feature ConvNet (checked flags first)."""
+    """What rules herding and coverage need from the real-data feature ConvNet (checked flags first)."""
     if args.rule not in submission.FEATURE_RULES:
         return {}
     if not args.feature_convnet:
@@ -40,9 +39,8 @@ def feature_inputs(args, pool, real) -> dict:
         raise DiffdistillError(f"--rule {args.rule} needs --real-train (its real features are the targets)")
     convnet = feature_convnet.load_feature_convnet(args.feature_convnet, "cpu")
     inputs = submission.selection_inputs(convnet.classify, pool, real, args.rule)
-    if "predictions" in inputs:
-        cli.log.info("feature ConvNet puts %.1f%% of the pool in its sampled class",
-                     100 * float((inputs["predictions"] == pool.labels).float().mean()))
+    cli.log.info("feature ConvNet puts %.1f%% of the pool in its sampled class",
+                 100 * float((inputs["predictions"] == pool.labels).float().mean()))
     return inputs
 
 
