@@ -59,10 +59,10 @@ if SHARDS > 1:
             "--meta {output.meta} --log {log}"
 
 
-rule sample_sweep:
-    """One sampler variant of the sweep (config key sweep): budgeted sampling from the same checkpoint,
-    with the same budget, batch size and seed as sample_budget and the variant's sampler settings. One
-    job per variant, so a cluster runs them side by side."""
+# One sampler variant of the sweep (config key sweep): sample_budget's command from the same checkpoint,
+# with the same budget, batch size, cap and seed and the variant's sampler settings. One job per
+# variant, so a cluster runs them side by side; off the critical path.
+use rule sample_budget as sample_sweep with:
     input:
         unpack(lambda wildcards: mode_inputs(SWEEP[wildcards.variant])),
         best=rules.select_checkpoint.output.best,
@@ -71,25 +71,10 @@ rule sample_sweep:
         pool=f"{OUT}/sweep/{{variant}}/pool.pt",
         meta=f"{OUT}/sweep/{{variant}}/pool.json",
     params:
-        script=f"{SCRIPTS}/sample_budget.py",
-        device=config["device"],
-        budget=config["sampling"]["budget_s"],
-        batch_size=config["sampling"]["batch_size"],
-        max_images=rules.sample_budget.params.max_images,
         sampler=lambda wildcards: sampler_args(SWEEP[wildcards.variant]),
-        seed=stage_seed("sample_budget"),
+        shard="",
     log:
         f"{LOGS}/sweep/{{variant}}.log",
     benchmark:
         f"{OUT}/benchmarks/sweep/{{variant}}.tsv"
-    threads: 8
-    resources:
-        gpu=gpu_count(config["sampling"]),
-        mem_mb=16000,
-        runtime=config["sampling"]["runtime_min"],
-    conda:
-        "../../envs/diffdistill.yaml"
-    shell:
-        "python {params.script} --best {input.best} --out {output.pool} --meta {output.meta} "
-        "--budget-s {params.budget} --batch-size {params.batch_size} {params.max_images} {params.sampler} "
-        "--device {params.device} --seed {params.seed} --log {log}"
+    priority: 0

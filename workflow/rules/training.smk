@@ -11,6 +11,7 @@ rule pretrain_unconditional:
         device=config["device"],
         preset=PRETRAIN_PRESET,
         overrides=json.dumps(config["model"]["overrides"]),
+        start="--num-classes 0",
         args=training_args(PRETRAINING),
         launcher=launcher(PRETRAINING),
         resume_dir=resume_dir("pretrain", "pretrain_unconditional"),
@@ -29,14 +30,15 @@ rule pretrain_unconditional:
         "../../envs/diffdistill.yaml"
     shell:
         "{params.launcher} {params.script} --data {input.data} --preset {params.preset} "
-        "--model-overrides '{params.overrides}' --num-classes 0 {params.args} "
+        "--model-overrides '{params.overrides}' {params.start} {params.args} "
         "--checkpoints {output.checkpoints} --resume-dir {params.resume_dir} --seed {params.seed} --device {params.device} "
         "--sidecar {output.sidecar} --log {log}"
 
 
-rule finetune:
-    """Class-conditional fine-tuning from the pretrained weights (label layer excluded); resumable:
-    a rerun continues from the newest complete checkpoint."""
+
+# Class-conditional fine-tuning from the pretrained weights (label layer excluded), with the same command
+# as pre-training and its own block; resumable: a rerun continues from the newest complete checkpoint.
+use rule pretrain_unconditional as finetune with:
     input:
         data=f"{OUT}/data/train.pt",
         init=pretrained_weights(),
@@ -44,11 +46,8 @@ rule finetune:
         checkpoints=FINETUNE_CHECKPOINTS,
         sidecar=f"{OUT}/checkpoints/train.json",
     params:
-        script=f"{SCRIPTS}/train.py",
-        device=config["device"],
         preset=config["model"]["preset"],
-        overrides=json.dumps(config["model"]["overrides"]),
-        init=lambda wildcards, input: f"--init {input.init}" if input.init else "",
+        start=lambda wildcards, input: f"--init {input.init}" if input.init else "",
         args=training_args(config["finetune"]),
         launcher=launcher(config["finetune"]),
         resume_dir=resume_dir("checkpoints", "finetune"),
@@ -57,16 +56,7 @@ rule finetune:
         f"{LOGS}/finetune.log",
     benchmark:
         f"{OUT}/benchmarks/finetune.tsv"
-    priority: CRITICAL_PATH
-    threads: 8
     resources:
         gpu=gpu_count(config["finetune"]),
         mem_mb=config["finetune"]["mem_mb"],
         runtime=config["finetune"]["runtime_min"],
-    conda:
-        "../../envs/diffdistill.yaml"
-    shell:
-        "{params.launcher} {params.script} --data {input.data} --preset {params.preset} "
-        "--model-overrides '{params.overrides}' {params.init} {params.args} "
-        "--checkpoints {output.checkpoints} --resume-dir {params.resume_dir} --seed {params.seed} --device {params.device} "
-        "--sidecar {output.sidecar} --log {log}"
