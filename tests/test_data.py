@@ -300,7 +300,7 @@ def test_error_tiny_image_wrong_size_or_unreadable(tiny_root):
 
 def test_error_bad_names():
     _raises("split 'val'", datasets.prepare_dataset, "digits", None, "val")
-    _raises("'mnist'", datasets.prepare_dataset, "mnist", None, "train")
+    _raises("'svhn'", datasets.prepare_dataset, "svhn", None, "train")
 
 
 # --- the prepare stage script ---------------------------------------------------------------------
