@@ -108,23 +108,40 @@ class Run:
     seconds: float
 
 
+class BackgroundRun:
+    """snakemake with the SLURM profile plus TEST_SPEED, started at once; :meth:`result` waits for it and
+    kills it (and cancels its jobs) at its timeout."""
+
+    def __init__(self, cluster: SlurmCluster, workdir: Path, *args: str, timeout: float):
+        argv = [sys.executable, "-m", "snakemake", "--directory", str(workdir), "--profile", str(PROFILE),
+                *TEST_SPEED, *args]
+        self.cluster, self.timeout, self.started = cluster, timeout, time.monotonic()
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=cluster.env, cwd=workdir, start_new_session=True)
+        self.run: Run | None = None
+
+    def result(self) -> Run:
+        if self.run is not None:
+            return self.run
+        try:
+            output, _ = self.proc.communicate(timeout=max(1.0, self.started + self.timeout - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            output = _kill(self.proc)
+            self.cluster.cancel_all()
+            pytest.fail(f"snakemake did not finish within {self.timeout:g} s:\n{tail(output, 40)}")
+        except BaseException:  # interrupted: do not leave snakemake running in its own session
+            _kill(self.proc)
+            raise
+        self.run = Run(self.proc.returncode, output, time.monotonic() - self.started)
+        return self.run
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            _kill(self.proc)
+
+
 def run_snakemake(cluster: SlurmCluster, workdir: Path, *args: str, timeout: float) -> Run:
-    """snakemake with the SLURM profile plus TEST_SPEED; killed (and its jobs cancelled) at timeout."""
-    argv = [sys.executable, "-m", "snakemake", "--directory", str(workdir), "--profile", str(PROFILE),
-            *TEST_SPEED, *args]
-    started = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster.env,
-                            cwd=workdir, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        output = _kill(proc)
-        cluster.cancel_all()
-        pytest.fail(f"snakemake did not finish within {timeout:g} s:\n{tail(output, 40)}")
-    except BaseException:  # interrupted: do not leave snakemake running in its own session
-        _kill(proc)
-        raise
-    return Run(proc.returncode, output, time.monotonic() - started)
+    return BackgroundRun(cluster, workdir, *args, timeout=timeout).result()
 
 
 def _kill(proc: subprocess.Popen) -> str:
@@ -160,10 +177,43 @@ def executed_rules(output: str) -> tuple[Counter, Counter]:
     return remote, local
 
 
-@pytest.fixture
-def toy(tmp_path) -> Path:
-    (tmp_path / "Snakefile").write_text(TOY_SNAKEFILE)
-    return tmp_path
+@dataclass
+class Started:
+    """A run of the module, started side by side with the others: its folder and its process."""
+
+    workdir: Path
+    background: BackgroundRun
+
+    def result(self) -> Run:
+        return self.background.result()
+
+
+@pytest.fixture(scope="module")
+def runs(slurm_cluster, request, tmp_path_factory) -> dict[str, Started]:
+    """Every snakemake run of this module, started at once, side by side. Each mostly waits: the
+    plugin checks a job's status 1 s after submitting it, then 10 s later than the previous check
+    until a job has ended, so a job of a few seconds holds its run for about 12. Run one after another
+    they took 287 s on a quiet 2-core CPU; side by side about as long as the longest. The tiny
+    workflow's runs start only when a selected test uses them (they are slow)."""
+    cluster = slurm_cluster
+    folders = {name: tmp_path_factory.mktemp(name) for name in ("toy", "toy_failing", "tiny", "tiny_failing")}
+    for name in ("toy", "toy_failing"):
+        (folders[name] / "Snakefile").write_text(TOY_SNAKEFILE)
+    # One attempt: retrying a deterministic failure only costs time here (the profile's retries are
+    # exercised by the workflow's failure test). The failing job's input is already made.
+    (folders["toy_failing"] / "cpu.txt").write_text("made before\n")
+    commands = {"toy": ("all",), "toy_failing": ("never.txt", "--retries", "0")}
+    if any("tiny_workflow" in item.name for item in request.session.items):
+        corrupt = folders["tiny_failing"] / "corrupt.pt"
+        corrupt.write_bytes(b"not a checkpoint")  # bad input: fine-tuning must refuse it (exit status 2)
+        source = f"pretrained={{'source': 'file', 'path': '{corrupt}'}}"
+        commands |= {"tiny": tiny_args(folders["tiny"]), "tiny_failing": tiny_args(folders["tiny_failing"], source)}
+    timeouts = {"toy": 180, "toy_failing": 180, "tiny": 900, "tiny_failing": 600}
+    started = {name: Started(folders[name], BackgroundRun(cluster, folders[name], *command, timeout=timeouts[name]))
+               for name, command in commands.items()}
+    yield started
+    for run in started.values():
+        run.background.stop()
 
 
 # --- the cluster on its own, through a toy workflow -------------------------------------------------
@@ -177,8 +227,8 @@ def test_cluster_is_idle_with_one_gpu_and_accounting(slurm_cluster):
     wait_until(lambda: any(job["State"] == "COMPLETED" for job in slurm_cluster.jobs()), 15, "smoke test in sacct")
 
 
-def test_toy_workflow_jobs_go_through_sbatch_with_gpu(slurm_cluster, toy):
-    run = run_snakemake(slurm_cluster, toy, "all", timeout=180)
+def test_toy_workflow_jobs_go_through_sbatch_with_gpu(slurm_cluster, runs):
+    toy, run = runs["toy"].workdir, runs["toy"].result()
     assert run.returncode == 0, tail(run.output, 60)
     (cpu_job,) = (toy / "cpu.txt").read_text().split()
     gpu_job, visible = (toy / "gpu.txt").read_text().split()
@@ -193,11 +243,8 @@ def test_toy_workflow_jobs_go_through_sbatch_with_gpu(slurm_cluster, toy):
     assert f"mem={defaults['mem_mb']}M" in jobs[cpu_job]["AllocTRES"]
 
 
-def test_toy_failing_job_is_reported_promptly(slurm_cluster, toy):
-    # One attempt: retrying a deterministic failure only costs time here (the profile's retries are
-    # exercised by the workflow's failure test). The failing job's input is already made.
-    (toy / "cpu.txt").write_text("made before\n")
-    run = run_snakemake(slurm_cluster, toy, "never.txt", "--retries", "0", timeout=180)
+def test_toy_failing_job_is_reported_promptly(slurm_cluster, runs):
+    toy, run = runs["toy_failing"].workdir, runs["toy_failing"].result()
     assert run.returncode != 0, tail(run.output, 60)
     assert "Error in rule fail" in run.output, tail(run.output, 40)
     assert (toy / "cpu.txt").read_text() == "made before\n" and not (toy / "never.txt").exists()  # input kept
@@ -228,17 +275,17 @@ def tiny_args(workdir: Path, *config: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_tiny_workflow_runs_every_cluster_job_through_slurm(slurm_cluster, tmp_path):
-    run = run_snakemake(slurm_cluster, tmp_path, *tiny_args(tmp_path), timeout=900)
+def test_tiny_workflow_runs_every_cluster_job_through_slurm(slurm_cluster, runs):
+    workdir, run = runs["tiny"].workdir, runs["tiny"].result()
     assert run.returncode == 0, tail(run.output, 80)
     remote, local = executed_rules(run.output)
     assert remote + local == TINY_JOBS
     assert HEAVY_RULES <= set(remote), f"ran locally: {HEAVY_RULES - set(remote)}"
-    jobs = jobs_in(slurm_cluster, tmp_path)
+    jobs = jobs_in(slurm_cluster, workdir)
     assert Counter(rule_of(job) for job in jobs) == remote  # each cluster job submitted once; no local one
     assert {job["State"] for job in jobs} == {"COMPLETED"}
 
-    summary = json.loads((tmp_path / "results" / "digits" / "summary.json").read_text())
+    summary = json.loads((workdir / "results" / "digits" / "summary.json").read_text())
     assert set(summary) == {"dataset", "best_step", "best_score", "score_kind", "pool_images",
                             "sampling_images_per_s", "sampling_images_per_s_per_shard", "budget_s", "accuracy",
                             "ipc_grid", "budget_curve", "sweep"}
@@ -253,29 +300,28 @@ def test_tiny_workflow_runs_every_cluster_job_through_slurm(slurm_cluster, tmp_p
 
 
 @pytest.mark.slow
-def test_tiny_workflow_failing_job_stops_the_run_and_keeps_earlier_outputs(slurm_cluster, tmp_path):
+def test_tiny_workflow_failing_job_stops_the_run_and_keeps_earlier_outputs(slurm_cluster, runs):
     from diffdistill import data
 
-    corrupt = tmp_path / "corrupt.pt"
-    corrupt.write_bytes(b"not a checkpoint")  # bad input: fine-tuning must refuse it (exit status 2)
+    workdir, run = runs["tiny_failing"].workdir, runs["tiny_failing"].result()
+    corrupt = workdir / "corrupt.pt"
     source = f"pretrained={{'source': 'file', 'path': '{corrupt}'}}"
-    run = run_snakemake(slurm_cluster, tmp_path, *tiny_args(tmp_path, source), timeout=600)
     assert run.returncode != 0, tail(run.output, 80)
     assert "Error in rule finetune" in run.output, tail(run.output, 40)
     assert run.seconds < 300, f"took {run.seconds:.0f} s"
 
-    jobs = jobs_in(slurm_cluster, tmp_path)
+    jobs = jobs_in(slurm_cluster, workdir)
     attempts = [job for job in jobs if rule_of(job) == "finetune"]
     assert len(attempts) == PROFILE_SETTINGS["retries"] + 1  # the profile resubmits failed jobs
     assert {job["State"] for job in attempts} == {"FAILED"}
     assert {job["State"] for job in jobs if rule_of(job) != "finetune"} <= {"COMPLETED"}
-    assert str(corrupt) in (tmp_path / "logs" / "digits" / "finetune.log").read_text()  # names the file
+    assert str(corrupt) in (workdir / "logs" / "digits" / "finetune.log").read_text()  # names the file
 
-    out = tmp_path / "results" / "digits"
+    out = workdir / "results" / "digits"
     assert not list((out / "checkpoints").glob("step_*.pt"))  # nothing half-made
     train, test = data.load_images(out / "data" / "train.pt"), data.load_images(out / "data" / "test.pt")
     # docs/reference.md, "Digits calibration": the digits split, kept intact
     assert (len(train), len(test)) == (1257, 540)
-    dry = run_snakemake(slurm_cluster, tmp_path, *tiny_args(tmp_path, source), "-n", timeout=120)
+    dry = run_snakemake(slurm_cluster, workdir, *tiny_args(workdir, source), "-n", timeout=120)
     remote, local = executed_rules(dry.output)
     assert remote["finetune"] == 1 and "prepare_data" not in remote  # done work is not redone

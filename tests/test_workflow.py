@@ -122,6 +122,32 @@ def test_default_config_plans_unconditional_pretraining_on_cpu_without_warnings(
     assert "localrules" not in result.stdout + result.stderr  # no warning about merge_samples with one shard
 
 
+def planned_slots(output: str) -> list[tuple[str, str, int, int]]:
+    """(rule, wildcards, threads, priority) of each job of a dry run's listing (1 and 0 when not shown)."""
+    slots = []
+    for block in re.split(r"^(?:local)?rule ", output, flags=re.M)[1:]:
+        fields = dict(re.findall(r"^\s+(wildcards|threads|priority): (.*)$", block, flags=re.M))
+        slots.append((block.split(":", 1)[0], fields.get("wildcards", ""), int(fields.get("threads", 1)),
+                      int(fields.get("priority", 0))))
+    return slots
+
+
+def test_default_plan_gives_the_chain_every_core_and_the_longest_evaluations_first(tmp_path):
+    result = snakemake("-n", "--cores", "2", "--configfile", str(REPO / "config" / "config.yaml"),
+                       "--config", f"results={tmp_path}/results", cwd=tmp_path, check=True)
+    slots = planned_slots(result.stdout)
+    chain = {"reference_stats", "pretrain_unconditional", "finetune", "score_checkpoint", "select_checkpoint",
+             "sample_budget"}
+    assert {(rule, threads) for rule, _, threads, _ in slots if rule in chain} == {(rule, 2) for rule in chain}
+    evaluations = {wildcards.split("=")[1]: (threads, priority) for rule, wildcards, threads, priority in slots
+                   if rule == "evaluate"}
+    assert {kind: threads for kind, (threads, _) in evaluations.items()} == dict.fromkeys(evaluations, 1)
+    order = sorted(evaluations, key=lambda kind: -evaluations[kind][1])
+    assert set(order[:2]) == {"synthetic_pool", "real_full"} and set(order[4:]) == {"synthetic_ipc1", "real_ipc1"}
+    chain_priority = {priority for rule, _, _, priority in slots if rule in chain}
+    assert max(priority for _, priority in evaluations.values()) < min(chain_priority)
+
+
 def test_each_gpu_stage_takes_its_gpus_from_its_own_config(tmp_path):
     """A CPU fine-tune with device cuda still gives the GPU stages a GPU; a stage's own gpus wins."""
     overlay = tmp_path / "gpus.yaml"
@@ -258,12 +284,16 @@ def log_clock(path: Path, line: int) -> str:
 
 @pytest.mark.slow
 def test_tiny_run_puts_the_critical_path_first_and_each_job_on_its_threads(tiny_run):
-    # On 2 cores pretraining (threads scaled to 2) takes both: with its priority it runs before the
-    # real-data evaluations, which were ready at the same time and would otherwise start first.
+    # On 2 cores every job of the chain claims both (common.smk, CHAIN_THREADS), so the real-data
+    # evaluations, ready since the data were prepared, start only when sampling has ended; then the
+    # pool-sized sets go first (longest first), the IPC sets after them.
     logs = tiny_run / "logs" / "digits"
-    pretrain_end = log_clock(logs / "pretrain_unconditional.log", -1)
+    sampling_end = log_clock(logs / "sample_budget.log", -1)
+    starts = {kind: log_clock(logs / "evaluate" / f"{kind}.log", 0) for kind in
+              ("real_ipc1", "real_ipc2", "real_full", "synthetic_ipc1", "synthetic_ipc2", "synthetic_pool")}
+    assert min(starts.values()) >= sampling_end, (sampling_end, starts)
+    assert max(starts["real_full"], starts["synthetic_pool"]) <= min(starts["real_ipc1"], starts["synthetic_ipc1"])
     for kind in ("real_ipc1", "real_full"):
-        assert log_clock(logs / "evaluate" / f"{kind}.log", 0) >= pretrain_end, kind
         evaluation = json.loads((digits_out(tiny_run) / "evaluation" / f"{kind}.json").read_text())
         assert evaluation["environment"]["cpu_threads"] == 1  # the rule's threads: (Snakemake's OMP_NUM_THREADS)
         assert evaluation["rounds_at_once"] == 1  # rounds one after another on a CPU

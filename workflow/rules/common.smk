@@ -14,6 +14,14 @@ LOGS = f"logs/{DATASET}"
 # fine-tuning, scoring, sampling, packaging) goes ahead of jobs that can run beside or after it (the
 # real-data evaluations), instead of starting behind them.
 CRITICAL_PATH = 10
+# Priority orders the start of jobs but holds no core back, so the chain's jobs also claim the cores
+# (up to 8; Snakemake scales a claim down to --cores): with one-thread scoring jobs and checkpoint
+# selection, a one-thread evaluation took the core they left free, and sampling, which needs both
+# cores of a 2-core CPU, waited 117 s of the default's 619 for it (benchmarks/run_timeline.py).
+# A job's thread count is part of its numbers (matrix products sum in another order on another
+# count), so the jobs that make numbers keep the counts they had: training, reference statistics and
+# sampling 8 as before; the evaluations and packages 1.
+CHAIN_THREADS = 8
 SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
 
 
@@ -276,6 +284,19 @@ EVALUATIONS = ACCURACY_EVALUATIONS | BUDGET_EVALUATIONS | SWEEP_EVALUATIONS
 ACCURACY_KINDS, BUDGET_KINDS, SWEEP_KINDS = list(ACCURACY_EVALUATIONS), list(BUDGET_EVALUATIONS), list(SWEEP_EVALUATIONS)
 EVALUATION_KIND_RE = "|".join(map(re.escape, EVALUATIONS))  # the table's kinds and nothing else
 EVALUATION_INPUTS = ("train", "pool_meta")  # the table's files: inputs of the evaluate rule as well as flags
+
+
+def evaluation_priority(wildcards):
+    """Longest first, so that the last evaluations end together (on 2 cores the default's pool
+    evaluation started last and ran 60 s alone): the pool-sized sets (pool, full real split, budget
+    prefixes, sweep variants), then the IPC sets, larger IPC first; all below the chain."""
+    target = EVALUATIONS[wildcards.kind]
+    ipc = target.get("ipc") or target.get("random_ipc")
+    rank = IPC_GRID_ORDER.index(ipc) if ipc else len(IPC_GRID)
+    return min(rank + 1, CRITICAL_PATH - 1)
+
+
+IPC_GRID_ORDER = sorted(IPC_GRID)
 
 
 def evaluation_inputs(wildcards):

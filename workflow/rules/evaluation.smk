@@ -20,6 +20,7 @@ rule evaluate:
         f"{LOGS}/evaluate/{{kind}}.log",
     benchmark:
         f"{OUT}/benchmarks/evaluate/{{kind}}.tsv"
+    priority: evaluation_priority
     threads: 1
     resources:
         gpu=gpu_count(config["evaluation"]),

@@ -24,7 +24,7 @@ rule sample_budget:
     benchmark:
         f"{OUT}/benchmarks/sample_budget{'_{shard}' if SHARDS > 1 else ''}.tsv"
     priority: CRITICAL_PATH
-    threads: 8
+    threads: CHAIN_THREADS
     resources:
         gpu=gpu_count(config["sampling"]),
         mem_mb=16000,

@@ -22,7 +22,7 @@ rule reference_stats:
         f"{LOGS}/reference_stats.log",
     cache: True
     priority: CRITICAL_PATH
-    threads: 8
+    threads: CHAIN_THREADS
     resources:
         gpu=gpu_count(config["scoring"]),
         mem_mb=16000,
@@ -60,7 +60,7 @@ rule score_checkpoint:
     benchmark:
         f"{OUT}/benchmarks/score_checkpoint/step_{{step}}.tsv"
     priority: CRITICAL_PATH
-    threads: 1
+    threads: CHAIN_THREADS
     resources:
         gpu=gpu_count(config["scoring"]),
         mem_mb=16000,
@@ -89,7 +89,7 @@ rule select_checkpoint:
         f"{LOGS}/select_checkpoint.log",
     localrule: True
     priority: CRITICAL_PATH
-    threads: 1
+    threads: CHAIN_THREADS  # a plot, but it holds the cores for sampling (common.smk)
     conda:
         "../../envs/diffdistill.yaml"
     shell:

@@ -21,7 +21,7 @@ rule pretrain_unconditional:
     benchmark:
         f"{OUT}/benchmarks/pretrain_unconditional.tsv"
     priority: CRITICAL_PATH
-    threads: 8
+    threads: CHAIN_THREADS
     resources:
         gpu=gpu_count(PRETRAINING),
         mem_mb=PRETRAINING["mem_mb"],
