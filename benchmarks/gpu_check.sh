@@ -70,9 +70,10 @@ for i in "${!NAMES[@]}"; do
     began=$(date +%s.%N)
     if [ "${STEPS[$i]}" = pytest ]; then
         # The quick GPU tests first, then the slow ones (torch.compile), so that a time limit cuts only
-        # those; pytest's 5 ("no tests selected") counts as success.
+        # those; pytest's 5 ("no tests selected") counts as success. One process (-o addopts): the
+        # node's pytest may have no pytest-xdist, and the GPU tests share one device.
         timeout -k 5 "${LIMITS[$i]}" bash -c 'for m in "gpu and not slow" "gpu and slow"; do
-                "$0" -m pytest -q -p no:cacheprovider -m "$m" "$1"; rc=$?
+                "$0" -m pytest -q -p no:cacheprovider -o addopts=-ra -m "$m" "$1"; rc=$?
                 [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ] && failed=1; done; exit ${failed:-0}' "$PY" "$TESTS" \
             >"$OUT/${NAMES[$i]}.txt" 2>&1
     else

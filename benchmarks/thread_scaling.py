@@ -28,11 +28,13 @@ from diffdistill.normalize import normalize, stats_for
 COLUMNS = ["workload", "unit", "threads", "seconds", "speedup", "efficiency"]
 EVALUATOR_SETS = {"evaluator IPC 1": 10, "evaluator IPC 10": 100, "evaluator real split": 1257,
                   "evaluator 2,000 images": 2000}
+WORKLOADS = ["fine-tuning step", *EVALUATOR_SETS, "sampling batch"]
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=WORKLOADS)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=10, help="fine-tuning steps per timing")
     p.add_argument("--epochs", type=int, default=2, help="evaluator epochs per timing")
@@ -79,10 +81,14 @@ def sampling_workload(real):
 
 
 def workloads(args, real):
-    yield "fine-tuning step", *finetune_workload(real, args.steps)
-    for name, n in EVALUATOR_SETS.items():
-        yield name, *evaluator_workload(real, n, args.epochs)
-    yield "sampling batch", *sampling_workload(real)
+    """(name, unit, run) of each chosen workload, built only when chosen."""
+    for name in args.workloads:
+        if name == "fine-tuning step":
+            yield name, *finetune_workload(real, args.steps)
+        elif name == "sampling batch":
+            yield name, *sampling_workload(real)
+        else:
+            yield name, *evaluator_workload(real, EVALUATOR_SETS[name], args.epochs)
 
 
 def median_seconds(run, repeats):
@@ -100,14 +106,18 @@ def main(argv=None) -> int:
     real = load_digits_split("train")
     print(f"# thread scaling, torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print("\t".join(COLUMNS), flush=True)
-    for name, unit, run in workloads(args, real):
-        base = None
-        for threads in args.threads:
-            torch.set_num_threads(threads)
-            seconds = median_seconds(run, args.repeats)
-            base = base or seconds * args.threads[0]
-            speedup = base / seconds
-            print(f"{name}\t{unit}\t{threads}\t{seconds:.3f}\t{speedup:.2f}\t{speedup / threads:.2f}", flush=True)
+    before = torch.get_num_threads()
+    try:
+        for name, unit, run in workloads(args, real):
+            base = None
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                seconds = median_seconds(run, args.repeats)
+                base = base or seconds * args.threads[0]  # the first count's seconds, as one thread's
+                speedup = base / seconds
+                print(f"{name}\t{unit}\t{threads}\t{seconds:.4g}\t{speedup:.3f}\t{speedup / threads:.3f}", flush=True)
+    finally:
+        torch.set_num_threads(before)
     return 0
 
 

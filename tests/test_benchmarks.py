@@ -179,3 +179,64 @@ def test_folder_read_times_each_worker_count_and_extrapolates(capsys):
         assert row["images_per_s"] == pytest.approx(24 / row["seconds"])
         assert row["extrapolated_s"] == pytest.approx(1000 / row["images_per_s"])
     assert "images/s" in capsys.readouterr().out
+
+
+def test_thread_scaling_prints_speedup_and_efficiency_per_thread_count(capsys):
+    bench = load_benchmark("thread_scaling")
+    threads = torch.get_num_threads()
+    argv = ["--threads", "1", "2", "--repeats", "1", "--steps", "1", "--epochs", "1",
+            "--workloads", "fine-tuning step", "evaluator IPC 1"]
+    assert bench.main(argv) == 0
+    assert torch.get_num_threads() == threads  # the benchmark leaves the process as it found it
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split("\t") for line in lines[2:]]
+    assert lines[1].split("\t") == bench.COLUMNS
+    assert [(row[0], row[2]) for row in rows] == [("fine-tuning step", "1"), ("fine-tuning step", "2"),
+                                                  ("evaluator IPC 1", "1"), ("evaluator IPC 1", "2")]
+    for one, two in (rows[:2], rows[2:]):
+        assert float(one[4]) == 1.0
+        assert float(two[4]) == pytest.approx(float(one[3]) / float(two[3]), rel=0.002, abs=0.001)
+        assert float(two[5]) == pytest.approx(float(two[4]) / 2, abs=0.001)
+
+
+SNAKEMAKE_LOG = """\
+Provided cores: 2
+[Mon Dec  7 07:10:00 2026]
+localrule prepare_data:
+    output: data/train.pt
+    jobid: 5
+    resources: tmpdir=/tmp
+[Mon Dec  7 07:10:04 2026]
+Finished jobid: 5 (Rule: prepare_data)
+[Mon Dec  7 07:10:04 2026]
+localrule finetune:
+    jobid: 6
+    priority: 10
+    threads: 2
+[Mon Dec  7 07:10:14 2026]
+Finished jobid: 6 (Rule: finetune)
+[Mon Dec  7 07:10:14 2026]
+localrule evaluate:
+    wildcards: kind=real_ipc1
+    jobid: 7
+[Mon Dec  7 07:10:14 2026]
+localrule evaluate:
+    wildcards: kind=real_full
+    jobid: 8
+[Mon Dec  7 07:10:20 2026]
+Finished jobid: 7 (Rule: evaluate)
+[Mon Dec  7 07:10:30 2026]
+Finished jobid: 8 (Rule: evaluate)
+"""
+
+
+def test_run_timeline_gives_each_job_its_span_and_counts_idle_cores(tmp_path, capsys):
+    log = tmp_path / "run.snakemake.log"
+    log.write_text(SNAKEMAKE_LOG)
+    assert load_benchmark("run_timeline").main([str(log), "--cores", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t") for line in lines[1:-1]] == [
+        ["prepare_data", "", "1", "0", "4", "4"], ["finetune", "", "2", "4", "14", "10"],
+        ["evaluate", "kind=real_ipc1", "1", "14", "20", "6"], ["evaluate", "kind=real_full", "1", "14", "30", "16"]]
+    # idle: one core during prepare (4) and one after real_ipc1 ends (10); work 4 + 20 + 6 + 16
+    assert lines[-1] == "# wall 30 s, jobs' core-seconds 46, idle core-seconds 14 on 2 cores"
