@@ -89,6 +89,22 @@ def test_generate_shape_dtype_and_determinism(tiny):
     assert not torch.equal(a, c)
 
 
+class NaNAfter(torch.nn.Module):
+    """A U-ViT whose noise prediction turns NaN: what a miscompiled network gives."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.null_label = model, model.config, model.null_label
+
+    def forward(self, x, t, y=None):
+        return self.model(x, t, y) * float("nan")
+
+
+def test_a_batch_with_non_finite_values_is_refused_not_turned_into_pixels(tiny):
+    with pytest.raises(DiffdistillError, match="non-finite values .* batch of 3 images"):
+        generate(NaNAfter(tiny), torch.tensor([0, 1, 2]), SamplerSettings(**FAST), device="cpu", seed=0)
+
+
 def test_generate_guided_and_bf16_run_and_guidance_needs_a_null_class(tiny):
     labels = torch.tensor([0, 2])
     out = generate(tiny, labels, SamplerSettings(**FAST, guidance_scale=2.0, precision="bf16"), device="cpu", seed=1)

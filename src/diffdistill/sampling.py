@@ -164,6 +164,12 @@ def generate(
             algorithm=settings.algorithm, skip_type=settings.skip_type, t_start=1.0, t_end=settings.t_end,
             x0_pull=pull,
         )  # (N, C, H, W) in [-1, 1]
+        # NaN would become arbitrary pixel values: refuse the batch (seen with torch.compile's CPU code
+        # when ATEN_CPU_CAPABILITY holds ATen below the CPU's own vector width).
+        if not bool(torch.isfinite(x_0).all()):
+            raise DiffdistillError(f"the sampler produced non-finite values (NaN or inf) in a batch of {shape[0]} "
+                                   "images; nothing of it is kept (one known cause: a compiled network, "
+                                   "sampler.compile)")
         # .cpu() also waits for the device, so the caller's clock sees the batch as finished.
         return from_model_range(x_0).cpu()
 
