@@ -7,13 +7,12 @@ scripts from rotting and check the numbers they derive (FLOPs, roofline fraction
 from __future__ import annotations
 
 import csv
-import shutil
 
 import pytest
 import torch
 
 from diffdistill import dsa, speed, uvit
-from helpers import load_benchmark
+from helpers import load_benchmark, needs_cpu_compiler
 
 COLUMNS = ["preset", "device", "batch", "precision", "compile", "steps", "guidance", "images/s",
            "ms/forward", "GFLOP/img-fwd", "TFLOP/s", "%roofline", "first_call_s"]
@@ -58,8 +57,7 @@ def test_sampler_throughput_writes_one_row_per_configuration(throughput, tmp_pat
         assert float(row["%roofline"]) == pytest.approx(100 * float(row["TFLOP/s"]) / 1.0, rel=1e-3)
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="torch.compile on CPU needs a C++ compiler")
+@needs_cpu_compiler
 def test_sampler_throughput_compiled_network(throughput, tmp_path):
     # reduce-overhead: the CUDA-graph mode whose outputs are copied (no graphs on the CPU, same wiring)
     rows = run_throughput(throughput, tmp_path, "--compile", "on", "--compile-mode", "reduce-overhead",

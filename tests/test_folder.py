@@ -5,7 +5,6 @@ is written, each error naming the folder or file (docs/reference.md, "Folder dat
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -9,8 +9,6 @@ an unpadded one to 1e-5 in the network's output.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,12 +19,10 @@ from diffdistill import dsa, evaluation, sampling, speed, training, uvit
 from diffdistill.convnet import ConvNet
 from diffdistill.data import LabeledImages
 from diffdistill.sampling import SamplerSettings, generate, sample_budgeted
-from helpers import load_script
+from helpers import load_script, needs_cpu_compiler
 
 FAST = dict(steps=3, order=2, method="multistep", algorithm="dpmsolver++", t_end=1e-3)
 SCHEMA = yaml.safe_load((Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml").read_text())
-needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                                    reason="torch.compile on CPU needs a C++ compiler")
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +103,7 @@ def test_out_of_memory_halving_resets_the_fixed_shape(tiny, compile_is_identity)
     assert (fixed.images.int() - plain.images.int()).abs().max() <= 1
 
 
-@needs_compiler
-@pytest.mark.skipif(bool(os.environ.get("ATEN_CPU_CAPABILITY")),
-                    reason="with ATen held below the CPU's vector width (e.g. avx2 on an AVX-512 CPU) "
-                           "torch.compile's CPU code returns NaN; the sampler then refuses the batch")
+@needs_cpu_compiler
 def test_compiled_sampler_matches_eager_within_one_level(tiny):
     torch._dynamo.reset()
     labels = torch.tensor([0, 1, 2, 0, 1])
