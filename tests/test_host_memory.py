@@ -17,6 +17,7 @@ import sys
 import pytest
 
 from diffdistill import cli, host_memory
+from helpers import REPO
 
 CYCLES = """
 import resource, sys, torch
@@ -66,7 +67,17 @@ def test_other_platforms_are_left_alone(monkeypatch):
 
 
 @glibc_only
-def test_scripts_keep_freed_memory_from_the_start(tmp_path):
-    log_file = tmp_path / "stage.log"
-    cli.start("stage", ["--flag"], log_file=log_file, device="cpu", seed=0)
-    assert "host memory: freed blocks kept for reuse" in log_file.read_text()
+def test_scripts_that_train_keep_freed_memory_from_the_start_and_the_others_do_not(tmp_path):
+    trains, samples = tmp_path / "train.log", tmp_path / "sample.log"
+    cli.start("train", ["--flag"], log_file=trains, device="cpu", seed=0, trains=True)
+    assert "host memory: freed blocks kept for reuse" in trains.read_text()
+    cli.start("sample_budget", ["--flag"], log_file=samples, device="cpu", seed=0)
+    assert "host memory" not in samples.read_text()
+
+
+@pytest.mark.parametrize("script, trains", [("train", True), ("evaluate", True), ("reference_stats", True),
+                                            ("sample_budget", False), ("score_checkpoint", False),
+                                            ("package", False), ("report", False)])
+def test_only_the_training_scripts_ask_for_kept_memory(script, trains):
+    source = (REPO / "workflow" / "scripts" / f"{script}.py").read_text()
+    assert ("trains=True" in source) == trains

@@ -65,15 +65,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start(script: str, argv: Sequence[str], log_file=None, device: str = "auto", seed: int | None = None):
-    """Common start of every script: logging, the command line, device and seed, and freed host memory
-    kept for reuse (:mod:`diffdistill.host_memory`). Returns the device."""
+def start(script: str, argv: Sequence[str], log_file=None, device: str = "auto", seed: int | None = None, *,
+          trains: bool = False):
+    """Common start of every script: logging, the command line, device and seed. A script that
+    ``trains`` a network (fine-tuning, the evaluations, the feature ConvNet) keeps freed host memory for
+    reuse on a CPU (:mod:`diffdistill.host_memory`): 1.17-1.42x faster there, and nothing gained on a
+    GPU or in sampling and scoring, where it only held on to memory (docs/reference.md, "Host
+    memory"). Returns the device."""
     setup_logging(log_file)
     log.info("%s %s", script, " ".join(shlex.quote(a) for a in argv))
-    if host_memory.keep_freed_memory():
+    dev = resolve_device(device)
+    if trains and dev.type == "cpu" and host_memory.keep_freed_memory():
         log.info("host memory: freed blocks kept for reuse (glibc mmap threshold %d MiB, trim threshold %d MiB)",
                  host_memory.MMAP_THRESHOLD_BYTES >> 20, host_memory.TRIM_THRESHOLD_BYTES >> 20)
-    dev = resolve_device(device)
     if seed is not None:
         seed_everything(seed)
     log.info("device %s (%s), seed %s", dev, device_name(dev), seed)

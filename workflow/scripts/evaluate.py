@@ -50,7 +50,8 @@ def parse(argv) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    device = cli.start("evaluate.py", sys.argv[1:] if argv is None else argv, args.log, args.device, args.seed)
+    device = cli.start("evaluate.py", sys.argv[1:] if argv is None else argv, args.log, args.device, args.seed,
+                       trains=True)
     with cli.cleanup_on_failure([args.out]):
         with cli.Timer() as loading:
             test = load_images(args.test)

@@ -34,7 +34,8 @@ def parse(argv):
 
 def main(argv=None) -> int:
     args = parse(argv)
-    device = cli.start("reference_stats", sys.argv[1:] if argv is None else argv, args.log, args.device, args.seed)
+    device = cli.start("reference_stats", sys.argv[1:] if argv is None else argv, args.log, args.device, args.seed,
+                       trains=True)
     if args.extractor == "convnet" and not args.convnet_out:
         raise DiffdistillError("--extractor convnet needs --convnet-out (the feature ConvNet is reused by scoring)")
     with cli.cleanup_on_failure([args.stats_out, args.convnet_out, args.meta]):

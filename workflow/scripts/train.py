@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
-    device = cli.start("train", argv, log_file=args.log if rank == 0 else None, device=args.device, seed=args.seed)
+    device = cli.start("train", argv, log_file=args.log if rank == 0 else None, device=args.device, seed=args.seed,
+                       trains=True)
     config = cli.dataclass_from_args(training.TrainConfig, args)
     paths = checkpoint_paths(args, config)
     state = training.checkpoint_paths_in(args.resume_dir, config.checkpoint_steps) if args.resume_dir else paths
