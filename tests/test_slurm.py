@@ -115,7 +115,7 @@ class BackgroundRun:
     def __init__(self, cluster: SlurmCluster, workdir: Path, *args: str, timeout: float):
         argv = [sys.executable, "-m", "snakemake", "--directory", str(workdir), "--profile", str(PROFILE),
                 *TEST_SPEED, *args]
-        self.cluster, self.timeout, self.started = cluster, timeout, time.monotonic()
+        self.cluster, self.workdir, self.timeout, self.started = cluster, workdir, timeout, time.monotonic()
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=cluster.env, cwd=workdir, start_new_session=True)
         self.run: Run | None = None
@@ -177,19 +177,8 @@ def executed_rules(output: str) -> tuple[Counter, Counter]:
     return remote, local
 
 
-@dataclass
-class Started:
-    """A run of the module, started side by side with the others: its folder and its process."""
-
-    workdir: Path
-    background: BackgroundRun
-
-    def result(self) -> Run:
-        return self.background.result()
-
-
 @pytest.fixture(scope="module")
-def runs(slurm_cluster, request, tmp_path_factory) -> dict[str, Started]:
+def runs(slurm_cluster, request, tmp_path_factory) -> dict[str, BackgroundRun]:
     """Every snakemake run of this module, started at once, side by side. Each mostly waits: the
     plugin checks a job's status 1 s after submitting it, then 10 s later than the previous check
     until a job has ended, so a job of a few seconds holds its run for about 12. Run one after another
@@ -209,11 +198,11 @@ def runs(slurm_cluster, request, tmp_path_factory) -> dict[str, Started]:
         source = f"pretrained={{'source': 'file', 'path': '{corrupt}'}}"
         commands |= {"tiny": tiny_args(folders["tiny"]), "tiny_failing": tiny_args(folders["tiny_failing"], source)}
     timeouts = {"toy": 180, "toy_failing": 180, "tiny": 900, "tiny_failing": 600}
-    started = {name: Started(folders[name], BackgroundRun(cluster, folders[name], *command, timeout=timeouts[name]))
+    started = {name: BackgroundRun(cluster, folders[name], *command, timeout=timeouts[name])
                for name, command in commands.items()}
     yield started
     for run in started.values():
-        run.background.stop()
+        run.stop()
 
 
 # --- the cluster on its own, through a toy workflow -------------------------------------------------

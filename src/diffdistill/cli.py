@@ -116,7 +116,7 @@ def environment(device=None) -> dict:
         "host": platform.node(),
         "cpu_threads": torch.get_num_threads(),
         # The vector width of torch's CPU kernels: results are bit-identical on one machine, and move
-        # in the last digits between AVX-512 and AVX2 (docs/reference.md, "Across CPU kinds").
+        # in the last digits between AVX-512 and AVX2 (docs/reference.md, "The default on a CPU").
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     if device is not None:

@@ -19,8 +19,9 @@ CRITICAL_PATH = 10
 # selection, a one-thread evaluation took the core they left free, and sampling, which needs both
 # cores of a 2-core CPU, waited 117 s of the default's 619 for it (benchmarks/run_timeline.py).
 # A job's thread count is part of its numbers (matrix products sum in another order on another
-# count), so the jobs that make numbers keep the counts they had: training, reference statistics and
-# sampling 8 as before; the evaluations and packages 1.
+# count), so training, reference statistics and sampling keep their 8 and the evaluations and packages
+# their 1; scoring went from 1 to 8 with its scores equal to the last digit (docs/reference.md, "The
+# default on a CPU").
 CHAIN_THREADS = 8
 SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
 
@@ -292,11 +293,8 @@ def evaluation_priority(wildcards):
     prefixes, sweep variants), then the IPC sets, larger IPC first; all below the chain."""
     target = EVALUATIONS[wildcards.kind]
     ipc = target.get("ipc") or target.get("random_ipc")
-    rank = IPC_GRID_ORDER.index(ipc) if ipc else len(IPC_GRID)
+    rank = sorted(IPC_GRID).index(ipc) if ipc else len(IPC_GRID)
     return min(rank + 1, CRITICAL_PATH - 1)
-
-
-IPC_GRID_ORDER = sorted(IPC_GRID)
 
 
 def evaluation_inputs(wildcards):
