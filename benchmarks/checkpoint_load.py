@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
-from diffdistill import atomic, checkpoint, uvit
+from diffdistill import atomic
+from diffdistill.diffusion import checkpoint, uvit
 
 COLUMNS = ["preset", "file_MB", "mode", "peak_rss_MB", "seconds"]
 LOAD = """
 import sys, time
 began = time.perf_counter()
-from diffdistill import checkpoint
+from diffdistill.diffusion import checkpoint
 ckpt = checkpoint.load_checkpoint(sys.argv[1], mmap=sys.argv[2] == "mmap")
 model = checkpoint.model_from_checkpoint(ckpt, weights="ema")
 seconds = time.perf_counter() - began

@@ -3,8 +3,8 @@
 Three implementations of the same transform get the same drawn parameters (same seeds, so the same
 family per batch):
 
-- ``batched``: :func:`diffdistill.dsa.apply_params`, no Python loop over samples;
-- ``loop``: :func:`diffdistill.dsa.apply_params_loop`, every family one image at a time;
+- ``batched``: :func:`diffdistill.evaluation.dsa.apply_params`, no Python loop over samples;
+- ``loop``: :func:`diffdistill.evaluation.dsa.apply_params_loop`, every family one image at a time;
 - ``ref-style``: like the challenge's original code, the scale/rotate matrices are built in a
   per-sample Python loop (``torch.tensor`` of a list of per-image matrices) and then sampled in one
   batched call; the other families are batched as in the original.
@@ -23,8 +23,9 @@ import time
 
 import torch
 
-from diffdistill import dsa, speed
+from diffdistill import speed
 from diffdistill.cli import device_name
+from diffdistill.evaluation import dsa
 
 
 def reference_style(x: torch.Tensor, family: str, drawn: dict, params: dsa.DSAParams) -> torch.Tensor:

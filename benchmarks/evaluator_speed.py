@@ -1,6 +1,6 @@
 """Evaluator speed: rounds of the challenge protocol three ways on the same data and epochs: a loop in
-the organisers' style, diffdistill.evaluation (rounds one after another) and
-diffdistill.stacked_rounds (all rounds at once); seconds per round, accuracy, time ratio.
+the organisers' style, diffdistill.evaluation.protocol (rounds one after another) and
+diffdistill.evaluation.stacked_rounds (all rounds at once); seconds per round, accuracy, time ratio.
 
     python benchmarks/evaluator_speed.py --device cuda --train train.pt --test test.pt --dataset cifar100 --epochs 20
     python benchmarks/evaluator_speed.py --digits-ipc 1 10 50 --pool 2000 --rounds 5 --epochs 10
@@ -31,13 +31,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from diffdistill import evaluation, host_memory, speed, stacked_rounds
+from diffdistill import host_memory, speed
 from diffdistill.cli import resolve_device
-from diffdistill.convnet import ConvNet
 from diffdistill.data import load_images
-from diffdistill.digits import load_digits_split
-from diffdistill.dsa import DSAParams
-from diffdistill.normalize import normalize
+from diffdistill.data.digits import load_digits_split
+from diffdistill.data.normalize import normalize
+from diffdistill.evaluation import protocol, stacked_rounds
+from diffdistill.evaluation.convnet import ConvNet
+from diffdistill.evaluation.dsa import DSAParams
 
 
 # ---- the organisers' style: DSA as in their utils.py ------------------------------------------
@@ -175,7 +176,7 @@ def toy_split(num_classes: int, per_class: int, side: int, seed: int):
 def load_data(args):
     if args.train:
         train, test = load_images(args.train), load_images(args.test)
-        mean, std = evaluation.normalization_stats(args.dataset, train)
+        mean, std = protocol.normalization_stats(args.dataset, train)
         return (normalize(train.images, mean, std), train.labels, normalize(test.images, mean, std), test.labels,
                 train.num_classes)
     train_x, train_y = toy_split(args.classes, args.per_class, args.size, 0)
@@ -188,11 +189,11 @@ def digits_sets(args):
     fresh random real subset per round (the same subsets for every path), and a pool of ``--pool`` images
     drawn with replacement from the training split, class-balanced, that every round trains on whole."""
     train, test = load_digits_split("train"), load_digits_split("test")
-    mean, std = evaluation.normalization_stats("digits", train)
+    mean, std = protocol.normalization_stats("digits", train)
     x, y, tx, ty = normalize(train.images, mean, std), train.labels, normalize(test.images, mean, std), test.labels
     generator = torch.Generator().manual_seed(0)
     for ipc in args.digits_ipc:
-        subsets = [evaluation.random_real_indices(train, ipc, generator) for _ in range(args.rounds)]
+        subsets = [protocol.random_real_indices(train, ipc, generator) for _ in range(args.rounds)]
         yield f"digits ipc {ipc}", x, y, tx, ty, train.num_classes, subsets
     if args.pool:
         per_class = args.pool // train.num_classes
@@ -230,7 +231,7 @@ def run_path(path, data, args, device):
             accuracies.append(acc)
             seconds += s
         return accuracies, seconds / args.rounds
-    evaluate = evaluation.train_and_evaluate if path == "diffdistill" else stacked_rounds.train_and_evaluate_stacked
+    evaluate = protocol.train_and_evaluate if path == "diffdistill" else stacked_rounds.train_and_evaluate_stacked
     result, seconds = timed(lambda: evaluate(train_x, train_y, test_x, test_y, channel=train_x.shape[1],
                                              im_size=train_x.shape[2:], rounds=args.rounds, seed=0,
                                              round_indices=subsets, log_every=0, **common))
@@ -243,7 +244,7 @@ def warm_up(data, device, batch_size):
     _, train_x, train_y, test_x, test_y, classes, _ = data
     warm = dict(num_classes=classes, epochs=0, batch_size=batch_size, device=device)
     organisers_round(train_x[:64], train_y[:64], test_x[:64], test_y[:64], **warm)
-    for evaluate in (evaluation.train_and_evaluate, stacked_rounds.train_and_evaluate_stacked):
+    for evaluate in (protocol.train_and_evaluate, stacked_rounds.train_and_evaluate_stacked):
         evaluate(train_x[:64], train_y[:64], test_x[:64], test_y[:64], channel=train_x.shape[1],
                  im_size=train_x.shape[2:], rounds=2, seed=0, log_every=0, **warm)
 

@@ -43,9 +43,9 @@ import sys
 
 import torch
 
-from diffdistill import fid
+from diffdistill.scoring import inception_features
 
-state = fid.load_inception_weights(sys.argv[1])  # mapped onto pytorch-fid's InceptionV3, checked
+state = inception_features.load_inception_weights(sys.argv[1])  # mapped onto pytorch-fid's InceptionV3, checked
 state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the loader fills the unused classifier
 torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, sys.argv[2])
 EOF

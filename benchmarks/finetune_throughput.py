@@ -1,4 +1,4 @@
-"""Fine-tuning throughput: images/s of diffdistill.training.Trainer steps over precision (fp32 / bf16
+"""Fine-tuning throughput: images/s of diffdistill.diffusion.training.Trainer steps over precision (fp32 / bf16
 autocast), torch.compile, fused AdamW and TF32, with achieved TFLOP/s and the speed-up over the first row.
 
     python benchmarks/finetune_throughput.py --device cuda --preset uvit_small_2 --batch-size 128 \
@@ -19,9 +19,10 @@ import time
 
 import torch
 
-from diffdistill import atomic, speed, training, uvit
+from diffdistill import atomic, speed
 from diffdistill.cli import resolve_device
 from diffdistill.data import LabeledImages
+from diffdistill.diffusion import training, uvit
 
 COLUMNS = ["preset", "device", "batch", "precision", "compile", "fused", "tf32", "images/s", "ms/step",
            "TFLOP/s", "speedup", "warmup_s", "loss"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffdistill import folder
+from diffdistill.data import folder
 
 
 def parse(argv=None):

@@ -104,7 +104,7 @@ def public_weights(path: Path, overrides: dict) -> Path:
     """A random-init stand-in for cifar10_uvit_small.pth: U-ViT-S/2, unconditional, flat fp32 state_dict."""
     import torch
 
-    from diffdistill import uvit
+    from diffdistill.diffusion import uvit
 
     torch.manual_seed(0)
     state = uvit.build("uvit_small_2", **overrides, num_classes=0).state_dict()
@@ -278,7 +278,8 @@ def step_finetune(args) -> int:
         rows = FINETUNE_ROWS
     options = bench.parse_args(flags)
     device = torch.device(options.device)
-    from diffdistill import speed, uvit
+    from diffdistill import speed
+    from diffdistill.diffusion import uvit
 
     model = uvit.build(options.preset, num_classes=options.num_classes, null_class=True).to(device).eval()
     gflop = speed.forward_flops(model, device) / 1e9

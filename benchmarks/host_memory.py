@@ -22,8 +22,10 @@ import time
 
 import torch
 
-from diffdistill import evaluation, host_memory, training, uvit
-from diffdistill.digits import load_digits_split
+from diffdistill import host_memory
+from diffdistill.data.digits import load_digits_split
+from diffdistill.diffusion import training, uvit
+from diffdistill.evaluation import protocol
 
 # workload -> (threads, the digits set of evaluator_speed.digits_sets; None: the fine-tuning step)
 WORKLOADS = {"evaluate ipc 1": (1, dict(digits_ipc=[1], pool=0)),
@@ -38,7 +40,7 @@ def evaluation_work(digits_set: dict, epochs: int):
     from evaluator_speed import digits_sets  # a sibling script: importable when this file runs as one
 
     _, x, y, test_x, test_y, classes, subsets = next(digits_sets(argparse.Namespace(**digits_set, rounds=1)))
-    return lambda: evaluation.train_and_evaluate(
+    return lambda: protocol.train_and_evaluate(
         x, y, test_x, test_y, num_classes=classes, channel=1, im_size=(8, 8), epochs=epochs, rounds=1,
         device=torch.device("cpu"), seed=0, round_indices=subsets, log_every=0)
 

@@ -23,10 +23,12 @@ from pathlib import Path
 
 import torch
 
-from diffdistill import evaluation, feature_convnet, stacked_rounds, submission
 from diffdistill.cli import resolve_device
 from diffdistill.data import load_images
-from diffdistill.normalize import normalize
+from diffdistill.data.normalize import normalize
+from diffdistill.evaluation import entry, protocol
+from diffdistill.packaging import selection
+from diffdistill.scoring import feature_convnet
 
 
 def parse(argv=None):
@@ -35,7 +37,7 @@ def parse(argv=None):
     p.add_argument("--dataset", default="digits")
     p.add_argument("--pool", nargs="+", default=[], metavar="NAME=FILE",
                    help="pools to compare, e.g. modes=results/x/samples/pool.pt (default: the run's own pool)")
-    p.add_argument("--rules", nargs="+", default=list(submission.RULES), choices=submission.RULES)
+    p.add_argument("--rules", nargs="+", default=list(selection.RULES), choices=selection.RULES)
     p.add_argument("--ipc", type=int, nargs="+", default=[10])
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--rounds", type=int, default=5)
@@ -55,21 +57,21 @@ def main(argv=None) -> None:
     args = parse(argv)
     run = Path(args.run)
     real, test = load_images(run / "data" / "train.pt"), load_images(run / "data" / "test.pt")
-    mean, std = evaluation.normalization_stats(args.dataset, real)
+    mean, std = protocol.normalization_stats(args.dataset, real)
     extractor = feature_convnet.load_feature_convnet(run / "scoring" / "feature_convnet.pt", "cpu")
     common = dict(num_classes=test.num_classes, channel=test.images.shape[1], im_size=tuple(test.images.shape[2:]),
                   epochs=args.epochs, rounds=args.rounds, device=resolve_device(args.device), seed=args.seed,
                   log_every=0)
     test_x = normalize(test.images, mean, std)
-    evaluate = stacked_rounds.train_and_evaluate_fastest  # stacked rounds on CUDA
+    evaluate = entry.run_rounds  # stacked rounds on CUDA
     rows = []
     for name, pool in pools(args, run).items():
         classify = functools.lru_cache(maxsize=2)(extractor.classify)  # pool and real outputs once for all rules
         for ipc in args.ipc:
             for rule in args.rules:
-                inputs = submission.selection_inputs(classify, pool, real, rule)
-                index = submission.select_indices(pool, ipc, rule, args.seed, **inputs)
-                package = submission.package(pool, args.dataset, ipc, mean=mean, std=std, rule=rule, seed=args.seed,
+                inputs = selection.selection_inputs(classify, pool, real, rule)
+                index = selection.select_indices(pool, ipc, rule, args.seed, **inputs)
+                package = selection.package(pool, args.dataset, ipc, mean=mean, std=std, rule=rule, seed=args.seed,
                                              index=index)  # (K * ipc, C, H, W)
                 began = time.perf_counter()
                 result = evaluate(package, pool.labels[index], test_x, test.labels, **common)
@@ -77,7 +79,7 @@ def main(argv=None) -> None:
     baselines = {}
     for ipc in [] if args.no_baseline else args.ipc:
         generator = torch.Generator().manual_seed(args.seed)
-        picks = [evaluation.random_real_indices(real, ipc, generator) for _ in range(args.rounds)]
+        picks = [protocol.random_real_indices(real, ipc, generator) for _ in range(args.rounds)]
         began = time.perf_counter()
         baselines[ipc] = evaluate(normalize(real.images, mean, std), real.labels, test_x,
                                                        test.labels, round_indices=picks, **common)

@@ -7,7 +7,7 @@ step counts and guidance, with achieved TFLOP/s against a roofline.
         --batch-sizes 256 --precisions bf16 --compile off on --steps 50 --sampler ss3
 
 Random weights (speed does not depend on them), a conditional model with a null class, eval mode.
-Each timed call is the package's own batch: diffdistill.sampling.generate (noise, DPM-Solver, uint8
+Each timed call is the package's own batch: diffdistill.diffusion.sampling.generate (noise, DPM-Solver, uint8
 images on the host), with compile "on" through diffdistill.speed.FixedBatchNetwork in --compile-mode
 (the sampler.compile setting; "reduce-overhead" adds CUDA graphs). Guidance w > 1 runs the network
 at batch 2B (images/s counts B). ms/forward is the wall time of one sampler call over its network
@@ -30,8 +30,9 @@ import time
 
 import torch
 
-from diffdistill import atomic, sampling, speed, uvit
+from diffdistill import atomic, speed
 from diffdistill.cli import resolve_device
+from diffdistill.diffusion import sampler_settings, sampling, uvit
 
 # name -> dpm_solver.sample keyword arguments; ms2 for strong guidance (docs/reference.md, "DPM-Solver")
 SAMPLERS = {
@@ -49,7 +50,7 @@ def parse_args(argv):
     presets = list(uvit.PRESETS)
     p.add_argument("--presets", nargs="+", choices=presets, default=["uvit_tiny_test", "uvit_digits"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[64])
-    p.add_argument("--precisions", nargs="+", default=["fp32"], choices=list(sampling.PRECISIONS))
+    p.add_argument("--precisions", nargs="+", default=["fp32"], choices=list(sampler_settings.PRECISIONS))
     p.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"])
     p.add_argument("--compile-mode", default="default", choices=speed.COMPILE_MODES[1:],
                    help="torch.compile mode for compile 'on' (reduce-overhead: CUDA graphs)")
@@ -77,9 +78,9 @@ def cpu_peak_tflops(precision: str, n: int = 1024, seconds: float = 0.5) -> floa
     return 2 * n**3 * calls / (time.perf_counter() - start) / 1e12
 
 
-def settings_for(args, precision: str, steps: int, w: float, compile_mode: str) -> sampling.SamplerSettings:
+def settings_for(args, precision: str, steps: int, w: float, compile_mode: str) -> sampler_settings.SamplerSettings:
     t_end = 1e-4 if steps > 15 else 1e-3  # docs/reference.md, "DPM-Solver"
-    return sampling.SamplerSettings(steps=steps, t_end=t_end, guidance_scale=w, precision=precision,
+    return sampler_settings.SamplerSettings(steps=steps, t_end=t_end, guidance_scale=w, precision=precision,
                                     compile=compile_mode, **SAMPLERS[args.sampler])
 
 

@@ -21,9 +21,10 @@ import time
 
 import torch
 
-from diffdistill import evaluation, sampling, training, uvit
-from diffdistill.digits import load_digits_split
-from diffdistill.normalize import normalize, stats_for
+from diffdistill.data.digits import load_digits_split
+from diffdistill.data.normalize import normalize, stats_for
+from diffdistill.diffusion import sampler_settings, sampling, training, uvit
+from diffdistill.evaluation import protocol
 
 COLUMNS = ["workload", "unit", "threads", "seconds", "speedup", "efficiency"]
 EVALUATOR_SETS = {"evaluator IPC 1": 10, "evaluator IPC 10": 100, "evaluator real split": 1257,
@@ -61,7 +62,7 @@ def evaluator_workload(real, n, epochs):
     x, y = normalize(real.images[index], mean, std), real.labels[index]
 
     def run():
-        evaluation.train_convnet(x, y, num_classes=real.num_classes, channel=1, im_size=(8, 8), epochs=epochs - 1,
+        protocol.train_convnet(x, y, num_classes=real.num_classes, channel=1, im_size=(8, 8), epochs=epochs - 1,
                                  device=torch.device("cpu"), generator=torch.Generator().manual_seed(0),
                                  init_seed=0, log_every=0)
 
@@ -70,7 +71,7 @@ def evaluator_workload(real, n, epochs):
 
 def sampling_workload(real):
     model = uvit.build("uvit_digits", num_classes=real.num_classes, null_class=True).eval()
-    settings = sampling.SamplerSettings(steps=20, order=2, method="multistep", algorithm="dpmsolver++",
+    settings = sampler_settings.SamplerSettings(steps=20, order=2, method="multistep", algorithm="dpmsolver++",
                                         skip_type="logSNR", t_end=1e-3, guidance_scale=1.0)
     labels = sampling.balanced_labels(real.num_classes, 250)
 

@@ -43,7 +43,8 @@ def mini_tiny_imagenet(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits_files(tmp_path_factory):
     """Prepared digits splits on disk: ``{"train": Path, "test": Path}`` (1,257 / 540 images)."""
-    from diffdistill import data, digits
+    from diffdistill import data
+    from diffdistill.data import digits
 
     folder = tmp_path_factory.mktemp("digits")
     paths = {split: folder / f"{split}.pt" for split in data.SPLITS}

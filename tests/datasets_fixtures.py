@@ -203,7 +203,7 @@ def make_public_uvit_weights(path, preset: str, num_classes: int, seed: int = 0)
     """
     import torch
 
-    from diffdistill import uvit
+    from diffdistill.diffusion import uvit
 
     torch.manual_seed(seed)
     state = uvit.build(preset, num_classes=num_classes, null_class=False).state_dict()

@@ -3,7 +3,7 @@
 Written from the published description (docs/reference.md, "DPM-Solver"): explicit phi_1, phi_2,
 phi_3 coefficients per update, the authors' sample loop (timesteps, model_prev_list, inner grids of
 singlestep steps) and their closed-form inverse of lambda for the linear VP schedule. It shares no
-code with ``diffdistill.dpm_solver``, whose factored update (one psi-form for both algorithms) it
+code with ``diffdistill.diffusion.dpm_solver``, whose factored update (one psi-form for both algorithms) it
 checks. Scalars are Python floats (float64); x is whatever tensor the caller passes.
 """
 

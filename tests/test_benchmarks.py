@@ -11,7 +11,9 @@ import csv
 import pytest
 import torch
 
-from diffdistill import dsa, speed, uvit
+from diffdistill import speed
+from diffdistill.diffusion import uvit
+from diffdistill.evaluation import dsa
 from helpers import load_benchmark, needs_cpu_compiler
 
 COLUMNS = ["preset", "device", "batch", "precision", "compile", "steps", "guidance", "images/s",
@@ -133,8 +135,9 @@ def test_host_memory_times_each_workload_in_both_modes(capsys):
 
 
 def test_package_rules_evaluates_every_rule_on_a_toy_run(tmp_path, capsys):
-    from diffdistill import feature_convnet, submission
     from diffdistill.data import LabeledImages, save_images
+    from diffdistill.packaging import selection
+    from diffdistill.scoring import feature_convnet
 
     g = torch.Generator().manual_seed(0)
 
@@ -155,7 +158,7 @@ def test_package_rules_evaluates_every_rule_on_a_toy_run(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "IPC [1, 6], 1 epochs, 2 rounds, seed 0"
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[3:]]
-    expected = [(ipc, f"{pool} {rule}") for ipc in ("1", "6") for pool in "ab" for rule in submission.RULES]
+    expected = [(ipc, f"{pool} {rule}") for ipc in ("1", "6") for pool in "ab" for rule in selection.RULES]
     expected += [("1", "random real (fresh subsets)"), ("6", "random real (fresh subsets)")]
     assert sorted((row[0], row[1]) for row in rows) == sorted(expected)
     for row in rows:  # beside each row random real at its IPC, and the gap in its std

@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from diffdistill import checkpoint, uvit
+from diffdistill.diffusion import checkpoint, uvit
 from diffdistill.errors import DiffdistillError
 
 N_PATCHES = 16  # uvit_tiny_test: 8x8 image, patch 2

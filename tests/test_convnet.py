@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffdistill.convnet import ConvNet
 from diffdistill.errors import DiffdistillError
+from diffdistill.evaluation.convnet import ConvNet
 
 # docs/reference.md "ConvNet": depth 3, width 128, Conv2d(3x3, pad 1; 3 for a one-channel first conv) -> GroupNorm(128, 128) -> ReLU ->
 # AvgPool2d(2) per block, then Linear(128 * (H/8)^2, classes). A Sequential numbers the modules, so

@@ -20,8 +20,9 @@ from datasets_fixtures import (cifar_class_name, cifar_green, make_cifar100, mak
                                tiny_colour, tiny_grey, tiny_wnid)
 from PIL import Image
 
-from diffdistill import cifar100, data, datasets, digits, mnist, tinyimagenet
+from diffdistill import data
 from diffdistill.cli import run_main
+from diffdistill.data import cifar100, datasets, digits, mnist, tinyimagenet
 from diffdistill.errors import DiffdistillError
 from helpers import load_script
 

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffdistill import cli, folder, sampling, submission, training
+from diffdistill import cli
+from diffdistill.data import folder
+from diffdistill.diffusion import sampler_settings, sampling, training
+from diffdistill.packaging import selection, submission
 from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +61,7 @@ def test_schema_and_package_defaults_agree(key, package_value):
 COMMON_SMK = (REPO / "workflow" / "rules" / "common.smk").read_text()
 DEFAULT_RUN = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 # The config block of each stage dataclass, and the fields that are not config keys (with why).
-STAGES = {"finetune": training.TrainConfig, "sampler": sampling.SamplerSettings}
+STAGES = {"finetune": training.TrainConfig, "sampler": sampler_settings.SamplerSettings}
 NOT_IN_CONFIG = {
     "seed": "the config's seed plus the stage's own offset (common.smk stage_seed)",
     "bf16": "autocast on CUDA: the workflow always trains in bf16",
@@ -128,7 +131,7 @@ NEEDS_DATA = {("sampler", "mode_guidance")}
 
 
 def test_settings_that_need_data_are_off_by_default_and_on_in_the_default_run():
-    assert {key: field_defaults(sampling.SamplerSettings)[key] for _, key in NEEDS_DATA} == {"mode_guidance": 0.0}
+    assert {key: field_defaults(sampler_settings.SamplerSettings)[key] for _, key in NEEDS_DATA} == {"mode_guidance": 0.0}
     assert DEFAULT_RUN["sampler"]["mode_guidance"] > 0
 
 
@@ -143,7 +146,7 @@ def test_every_setting_is_a_flag_with_its_default_in_help():
     for key, value in field_defaults(training.TrainConfig).items():
         assert re.search(rf"--{key.replace('_', '-')}\b.*?default: {re.escape(cli._flag_text(value))}\s",
                          text, re.DOTALL), key
-    assert flag_parser(sampling.SamplerSettings).parse_args([]).steps == sampling.SamplerSettings().steps
+    assert flag_parser(sampler_settings.SamplerSettings).parse_args([]).steps == sampler_settings.SamplerSettings().steps
 
 
 @pytest.mark.parametrize("settings", [
@@ -151,7 +154,7 @@ def test_every_setting_is_a_flag_with_its_default_in_help():
                          betas=(0.9, 0.95), weight_decay=0.0, warmup_steps=0, ema_rate=0.5, label_dropout=0.0,
                          hflip=True, seed=4, t_min=1e-3, bf16=False, log_every=2, compile=True, fused_adamw=True,
                          tf32=True),
-    sampling.SamplerSettings(steps=50, order=3, method="singlestep", algorithm="dpmsolver", skip_type="time_uniform",
+    sampler_settings.SamplerSettings(steps=50, order=3, method="singlestep", algorithm="dpmsolver", skip_type="time_uniform",
                              t_end=1e-4, guidance_scale=2.5, precision="bf16", compile="default", mode_guidance=0.25,
                              mode_guidance_stop=0.4, modes_per_class=3),
 ])
@@ -200,7 +203,7 @@ def test_flags_the_workflow_always_passes_are_required(script, parse, argv, flag
 
 
 def test_workflow_feature_rules_are_the_package_ones():
-    assert smk_value("FEATURE_RULES") == submission.FEATURE_RULES
+    assert smk_value("FEATURE_RULES") == selection.FEATURE_RULES
 
 
 def test_workflow_challenge_ipc_is_the_package_one():

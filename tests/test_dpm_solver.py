@@ -26,7 +26,7 @@ import math
 import pytest
 import torch
 
-from diffdistill.dpm_solver import multistep_orders, sample, singlestep_orders, singlestep_outer_grid, time_grid
+from diffdistill.diffusion.dpm_solver import multistep_orders, sample, singlestep_orders, singlestep_outer_grid, time_grid
 from dpm_reference import reference_sample
 
 MU, S = 0.3, 0.5

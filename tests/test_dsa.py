@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffdistill import dsa
-from diffdistill.dsa import FAMILIES, DSAParams
 from diffdistill.errors import DiffdistillError
+from diffdistill.evaluation import dsa
+from diffdistill.evaluation.dsa import FAMILIES, DSAParams
 
 
 def gen(seed=0):

@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from diffdistill import evaluation, resume
+from diffdistill import resume
 from diffdistill.cli import run_main
 from diffdistill.data import LabeledImages, save_images
+from diffdistill.data.normalize import CHALLENGE_STATS, channel_stats, normalize
 from diffdistill.errors import DiffdistillError
-from diffdistill.evaluation_state import EvaluationState
-from diffdistill.resume import JobKey
-from diffdistill.normalize import CHALLENGE_STATS, channel_stats, normalize
+from diffdistill.evaluation import protocol
+from diffdistill.evaluation.state import EvaluationState
 from diffdistill.records import BudgetPrefix, EvaluationResult
+from diffdistill.resume import JobKey
 from helpers import load_script
 
 SMALL = dict(net_width=16)  # the protocol at a fraction of the width, to keep CPU tests fast
@@ -47,43 +48,43 @@ def as_float(data: LabeledImages):
 
 def test_random_real_indices():
     real = labeled(7, 0, "train")
-    index = evaluation.random_real_indices(real, 3, torch.Generator().manual_seed(0))
+    index = protocol.random_real_indices(real, 3, torch.Generator().manual_seed(0))
     sub = real.subset(index)
     assert sub.counts() == [3, 3, 3] and sub.labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3
     assert len(set(index.tolist())) == 9  # without replacement
-    again = evaluation.random_real_indices(real, 3, torch.Generator().manual_seed(0))
-    other = evaluation.random_real_indices(real, 3, torch.Generator().manual_seed(1))
+    again = protocol.random_real_indices(real, 3, torch.Generator().manual_seed(0))
+    other = protocol.random_real_indices(real, 3, torch.Generator().manual_seed(1))
     assert torch.equal(again, index) and not torch.equal(other, index)
     with pytest.raises(DiffdistillError, match="at least ipc = 8"):
-        evaluation.random_real_indices(real, 8)
+        protocol.random_real_indices(real, 8)
 
 
 def test_random_real_baseline_draws_a_fresh_subset_per_round(tmp_path, monkeypatch):
     real, test = labeled(7, 0, "train"), labeled(2, 1, "test")
     save_images(real, tmp_path / "real.pt")
     mean, std = channel_stats(real.images)
-    x, y, what, rounds = evaluation.load_training_set(tmp_path / "real.pt", "images", test, mean, std,
+    x, y, what, rounds = protocol.load_training_set(tmp_path / "real.pt", "images", test, mean, std,
                                                       random_ipc=3, rounds=3, seed=4)
     assert len(x) == 21 and len(rounds) == 3 and "fresh subset per round" in what
     assert len({tuple(r.tolist()) for r in rounds}) == 3  # three different subsets
     assert all(y[r].tolist() == [0] * 3 + [1] * 3 + [2] * 3 for r in rounds)
     seen = []
-    real_train = evaluation.train_convnet
-    monkeypatch.setattr(evaluation, "train_convnet", lambda tx, ty, **kw: seen.append(tx) or real_train(tx, ty, **kw))
-    result = evaluation.train_and_evaluate(x, y, *as_float(test), num_classes=3, channel=1, im_size=(8, 8), epochs=0,
+    real_train = protocol.train_convnet
+    monkeypatch.setattr(protocol, "train_convnet", lambda tx, ty, **kw: seen.append(tx) or real_train(tx, ty, **kw))
+    result = protocol.train_and_evaluate(x, y, *as_float(test), num_classes=3, channel=1, im_size=(8, 8), epochs=0,
                                            rounds=3, device="cpu", seed=0, round_indices=rounds, log_every=0, **SMALL)
     assert [torch.equal(tx, x[r]) for tx, r in zip(seen, rounds)] == [True] * 3 and result["train_size"] == 9
     with pytest.raises(DiffdistillError, match="one index tensor per round"):
-        evaluation.train_and_evaluate(x, y, x, y, num_classes=3, channel=1, im_size=(8, 8), epochs=0, rounds=2,
+        protocol.train_and_evaluate(x, y, x, y, num_classes=3, channel=1, im_size=(8, 8), epochs=0, rounds=2,
                                       device="cpu", round_indices=rounds)
 
 
 def test_normalization_stats():
     real = labeled(4, 0, "train")
-    assert evaluation.normalization_stats("cifar100", None) == CHALLENGE_STATS["cifar100"]
-    assert evaluation.normalization_stats("stripes", real) == channel_stats(real.images)
+    assert protocol.normalization_stats("cifar100", None) == CHALLENGE_STATS["cifar100"]
+    assert protocol.normalization_stats("stripes", real) == channel_stats(real.images)
     with pytest.raises(DiffdistillError, match="--real-train"):
-        evaluation.normalization_stats("stripes", None)
+        protocol.normalization_stats("stripes", None)
 
 
 # --- the protocol --------------------------------------------------------------------------------
@@ -91,10 +92,10 @@ def test_normalization_stats():
 
 def test_lr_drops_after_the_midpoint_with_a_new_optimizer():
     # docs/reference.md, "Challenge protocol": 1001 passes, lr x 0.1 after pass 501
-    assert evaluation.lr_drop_epoch(1000) == 501
+    assert protocol.lr_drop_epoch(1000) == 501
     x, y = as_float(labeled(3, 0, "train"))
     seen = []
-    evaluation.train_convnet(x, y, num_classes=3, channel=1, im_size=(8, 8), epochs=6, batch_size=4,
+    protocol.train_convnet(x, y, num_classes=3, channel=1, im_size=(8, 8), epochs=6, batch_size=4,
                              device="cpu", on_epoch=seen.append, log_every=0, **SMALL)
     assert [s["epoch"] for s in seen] == list(range(7))  # passes 0..epochs
     assert [s["lr"] for s in seen] == pytest.approx([0.01] * 5 + [0.001] * 2)  # drop after pass 6 // 2 + 1 = 4
@@ -107,15 +108,15 @@ def test_lr_drops_after_the_midpoint_with_a_new_optimizer():
 def test_batches_are_shuffled_with_a_partial_last_batch(monkeypatch):
     x, y = as_float(labeled(5, 0, "train"))  # 15 images, batch 4: 4 + 4 + 4 + 3
     sizes, firsts = [], []
-    real_apply = evaluation.apply_params
+    real_apply = protocol.apply_params
 
     def spy(images, family, drawn, params):
         sizes.append(len(images))
         firsts.append(images[0].clone())
         return real_apply(images, family, drawn, params)
 
-    monkeypatch.setattr(evaluation, "apply_params", spy)
-    evaluation.train_convnet(x, y, num_classes=3, channel=1, im_size=(8, 8), epochs=1, batch_size=4,
+    monkeypatch.setattr(protocol, "apply_params", spy)
+    protocol.train_convnet(x, y, num_classes=3, channel=1, im_size=(8, 8), epochs=1, batch_size=4,
                              device="cpu", generator=torch.Generator().manual_seed(0), log_every=0, **SMALL)
     assert sizes == [4, 4, 4, 3] * 2  # DSA on every training batch
     assert not torch.equal(firsts[0], firsts[4])  # a new order each pass
@@ -124,15 +125,15 @@ def test_batches_are_shuffled_with_a_partial_last_batch(monkeypatch):
 def test_rounds_start_from_fresh_initialisations(monkeypatch):
     inits, finals = [], []
 
-    class Recording(evaluation.ConvNet):
+    class Recording(protocol.ConvNet):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             inits.append({k: v.clone() for k, v in self.state_dict().items()})
 
-    monkeypatch.setattr(evaluation, "ConvNet", Recording)
+    monkeypatch.setattr(protocol, "ConvNet", Recording)
     x, y = as_float(labeled(3, 0, "train"))
     last = lambda info: finals.append(info["model"].classifier.weight.detach().clone())  # noqa: E731
-    result = evaluation.train_and_evaluate(x, y, x, y, num_classes=3, channel=1, im_size=(8, 8), epochs=0,
+    result = protocol.train_and_evaluate(x, y, x, y, num_classes=3, channel=1, im_size=(8, 8), epochs=0,
                                            rounds=3, device="cpu", log_every=0, on_epoch=last, **SMALL)
     assert len(inits) == 3 and result["rounds"] == 3 and len(result["accuracies"]) == 3
     w = [i["classifier.weight"] for i in inits]
@@ -144,8 +145,8 @@ def test_seeded_runs_repeat_and_unseeded_differ():
     x, y = as_float(labeled(4, 0, "train"))
     kw = dict(num_classes=3, channel=1, im_size=(8, 8), epochs=1, rounds=2, batch_size=4, device="cpu",
               log_every=0, **SMALL)
-    a = evaluation.train_and_evaluate(x, y, x, y, seed=3, **kw)
-    b = evaluation.train_and_evaluate(x, y, x, y, seed=3, **kw)
+    a = protocol.train_and_evaluate(x, y, x, y, seed=3, **kw)
+    b = protocol.train_and_evaluate(x, y, x, y, seed=3, **kw)
     assert a["accuracies"] == b["accuracies"]
     assert a["mean"] == pytest.approx(np.mean(a["accuracies"])) and a["std"] == pytest.approx(np.std(a["accuracies"]))
     assert a["train_size"] == 12 and a["epochs"] == 1 and a["seconds"] > 0
@@ -154,7 +155,7 @@ def test_seeded_runs_repeat_and_unseeded_differ():
 def test_separable_problem_is_learnt_in_a_few_epochs():
     train, test = labeled(20, 0, "train"), labeled(30, 1, "test")
     mean, std = channel_stats(train.images)
-    result = evaluation.train_and_evaluate(
+    result = protocol.train_and_evaluate(
         normalize(train.images, mean, std), train.labels, normalize(test.images, mean, std), test.labels,
         num_classes=3, channel=1, im_size=(8, 8), epochs=8, rounds=1, batch_size=8, device="cpu", seed=0,
         log_every=0)  # the full-width ConvNet; only the batch is smaller, for more steps per pass
@@ -168,7 +169,7 @@ def test_evaluate_accuracy_counts_the_whole_set_in_eval_mode():
             return torch.tensor([[0.0, 1.0, 0.0]]).expand(len(x), 3)  # always class 1
 
     y = torch.tensor([1] * 7 + [0] * 3 + [2] * 2500)
-    acc = evaluation.evaluate_accuracy(Constant(), torch.zeros(len(y), 1, 2, 2), y, "cpu")
+    acc = protocol.evaluate_accuracy(Constant(), torch.zeros(len(y), 1, 2, 2), y, "cpu")
     assert acc == pytest.approx(7 / len(y))
 
 
@@ -176,11 +177,11 @@ def test_bad_training_input():
     x, y = as_float(labeled(2, 0, "train"))
     kw = dict(num_classes=3, channel=1, im_size=(8, 8), epochs=0, device="cpu")
     with pytest.raises(DiffdistillError, match="labels"):
-        evaluation.train_convnet(x, y + 1, **kw)
+        protocol.train_convnet(x, y + 1, **kw)
     with pytest.raises(DiffdistillError, match="training images"):
-        evaluation.train_convnet(x[:, :, :4], y, **kw)
+        protocol.train_convnet(x[:, :, :4], y, **kw)
     with pytest.raises(DiffdistillError, match="rounds"):
-        evaluation.train_and_evaluate(x, y, x, y, rounds=0, **kw)
+        protocol.train_and_evaluate(x, y, x, y, rounds=0, **kw)
 
 
 # --- resuming a long evaluation --------------------------------------------------------------------
@@ -200,7 +201,7 @@ def run_rounds(state=None, stop_at=None, seed=3):
         if (info["round"], info["epoch"]) == stop_at:
             raise Interrupt
 
-    result = evaluation.train_and_evaluate(x, y, x, y, num_classes=3, channel=1, im_size=(8, 8), epochs=6,
+    result = protocol.train_and_evaluate(x, y, x, y, num_classes=3, channel=1, im_size=(8, 8), epochs=6,
                                            rounds=2, batch_size=4, device="cpu", seed=seed, log_every=0,
                                            on_epoch=on_epoch, state=state, **SMALL)
     return result, losses
@@ -347,8 +348,8 @@ def test_script_bad_input_exits_2_without_output(script, files, args):
 
 
 def test_script_budget_prefix_trains_only_on_images_made_within_its_time(script, files):
-    from diffdistill.sampling import SamplerSettings
-    from diffdistill.sampling_summary import SamplingSummary, ShardRun
+    from diffdistill.diffusion.sampling import SamplerSettings
+    from diffdistill.diffusion.sampling_summary import SamplingSummary, ShardRun
 
     batches = [{"size": 6, "seconds": 1.0, "end_s": 1.0}, {"size": 6, "seconds": 1.0, "end_s": 2.0},
                {"size": 3, "seconds": 0.5, "end_s": 2.5}]
@@ -382,7 +383,7 @@ def test_script_resumes_after_a_kill_and_removes_its_state(script, files, monkey
     reference = json.loads((files / "out.json").read_text())["accuracies"]
     assert not (files / "resume").exists()  # removed with the result written
     (files / "out.json").unlink()
-    real_evaluate, calls = evaluation.evaluate_accuracy, []
+    real_evaluate, calls = protocol.evaluate_accuracy, []
 
     def killed_in_round_2(*a, **kw):
         calls.append(1)
@@ -390,11 +391,11 @@ def test_script_resumes_after_a_kill_and_removes_its_state(script, files, monkey
             raise KeyboardInterrupt
         return real_evaluate(*a, **kw)
 
-    monkeypatch.setattr(evaluation, "evaluate_accuracy", killed_in_round_2)
+    monkeypatch.setattr(protocol, "evaluate_accuracy", killed_in_round_2)
     with pytest.raises(KeyboardInterrupt):
         run(script, files, *args)
     assert (files / "resume" / "rounds.json").exists() and not (files / "out.json").exists()
-    monkeypatch.setattr(evaluation, "evaluate_accuracy", real_evaluate)
+    monkeypatch.setattr(protocol, "evaluate_accuracy", real_evaluate)
     assert run(script, files, *args) == 0
     doc = json.loads((files / "out.json").read_text())
     assert doc["accuracies"] == reference and doc["resumed_rounds"] == [0]

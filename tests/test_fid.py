@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffdistill import fid
-from diffdistill.convnet import ConvNet
+from diffdistill.data.normalize import normalize
 from diffdistill.errors import DiffdistillError
-from diffdistill.normalize import normalize
+from diffdistill.evaluation.convnet import ConvNet
+from diffdistill.scoring import fid, inception_features
 from helpers import fid_helper_torchscript
 
 
@@ -200,7 +200,7 @@ def torchscript_path():
 @pytest.fixture(scope="module")
 def mapped_weights(torchscript_path, tmp_path_factory):
     """The TorchScript converted once (detected as TorchScript by the loader), saved as a .pth."""
-    state = fid.load_inception_weights(torchscript_path)
+    state = inception_features.load_inception_weights(torchscript_path)
     path = tmp_path_factory.mktemp("inception") / "converted.pth"
     torch.save(state, path)
     return state, path
@@ -223,7 +223,7 @@ def test_mapped_state_dict_has_every_pytorch_fid_tensor(mapped_weights):
 def test_inception_features_equal_the_torchscript_network(mapped_weights, torchscript_path):
     torch.manual_seed(0)
     images = torch.randint(0, 256, (2, 3, 24, 24), dtype=torch.uint8)  # CPU Inception: few images
-    ours = fid.InceptionExtractor("cpu", weights_path=mapped_weights[1])(images)
+    ours = inception_features.InceptionExtractor("cpu", weights_path=mapped_weights[1])(images)
     script = torch.jit.load(str(torchscript_path), map_location="cpu")
     # The TorchScript is the bare network: feed it what pytorch-fid feeds its blocks
     # (bilinear resize to 299 of [0, 1] images, then scaled to [-1, 1]).
@@ -247,11 +247,11 @@ def fake_inception_state(path: Path) -> None:
 
 def test_default_loading_uses_a_hub_file_offline_and_greyscale_is_repeated(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    hub_file = tmp_path / "torch" / "hub" / "checkpoints" / fid.INCEPTION_WEIGHTS_FILE
+    hub_file = tmp_path / "torch" / "hub" / "checkpoints" / inception_features.INCEPTION_WEIGHTS_FILE
     fake_inception_state(hub_file)
     grey = torch.randint(0, 256, (1, 1, 8, 8), dtype=torch.uint8)
-    default = fid.InceptionExtractor("cpu")(grey)  # pytorch-fid's own loading, found in the hub folder
-    local = fid.InceptionExtractor("cpu", weights_path=hub_file)(grey.repeat(1, 3, 1, 1))
+    default = inception_features.InceptionExtractor("cpu")(grey)  # pytorch-fid's own loading, found in the hub folder
+    local = inception_features.InceptionExtractor("cpu", weights_path=hub_file)(grey.repeat(1, 3, 1, 1))
     assert torch.isfinite(default).all() and default.abs().max() > 0
     torch.testing.assert_close(default, local)  # same weights; greyscale = the channel repeated
 
@@ -266,13 +266,13 @@ def test_default_loading_without_weights_or_network_is_a_clear_error(tmp_path, m
 
     monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
     with pytest.raises(DiffdistillError, match=r"pt_inception-2015-12-05-6726825d.pth.*--inception-weights"):
-        fid.InceptionExtractor("cpu")
+        inception_features.InceptionExtractor("cpu")
 
 
 def test_bad_local_weights_are_refused(tmp_path):
     with pytest.raises(DiffdistillError, match="nope.pth: no such file"):
-        fid.InceptionExtractor("cpu", weights_path=tmp_path / "nope.pth")
+        inception_features.InceptionExtractor("cpu", weights_path=tmp_path / "nope.pth")
     wrong = tmp_path / "wrong.pth"
     torch.save({"conv.weight": torch.zeros(1)}, wrong)
     with pytest.raises(DiffdistillError, match="wrong.pth: does not match"):
-        fid.InceptionExtractor("cpu", weights_path=wrong)
+        inception_features.InceptionExtractor("cpu", weights_path=wrong)

@@ -1,4 +1,4 @@
-"""Folder data sets (diffdistill.folder, prepare_data --dataset folder): the ImageFolder layout read into
+"""Folder data sets (diffdistill.data.folder, prepare_data --dataset folder): the ImageFolder layout read into
 prepared splits (class order, val/, channels, resize, file formats) and bad input refused before anything
 is written, each error naming the folder or file (docs/reference.md, "Folder data sets")."""
 
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, features
 
 from datasets_fixtures import folder_colour, folder_grey, make_image_folder
-from diffdistill import datasets, folder
+from diffdistill.data import datasets, folder
 from diffdistill.errors import DiffdistillError
 from helpers import load_script
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffdistill import guidance, uvit
+from diffdistill.diffusion import guidance, uvit
 
 K = 5  # classes; the null label is index K
 

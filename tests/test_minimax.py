@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from diffdistill import minimax
+from diffdistill.diffusion import minimax
 
 E1, E2, E3 = torch.eye(3)
 DIAGONAL = (E1 + E2) / math.sqrt(2)  # cos 1/sqrt(2) to e1 and to e2

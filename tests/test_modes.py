@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from diffdistill import modes
 from diffdistill.data import LabeledImages, save_images
+from diffdistill.diffusion import modes
+from diffdistill.diffusion.modes import ModePull, balanced_mode_indices, class_modes, kmeans
+from diffdistill.diffusion.sampler_settings import SamplerSettings
 from diffdistill.errors import DiffdistillError
-from diffdistill.modes import ModePull, balanced_mode_indices, class_modes, kmeans
-from diffdistill.sampling import SamplerSettings
 
 CENTERS = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
 

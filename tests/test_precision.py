@@ -7,11 +7,12 @@ import pytest
 import torch
 import yaml
 
-from diffdistill import checkpoint, sampling, uvit
 from diffdistill.cli import run_main
+from diffdistill.diffusion import checkpoint, sampler_settings, uvit
+from diffdistill.diffusion.sampler_settings import SamplerSettings, precision_on
+from diffdistill.diffusion.sampling import generate
+from diffdistill.diffusion.sampling_summary import SamplingSummary
 from diffdistill.errors import DiffdistillError
-from diffdistill.sampling import SamplerSettings, generate, precision_on
-from diffdistill.sampling_summary import SamplingSummary
 from helpers import REPO, load_script
 
 FAST = dict(steps=2, order=2, method="multistep", algorithm="dpmsolver++", t_end=1e-3)
@@ -52,7 +53,7 @@ def test_auto_on_a_cpu_samples_exactly_like_fp32():
 
 def test_schema_offers_auto_and_the_paper_configs_use_it():
     schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    assert schema["$defs"]["sampler"]["properties"]["precision"]["enum"] == list(sampling.PRECISION_CHOICES)
+    assert schema["$defs"]["sampler"]["properties"]["precision"]["enum"] == list(sampler_settings.PRECISION_CHOICES)
     for name in ("cifar100", "tinyimagenet"):
         config = yaml.safe_load((REPO / "config" / f"{name}.yaml").read_text())
         assert config["sampler"]["precision"] == "auto", name

@@ -220,7 +220,7 @@ def test_rehearsal_scores_every_checkpoint_by_fid_with_real_inception(rehearsal)
 
 @pytest.mark.slow
 def test_rehearsal_samples_one_image_per_class_per_ipc(rehearsal):
-    from diffdistill.sampling_summary import SamplingSummary
+    from diffdistill.diffusion.sampling_summary import SamplingSummary
 
     meta = SamplingSummary.read(rehearsal.out / "samples" / "pool.json")
     assert meta.images == rehearsal.sizes["sampling"]["max_images"] == CLASSES[rehearsal.name] * rehearsal.ipc
@@ -232,7 +232,7 @@ def test_rehearsal_samples_one_image_per_class_per_ipc(rehearsal):
 def test_rehearsal_package_is_a_valid_submission(rehearsal):
     import torch
 
-    from diffdistill import submission
+    from diffdistill.packaging import submission
 
     name, side = rehearsal.name, SIDES[rehearsal.name]
     path = rehearsal.out / "package" / f"{name}.pt"

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from diffdistill import atomic, data, report
+from diffdistill.diffusion.sampler_settings import SamplerSettings
+from diffdistill.diffusion.sampling_summary import SamplingSummary, ShardRun
 from diffdistill.errors import DiffdistillError
 from diffdistill.records import BestCheckpoint, BudgetPrefix, EvaluationResult
-from diffdistill.sampling import SamplerSettings
-from diffdistill.sampling_summary import SamplingSummary, ShardRun
 from helpers import load_script
 
 

@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffdistill import sampling, uvit
 from diffdistill.data import from_model_range
+from diffdistill.diffusion import sampling, uvit
+from diffdistill.diffusion.sampler_settings import SamplerSettings
+from diffdistill.diffusion.sampling import balanced_labels, generate, sample_budgeted
+from diffdistill.diffusion.sampling_summary import SamplingSummary, ShardRun
 from diffdistill.errors import DiffdistillError
-from diffdistill.sampling import SamplerSettings, balanced_labels, generate, sample_budgeted
-from diffdistill.sampling_summary import SamplingSummary, ShardRun
 from helpers import FakeClock
 
 FAST = dict(steps=3, order=2, method="multistep", algorithm="dpmsolver++", t_end=1e-3)
@@ -333,7 +334,7 @@ def test_config_schema_offers_exactly_the_solver_choices():
     # the schema refuses, or a schema value the solver rejects).
     import yaml
 
-    from diffdistill import dpm_solver
+    from diffdistill.diffusion import dpm_solver
 
     schema = yaml.safe_load((Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml").read_text())
     sampler = schema["$defs"]["sampler"]["properties"]

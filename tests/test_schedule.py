@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from diffdistill import schedule
+from diffdistill.diffusion import schedule
 from diffdistill.errors import DiffdistillError
 
 TIMES = [1e-5, 1e-3, 0.05, 0.25, 0.5, 0.75, 0.999, 1.0]

@@ -9,14 +9,16 @@ import pandas as pd
 import pytest
 import torch
 
-from diffdistill import checkpoint, cli, feature_convnet, fid, sampling, scoring, uvit
-from diffdistill.convnet import ConvNet
+from diffdistill import cli
 from diffdistill.data import LabeledImages, save_images
+from diffdistill.diffusion import checkpoint, sampler_settings, sampling, uvit
 from diffdistill.errors import DiffdistillError
+from diffdistill.evaluation.convnet import ConvNet
 from diffdistill.records import BestCheckpoint, CheckpointScore
+from diffdistill.scoring import checkpoint_scores, feature_convnet, fid
 from helpers import load_script
 
-FAST = sampling.SamplerSettings(steps=2, order=2, method="multistep", algorithm="dpmsolver++", t_end=1e-3)
+FAST = sampler_settings.SamplerSettings(steps=2, order=2, method="multistep", algorithm="dpmsolver++", t_end=1e-3)
 FAST_FLAGS = ["--steps", "2", "--order", "2", "--method", "multistep", "--algorithm", "dpmsolver++",
               "--t-end", "1e-3"]
 
@@ -49,7 +51,7 @@ def reference(extractor):
 
 
 def run_score(path, reference, extractor, seed=0, num_images=6):
-    return scoring.score_checkpoint(path, reference, extractor, num_images=num_images, batch_size=6,
+    return checkpoint_scores.score_checkpoint(path, reference, extractor, num_images=num_images, batch_size=6,
                                     sampler=FAST, device="cpu", seed=seed)
 
 
@@ -78,7 +80,7 @@ def test_scoring_samples_class_balanced_labels_in_fixed_batches(monkeypatch):
         return torch.zeros(labels.shape[0], 3, 8, 8, dtype=torch.uint8)
 
     monkeypatch.setattr(sampling, "generate", fake_generate)
-    images = scoring.sample_for_scoring(tiny_model(0), 14, 5, FAST, device="cpu", seed=0)
+    images = checkpoint_scores.sample_for_scoring(tiny_model(0), 14, 5, FAST, device="cpu", seed=0)
     labels = torch.cat(seen)
     assert images.shape == (14, 3, 8, 8) and [len(x) for x in seen] == [5, 5, 4]
     assert torch.bincount(labels, minlength=3).tolist() == [5, 5, 4]
@@ -101,28 +103,28 @@ def rows(*pairs, kind="FID", n=500):
 
 
 def test_select_best_takes_the_lowest_and_ties_go_to_the_earliest_step():
-    best, table = scoring.select_best(rows((3000, 5.0), (1000, 7.0), (2000, 5.0), (4000, 6.0)))
+    best, table = checkpoint_scores.select_best(rows((3000, 5.0), (1000, 7.0), (2000, 5.0), (4000, 6.0)))
     assert best.step == 2000 and best.checkpoint == "step_2000.pt"
     assert table["step"].tolist() == [1000, 2000, 3000, 4000]  # sorted by step for the curve
     assert table.loc[table["step"] == 4000, "score"].item() == 6.0
 
 
 def test_select_best_never_picks_a_nan_score():
-    best, _ = scoring.select_best(rows((1, float("nan")), (2, 9.0)))
+    best, _ = checkpoint_scores.select_best(rows((1, float("nan")), (2, 9.0)))
     assert best.step == 2
     with pytest.raises(DiffdistillError, match="NaN"):
-        scoring.select_best(rows((1, float("nan"))))
+        checkpoint_scores.select_best(rows((1, float("nan"))))
 
 
 def test_select_best_refuses_incomparable_scores():
     with pytest.raises(DiffdistillError, match="no checkpoint scores"):
-        scoring.select_best([])
+        checkpoint_scores.select_best([])
     with pytest.raises(DiffdistillError, match="score_kind"):
-        scoring.select_best(rows((1, 3.0)) + rows((2, 2.0), kind="FD-ConvNet"))
+        checkpoint_scores.select_best(rows((1, 3.0)) + rows((2, 2.0), kind="FD-ConvNet"))
     with pytest.raises(DiffdistillError, match="num_images"):  # FID depends on the sample count
-        scoring.select_best(rows((1, 3.0), n=500) + rows((2, 2.0), n=1000))
+        checkpoint_scores.select_best(rows((1, 3.0), n=500) + rows((2, 2.0), n=1000))
     with pytest.raises(DiffdistillError, match="repeat steps"):
-        scoring.select_best(rows((1, 3.0), (1, 2.0)))
+        checkpoint_scores.select_best(rows((1, 3.0), (1, 2.0)))
 
 
 def test_score_and_best_records_round_trip_and_refuse_a_bad_field_naming_file_and_field(tmp_path):
@@ -148,9 +150,9 @@ def test_score_and_best_records_round_trip_and_refuse_a_bad_field_naming_file_an
 
 
 def test_plot_is_a_png_written_atomically(tmp_path):
-    _, table = scoring.select_best(rows((1000, 9.0), (2000, 4.0), (3000, 6.0)))
+    _, table = checkpoint_scores.select_best(rows((1000, 9.0), (2000, 4.0), (3000, 6.0)))
     path = tmp_path / "curve.png"
-    scoring.plot_scores(table, path, "FID")
+    checkpoint_scores.plot_scores(table, path, "FID")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
     assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]
 

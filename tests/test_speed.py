@@ -15,10 +15,13 @@ import pytest
 import torch
 import yaml
 
-from diffdistill import dsa, evaluation, sampling, speed, training, uvit
-from diffdistill.convnet import ConvNet
+from diffdistill import speed
 from diffdistill.data import LabeledImages
-from diffdistill.sampling import SamplerSettings, generate, sample_budgeted
+from diffdistill.diffusion import sampler_settings, training, uvit
+from diffdistill.diffusion.sampler_settings import SamplerSettings
+from diffdistill.diffusion.sampling import generate, sample_budgeted
+from diffdistill.evaluation import dsa, protocol
+from diffdistill.evaluation.convnet import ConvNet
 from helpers import load_script, needs_cpu_compiler
 
 FAST = dict(steps=3, order=2, method="multistep", algorithm="dpmsolver++", t_end=1e-3)
@@ -141,7 +144,7 @@ def test_schema_offers_the_package_choices_and_defaults():
     sampler, train = SCHEMA["$defs"]["sampler"]["properties"], SCHEMA["$defs"]["training"]["properties"]
     assert sampler["compile"]["enum"] == list(speed.COMPILE_MODES)
     assert sampler["compile"]["default"] == SamplerSettings().compile == "none"
-    assert sampler["precision"]["enum"] == list(sampling.PRECISION_CHOICES)
+    assert sampler["precision"]["enum"] == list(sampler_settings.PRECISION_CHOICES)
     config = training.TrainConfig(total_steps=1)
     for key in ("compile", "fused_adamw", "tf32"):
         assert train[key]["default"] is getattr(config, key) is False
@@ -223,7 +226,7 @@ def test_evaluator_epoch_without_host_sync_makes_the_same_steps():
         generator = torch.Generator().manual_seed(1)
         for _ in range(3):  # batches of 16, 16 and 8: DSA families and parameters drawn per batch
             if epoch_fn == "new":
-                evaluation._train_epoch(model, optimizer, x, y, 16, True, dsa.DSAParams(), generator)
+                protocol._train_epoch(model, optimizer, x, y, 16, True, dsa.DSAParams(), generator)
             else:
                 batch_by_batch_epoch(model, optimizer, x, y, 16, generator)
         models.append(model)

@@ -10,11 +10,11 @@ import logging
 import pytest
 import torch
 
-from diffdistill import evaluation, stacked_rounds
 from diffdistill.errors import DiffdistillError
-from diffdistill.evaluation_state import EvaluationState
+from diffdistill.evaluation import entry, protocol, stacked_rounds
+from diffdistill.evaluation.stacked_rounds import StackedConvNet
+from diffdistill.evaluation.state import EvaluationState
 from diffdistill.resume import JobKey
-from diffdistill.stacked_rounds import StackedConvNet
 
 TINY = dict(net_width=8, batch_size=5, log_every=0)  # 12 images: batches 5, 5 and a partial 2
 CLOSE = dict(atol=2e-5, rtol=1e-4)
@@ -28,7 +28,7 @@ def tiny_set(n: int, channel: int, seed: int, num_classes: int = 3):
 
 
 def sequential_rounds(x, y, seeds, channel, epochs):
-    return [evaluation.train_convnet(x, y, num_classes=3, channel=channel, im_size=(8, 8), epochs=epochs,
+    return [protocol.train_convnet(x, y, num_classes=3, channel=channel, im_size=(8, 8), epochs=epochs,
                                      device="cpu", init_seed=init, generator=torch.Generator().manual_seed(data),
                                      **TINY) for init, data in seeds]
 
@@ -52,12 +52,12 @@ def test_stacked_rounds_end_with_the_weights_of_sequential_rounds(channel):
         assert state.keys() == model.state_dict().keys()
         for key, value in model.state_dict().items():
             torch.testing.assert_close(state[key], value, **CLOSE, msg=key)
-    start = evaluation._new_model(3, channel, (8, 8), 8, 3, 11).state_dict()
+    start = protocol.new_model(3, channel, (8, 8), 8, 3, 11).state_dict()
     assert not torch.allclose(start["features.0.weight"], sequential[0].state_dict()["features.0.weight"])
 
 
 def test_pack_and_unpack_keep_every_round_and_the_forward_pass():
-    models = [evaluation._new_model(3, 1, (8, 8), 8, 3, seed) for seed in (1, 2)]
+    models = [protocol.new_model(3, 1, (8, 8), 8, 3, seed) for seed in (1, 2)]
     stacked = StackedConvNet.from_models(models, (8, 8))
     for model, back in zip(models, stacked.round_models()):
         for key, value in model.state_dict().items():
@@ -70,18 +70,18 @@ def test_pack_and_unpack_keep_every_round_and_the_forward_pass():
 
 def grads_like(models, seed):
     """Per round a ConvNet-shaped set of random tensors, used as gradients."""
-    return [evaluation._new_model(3, 1, (8, 8), 8, 3, seed + r) for r in range(len(models))]
+    return [protocol.new_model(3, 1, (8, 8), 8, 3, seed + r) for r in range(len(models))]
 
 
 def test_one_sgd_step_on_stacked_parameters_is_independent_steps_per_round():
-    models = [evaluation._new_model(3, 1, (8, 8), 8, 3, seed) for seed in (1, 2, 3)]
+    models = [protocol.new_model(3, 1, (8, 8), 8, 3, seed) for seed in (1, 2, 3)]
     stacked = StackedConvNet.from_models(models, (8, 8))
-    optimizers = [evaluation._sgd(m, 0.01, 0.9, 5e-4) for m in models]
-    optimizer = evaluation._sgd(stacked, 0.01, 0.9, 5e-4)
+    optimizers = [protocol.sgd(m, 0.01, 0.9, 5e-4) for m in models]
+    optimizer = protocol.sgd(stacked, 0.01, 0.9, 5e-4)
     for step in range(4):
         if step == 2:  # the lr drop: new optimizers, momentum buffers dropped, as the reference does
-            optimizers = [evaluation._sgd(m, 0.001, 0.9, 5e-4) for m in models]
-            optimizer = evaluation._sgd(stacked, 0.001, 0.9, 5e-4)
+            optimizers = [protocol.sgd(m, 0.001, 0.9, 5e-4) for m in models]
+            optimizer = protocol.sgd(stacked, 0.001, 0.9, 5e-4)
         grads = grads_like(models, 10 * step)
         for model, grad in zip(models, grads):
             for p, g in zip(model.parameters(), grad.parameters()):
@@ -98,13 +98,13 @@ def test_one_sgd_step_on_stacked_parameters_is_independent_steps_per_round():
 def test_rounds_start_from_their_own_weights_and_shuffle_their_own_way(monkeypatch):
     x, y = tiny_set(12, 1, 0)
     built, orders = [], []
-    new_model, epoch_draws = evaluation._new_model, evaluation._epoch_draws
-    monkeypatch.setattr(evaluation, "_new_model", lambda *a: built.append((a[-1], copy.deepcopy(new_model(*a))))
+    new_model, epoch_draws = protocol.new_model, protocol.epoch_draws
+    monkeypatch.setattr(protocol, "new_model", lambda *a: built.append((a[-1], copy.deepcopy(new_model(*a))))
                         or built[-1][1])
-    monkeypatch.setattr(evaluation, "_epoch_draws", lambda *a: orders.append(epoch_draws(*a)) or orders[-1])
+    monkeypatch.setattr(protocol, "epoch_draws", lambda *a: orders.append(epoch_draws(*a)) or orders[-1])
     stacked_rounds.train_and_evaluate_stacked(x, y, x, y, num_classes=3, channel=1, im_size=(8, 8), epochs=0,
                                               rounds=3, device="cpu", seed=7, **TINY)
-    seeds = evaluation._round_seeds(7, 3)
+    seeds = protocol.round_seeds(7, 3)
     assert [seed for seed, _ in built] == [init for init, _ in seeds]
     weights = [model.state_dict()["features.0.weight"] for _, model in built]
     assert torch.equal(weights[0], new_model(3, 1, (8, 8), 8, 3, seeds[0][0]).state_dict()["features.0.weight"])
@@ -125,7 +125,7 @@ def test_each_round_trains_on_its_own_subset_and_matches_the_sequential_evaluato
                   round_indices=subsets, **TINY)
     stacked = stacked_rounds.train_and_evaluate_stacked(x, y, test_x, test_y, **common)
     assert [torch.equal(seen[0][r], x[subsets[r]]) for r in range(3)] == [True] * 3
-    sequential = evaluation.train_and_evaluate(x, y, test_x, test_y, **common)
+    sequential = protocol.train_and_evaluate(x, y, test_x, test_y, **common)
     assert stacked["accuracies"] == pytest.approx(sequential["accuracies"], abs=1.01 / len(test_x))
     assert stacked.keys() == sequential.keys() and stacked["train_size"] == 9 and stacked["rounds"] == 3
     with pytest.raises(DiffdistillError, match="subsets of one size"):
@@ -146,7 +146,7 @@ def test_chunks_of_rounds_give_the_unchunked_result_and_say_so(caplog):
     x, y = tiny_set(12, 1, 0)
     common = dict(num_classes=3, channel=1, im_size=(8, 8), epochs=2, rounds=3, device="cpu", seed=5, **TINY)
     whole = stacked_rounds.train_and_evaluate_stacked(x, y, x, y, **common)
-    with caplog.at_level(logging.INFO, logger="diffdistill.stacked_rounds"):
+    with caplog.at_level(logging.INFO, logger="diffdistill.evaluation.stacked_rounds"):
         chunked = stacked_rounds.train_and_evaluate_stacked(x, y, x, y, max_rounds_per_chunk=2, **common)
     assert chunked["accuracies"] == whole["accuracies"]
     assert len(chunked["seconds_per_round"]) == 3
@@ -210,21 +210,21 @@ def test_rounds_that_fit_follow_the_activation_memory():
 
 
 def test_stacking_is_chosen_on_cuda_only():
-    assert stacked_rounds.pays_on("cuda") and stacked_rounds.pays_on(torch.device("cuda", 0))
-    assert not stacked_rounds.pays_on("cpu")
+    assert entry.pays_on("cuda") and entry.pays_on(torch.device("cuda", 0))
+    assert not entry.pays_on("cpu")
 
 
 def test_the_fastest_evaluator_is_sequential_on_a_cpu_and_stacked_in_chunks_that_fit_elsewhere(monkeypatch, caplog):
     x, y = tiny_set(12, 1, 0)
     common = dict(num_classes=3, channel=1, im_size=(8, 8), epochs=2, rounds=3, device="cpu", seed=6, **TINY)
-    sequential = evaluation.train_and_evaluate(x, y, x, y, **common)
-    on_cpu = stacked_rounds.train_and_evaluate_fastest(x, y, x, y, **common)
+    sequential = protocol.train_and_evaluate(x, y, x, y, **common)
+    on_cpu = entry.run_rounds(x, y, x, y, **common)
     assert on_cpu["rounds_at_once"] == 1 and on_cpu["accuracies"] == sequential["accuracies"]
     # As on a GPU with room for two rounds' activations at a time (run here on the CPU).
     per_round = stacked_rounds.BYTES_PER_ACTIVATION * 5 * 8 * (144 + 36 + 9)
-    monkeypatch.setattr(stacked_rounds, "pays_on", lambda device: True)
+    monkeypatch.setattr(entry, "pays_on", lambda device: True)
     monkeypatch.setattr(stacked_rounds, "free_memory", lambda device: 2 * 2 * per_round)
-    with caplog.at_level(logging.INFO, logger="diffdistill.stacked_rounds"):
-        stacked = stacked_rounds.train_and_evaluate_fastest(x, y, x, y, **common)
+    with caplog.at_level(logging.INFO, logger="diffdistill.evaluation.stacked_rounds"):
+        stacked = entry.run_rounds(x, y, x, y, **common)
     assert stacked["rounds_at_once"] == 2 and "3 rounds in 2 chunks" in caplog.text
     assert stacked["accuracies"] == pytest.approx(sequential["accuracies"], abs=1e-6)

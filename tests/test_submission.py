@@ -9,14 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffdistill import checkpoint, feature_convnet, uvit
 from diffdistill.cli import run_main
 from diffdistill.data import LabeledImages, load_images, save_images
+from diffdistill.diffusion import checkpoint, uvit
+from diffdistill.diffusion.sampling_summary import SamplingSummary
 from diffdistill.errors import DiffdistillError
+from diffdistill.packaging.selection import RULES, package, select_indices
+from diffdistill.packaging.submission import (labels_by_position, load_package, save_package, submission_filename,
+                                              validate)
 from diffdistill.records import BestCheckpoint
-from diffdistill.sampling_summary import SamplingSummary
-from diffdistill.submission import (RULES, labels_by_position, load_package, package, save_package,
-                                    select_indices, submission_filename, validate)
+from diffdistill.scoring import feature_convnet
 from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +27,7 @@ TINY_MEAN, TINY_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def by_hand(images, mean, std):
-    """(x / 255 - mean) / std per channel, written out independently of diffdistill.normalize."""
+    """(x / 255 - mean) / std per channel, written out independently of diffdistill.data.normalize."""
     out = images.float() / 255.0
     for c in range(out.shape[1]):
         out[:, c] = (out[:, c] - mean[c]) / std[c]

@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffdistill import checkpoint, cli, training, uvit
+from diffdistill import cli
 from diffdistill.data import LabeledImages, save_images, to_model_range
+from diffdistill.diffusion import checkpoint, training, uvit
+from diffdistill.diffusion.schedule import VPSchedule
 from diffdistill.errors import DiffdistillError
-from diffdistill.schedule import VPSchedule
 from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,7 +128,7 @@ def test_ema_after_one_training_step(tmp_path):
 
 
 def test_loss_decreases_on_learnable_set(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="diffdistill.training")
+    caplog.set_level(logging.INFO, logger="diffdistill.diffusion.training")
     config = make_config(total_steps=60, checkpoint_steps=[], batch_size=16, lr=2e-3, warmup_steps=5, log_every=10)
     summary, _ = run(tmp_path, config, data=toy_data(learnable=True))
     losses = [entry["loss"] for entry in summary["loss_history"]]

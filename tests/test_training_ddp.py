@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffdistill import checkpoint, cli, training, uvit
+from diffdistill import cli
 from diffdistill.data import LabeledImages, save_images
+from diffdistill.diffusion import checkpoint, training, uvit
 
 SCRIPT = Path(__file__).resolve().parents[1] / "workflow" / "scripts" / "train.py"
 TOLERANCE = 1e-5

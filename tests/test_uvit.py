@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffdistill import uvit
+from diffdistill.diffusion import uvit
 
 # docs/reference.md, "U-ViT": (preset, overrides, tensor count, parameter count, depth, D, patch dim p*p*C)
 PUBLIC_MODELS = {

@@ -218,7 +218,7 @@ def test_tiny_run_prepares_the_digits_splits(tiny_run):
 
 @pytest.mark.slow
 def test_tiny_run_pretrains_unconditionally_and_finetunes_with_ema(tiny_run):
-    from diffdistill import checkpoint
+    from diffdistill.diffusion import checkpoint
 
     out = digits_out(tiny_run)
     for step in (3, 6):
@@ -242,7 +242,7 @@ def test_tiny_run_scores_every_checkpoint_and_picks_the_best(tiny_run):
 @pytest.mark.slow
 def test_tiny_run_samples_a_balanced_pool_within_the_budget(tiny_run):
     from diffdistill import data
-    from diffdistill.sampling_summary import SamplingSummary
+    from diffdistill.diffusion.sampling_summary import SamplingSummary
 
     out = digits_out(tiny_run)
     pool = data.load_images(out / "samples" / "pool.pt")
@@ -253,7 +253,7 @@ def test_tiny_run_samples_a_balanced_pool_within_the_budget(tiny_run):
 
 @pytest.mark.slow
 def test_tiny_run_package_is_a_valid_submission(tiny_run):
-    from diffdistill import submission
+    from diffdistill.packaging import submission
 
     out = digits_out(tiny_run)
     sidecar = json.loads((out / "package" / "package.json").read_text())
@@ -376,7 +376,7 @@ def test_rerun_of_finetuning_resumes_from_the_newest_kept_checkpoint(tiny_run, t
 
 
 def checkpoint_state(path):
-    from diffdistill import checkpoint
+    from diffdistill.diffusion import checkpoint
 
     return checkpoint.load_checkpoint(path)["ema"]
 
@@ -410,7 +410,7 @@ def test_two_process_finetuning_and_sharded_sampling_through_the_workflow(tiny_r
         worst = max(float((single[k] - double[k]).abs().max()) for k in single)
         assert worst < 1e-5, (step, worst)
     out = tmp_path / "results" / "digits"
-    from diffdistill.sampling_summary import SamplingSummary
+    from diffdistill.diffusion.sampling_summary import SamplingSummary
 
     shards = [SamplingSummary.read(out / f"samples/shards/shard_{i}.json") for i in range(2)]
     assert shards[0].shards[0].seed != shards[1].shards[0].seed
@@ -526,7 +526,7 @@ def study_run(tiny_run, tmp_path_factory):
 
 @pytest.mark.slow
 def test_budget_curve_prefixes_hold_only_images_finished_inside_their_time(study_run):
-    from diffdistill.sampling_summary import SamplingSummary
+    from diffdistill.diffusion.sampling_summary import SamplingSummary
 
     out = digits_out(study_run)
     sampling = SamplingSummary.read(out / "samples" / "pool.json")
@@ -549,7 +549,7 @@ def test_budget_curve_prefixes_hold_only_images_finished_inside_their_time(study
 @pytest.mark.slow
 def test_sweep_samples_each_variant_with_the_same_budget_and_checkpoint(study_run):
     from diffdistill import data
-    from diffdistill.sampling_summary import SamplingSummary
+    from diffdistill.diffusion.sampling_summary import SamplingSummary
 
     out = digits_out(study_run)
     main = SamplingSummary.read(out / "samples" / "pool.json")
@@ -608,7 +608,8 @@ def test_dry_run_of_the_mnist_config_plans_the_papers_grid_at_the_published_epoc
 
 @pytest.mark.slow
 def test_mnist_run_goes_through_every_stage_at_28x28(tmp_path):
-    from diffdistill import data, submission
+    from diffdistill import data
+    from diffdistill.packaging import submission
 
     configs = [*MNIST_CONFIGS, TINY, REPO / "tests" / "configs" / "mnist_tiny.yaml"]
     result = snakemake("--cores", "2", "--configfile", *map(str, configs), cwd=tmp_path, timeout=900)
@@ -676,7 +677,9 @@ def test_folder_run_prepares_the_images_with_their_class_names(folder_run):
 def test_folder_run_package_is_class_major_and_normalised_with_the_data_statistics(folder_run):
     import torch
 
-    from diffdistill import data, normalize, submission
+    from diffdistill import data
+    from diffdistill.data import normalize
+    from diffdistill.packaging import submission
 
     meta = json.loads((folder_run / "package" / "package.json").read_text())
     real = data.load_images(folder_run / "data" / "train.pt")

@@ -94,13 +94,13 @@ def read_torch(path: str | os.PathLike, what: str, map_location="cpu", *, mmap: 
 
     path = Path(path)
     if not path.is_file():
-        from .errors import DiffdistillError
+        from diffdistill.errors import DiffdistillError
 
         raise DiffdistillError(f"{path}: no such file (expected {what})")
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # truncated zips, foreign pickles and refused objects raise many types
-        from .errors import DiffdistillError
+        from diffdistill.errors import DiffdistillError
 
         raise DiffdistillError(
             f"{path}: cannot be read as {what} with torch.load(weights_only=True) ({type(err).__name__}: {err})"
@@ -112,6 +112,6 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
-        from .errors import DiffdistillError
+        from diffdistill.errors import DiffdistillError
 
         raise DiffdistillError(f"{path}: cannot be read as {what} ({type(err).__name__}: {err})") from err

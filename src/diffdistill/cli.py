@@ -23,8 +23,8 @@ import typing
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from . import __version__, atomic, host_memory
-from .errors import DiffdistillError
+from diffdistill import __version__, atomic, host_memory
+from diffdistill.errors import DiffdistillError
 
 log = logging.getLogger("diffdistill")
 

@@ -6,7 +6,7 @@ items too): a missing or ill-typed field, an unknown key or another record type 
 reader with the file, the field and what was expected, so readers use the fields as they are.
 Records here: a checkpoint's score (score_checkpoint), the chosen checkpoint (select_checkpoint's
 best.json) and an evaluation (evaluate); the sampling summary
-(:class:`diffdistill.sampling_summary.SamplingSummary`) is one too.
+(:class:`diffdistill.diffusion.sampling_summary.SamplingSummary`) is one too.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from . import atomic
-from .errors import DiffdistillError
+from diffdistill import atomic
+from diffdistill.errors import DiffdistillError
 
 
 class Record:

@@ -18,12 +18,11 @@ import os
 
 import torch
 
-from . import atomic
-
-from .data import LabeledImages
-from .errors import DiffdistillError
-from .records import BestCheckpoint, EvaluationResult
-from .sampling_summary import SamplingSummary
+from diffdistill import atomic
+from diffdistill.data import LabeledImages
+from diffdistill.diffusion.sampling_summary import SamplingSummary
+from diffdistill.errors import DiffdistillError
+from diffdistill.records import BestCheckpoint, EvaluationResult
 
 ACCURACY_ROWS = {  # kind (a kind with {ipc}: one per IPC of the grid) -> row label
     "synthetic_ipc{ipc}": "synthetic, IPC-{ipc} package",

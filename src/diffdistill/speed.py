@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import DiffdistillError
+from diffdistill.errors import DiffdistillError
 
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")

@@ -91,7 +91,7 @@ def missing_weights_help(path):
     """The package's advice on where the public weights come from (the package may be absent here,
     e.g. with conda deployment, where jobs get it but Snakemake itself may not)."""
     try:
-        from diffdistill.checkpoint import missing_weights_message
+        from diffdistill.diffusion.checkpoint import missing_weights_message
     except ImportError:
         return f"{path}: no such file"
     return missing_weights_message(path)
@@ -226,7 +226,7 @@ def sweep_variants():
 SWEEP = sweep_variants()
 
 
-# The IPC of the challenge's Track 1: the same as diffdistill.submission.TRACK1_IPC (tests/test_defaults.py).
+# The IPC of the challenge's Track 1: the same as diffdistill.packaging.submission.TRACK1_IPC (tests/test_defaults.py).
 CHALLENGE_IPC = 10
 
 
@@ -310,7 +310,7 @@ def evaluation_args(wildcards):
 
 
 # Package rules that pick images with the real-data feature ConvNet of FD-ConvNet scoring: the same as
-# diffdistill.submission.FEATURE_RULES (tests/test_defaults.py), written out so that Snakemake itself
+# diffdistill.packaging.selection.FEATURE_RULES (tests/test_defaults.py), written out so that Snakemake itself
 # runs without the package (conda deployment).
 FEATURE_RULES = ("herding", "coverage")
 

@@ -12,14 +12,15 @@ import sys
 
 import torch
 
-from diffdistill import cli, evaluation, stacked_rounds
+from diffdistill import cli
 from diffdistill.data import load_images
+from diffdistill.data.normalize import normalize
+from diffdistill.diffusion.sampling_summary import SamplingSummary
 from diffdistill.errors import DiffdistillError
-from diffdistill.evaluation_state import EvaluationState
-from diffdistill.normalize import normalize
+from diffdistill.evaluation import entry, protocol
+from diffdistill.evaluation.state import EvaluationState
 from diffdistill.records import BudgetPrefix, EvaluationResult
 from diffdistill.resume import JobKey
-from diffdistill.sampling_summary import SamplingSummary
 
 
 def parse(argv) -> argparse.Namespace:
@@ -56,8 +57,8 @@ def main(argv=None) -> int:
         with cli.Timer() as loading:
             test = load_images(args.test)
             real = load_images(args.real_train) if args.real_train else None
-            mean, std = evaluation.normalization_stats(args.dataset, real)
-            x, y, what, round_indices = evaluation.load_training_set(
+            mean, std = protocol.normalization_stats(args.dataset, real)
+            x, y, what, round_indices = protocol.load_training_set(
                 args.train, args.train_format, test, mean, std, ipc=args.ipc, random_ipc=args.random_ipc,
                 rounds=args.rounds, seed=args.seed)
             prefix = None
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
                              environment=cli.environment(device)).write(args.out)
             return 0
         state = resume_state(args, x, y, test) if args.resume_dir else None
-        result = stacked_rounds.train_and_evaluate_fastest(
+        result = entry.run_rounds(
             x, y, normalize(test.images, mean, std), test.labels, num_classes=test.num_classes, channel=channel,
             im_size=(height, width), epochs=args.epochs, rounds=args.rounds, device=device, seed=args.seed,
             round_indices=round_indices, batch_size=args.batch_size, log_every=args.log_every, state=state)

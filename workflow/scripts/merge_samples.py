@@ -14,8 +14,8 @@ import sys
 
 from diffdistill import cli
 from diffdistill.data import concat_images, load_images, save_images
+from diffdistill.diffusion.sampling_summary import SamplingSummary
 from diffdistill.errors import DiffdistillError
-from diffdistill.sampling_summary import SamplingSummary
 
 
 def main(argv=None) -> int:

@@ -8,9 +8,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffdistill import atomic, cli, evaluation, feature_convnet, submission
+from diffdistill import atomic, cli
 from diffdistill.data import load_images
 from diffdistill.errors import DiffdistillError
+from diffdistill.evaluation import protocol
+from diffdistill.packaging import selection, submission
+from diffdistill.scoring import feature_convnet
 
 
 def parse(argv):
@@ -18,7 +21,7 @@ def parse(argv):
     p.add_argument("--pool", required=True, help="LabeledImages file of sampled images")
     p.add_argument("--dataset", required=True)
     p.add_argument("--ipc", type=int, required=True)
-    p.add_argument("--rule", choices=submission.RULES, required=True)
+    p.add_argument("--rule", choices=selection.RULES, required=True)
     p.add_argument("--feature-convnet", help="real-data ConvNet of reference_stats (for --rule herding/coverage)")
     p.add_argument("--real-train", help="real training split (statistics of non-challenge data sets)")
     p.add_argument("--out-dir", required=True)
@@ -31,14 +34,14 @@ def parse(argv):
 
 def feature_inputs(args, pool, real) -> dict:
     """What rules herding and coverage need from the real-data feature ConvNet (checked flags first)."""
-    if args.rule not in submission.FEATURE_RULES:
+    if args.rule not in selection.FEATURE_RULES:
         return {}
     if not args.feature_convnet:
         raise DiffdistillError(f"--rule {args.rule} needs --feature-convnet (written by reference_stats)")
     if real is None:
         raise DiffdistillError(f"--rule {args.rule} needs --real-train (its real features are the targets)")
     convnet = feature_convnet.load_feature_convnet(args.feature_convnet, "cpu")
-    inputs = submission.selection_inputs(convnet.classify, pool, real, args.rule)
+    inputs = selection.selection_inputs(convnet.classify, pool, real, args.rule)
     cli.log.info("feature ConvNet puts %.1f%% of the pool in its sampled class",
                  100 * float((inputs["predictions"] == pool.labels).float().mean()))
     return inputs
@@ -51,16 +54,16 @@ def main(argv=None) -> int:
     with cli.cleanup_on_failure([out, args.pool_out, args.meta]):
         pool = load_images(args.pool)
         real = load_images(args.real_train) if args.real_train else None
-        mean, std = evaluation.normalization_stats(args.dataset, real)
-        index = submission.select_indices(pool, args.ipc, args.rule, args.seed, **feature_inputs(args, pool, real))
-        tensor = submission.package(pool, args.dataset, args.ipc, mean=mean, std=std, rule=args.rule, seed=args.seed,
+        mean, std = protocol.normalization_stats(args.dataset, real)
+        index = selection.select_indices(pool, args.ipc, args.rule, args.seed, **feature_inputs(args, pool, real))
+        tensor = selection.package(pool, args.dataset, args.ipc, mean=mean, std=std, rule=args.rule, seed=args.seed,
                                     index=index)
         contract = dict(num_classes=pool.num_classes, ipc=args.ipc, image_shape=tuple(pool.images.shape[1:]),
                         mean=mean, std=std)
         submission.validate(tensor, args.dataset, **contract)  # fail before anything is written
         checks = submission.save_package(tensor, out, args.dataset, **contract)
         if args.pool_out:
-            atomic.torch_save(submission.normalized_pool(pool, mean, std), args.pool_out)
+            atomic.torch_save(selection.normalized_pool(pool, mean, std), args.pool_out)
         cli.write_sidecar(
             args.meta, settings={"dataset": args.dataset, "ipc": args.ipc, "rule": args.rule, "seed": args.seed,
                                  "pool": args.pool, "real_train": args.real_train},

@@ -16,8 +16,10 @@ import argparse
 import json
 import sys
 
-from diffdistill import cli, data, datasets, folder, uvit
+from diffdistill import cli, data
 from diffdistill.cli import run_main
+from diffdistill.data import datasets, folder
+from diffdistill.diffusion import uvit
 from diffdistill.errors import DiffdistillError
 
 SPLIT_RULE_KEYS = ("test_fraction", "train_per_class", "seed")  # how digits and mnist split their images

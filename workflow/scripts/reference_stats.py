@@ -11,9 +11,10 @@ FD-ConvNet, never FID).
 import argparse
 import sys
 
-from diffdistill import cli, feature_convnet, fid, scoring
+from diffdistill import cli
 from diffdistill.data import load_images
 from diffdistill.errors import DiffdistillError
+from diffdistill.scoring import checkpoint_scores, feature_convnet, fid
 
 
 def parse(argv):
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
                 contents = feature_convnet.train_feature_convnet(real, epochs=args.convnet_epochs, device=device,
                                                                  seed=args.seed)
                 feature_convnet.save_feature_convnet(args.convnet_out, contents)
-        extractor = scoring.build_extractor(args.extractor, device, inception_weights=args.inception_weights,
+        extractor = checkpoint_scores.build_extractor(args.extractor, device, inception_weights=args.inception_weights,
                                             convnet_path=args.convnet_out)
         with cli.Timer() as features:
             stats = fid.compute_stats(extractor, real.images, args.batch_size)

@@ -27,9 +27,9 @@ import pandas as pd
 
 from diffdistill import atomic, cli, report
 from diffdistill.data import load_images
+from diffdistill.diffusion.sampling_summary import SamplingSummary
 from diffdistill.errors import DiffdistillError
 from diffdistill.records import BestCheckpoint, EvaluationResult
-from diffdistill.sampling_summary import SamplingSummary
 
 
 def main(argv=None) -> int:

@@ -6,11 +6,12 @@ The budget clock starts at the first sampling batch; model loading is timed and 
 import argparse
 import sys
 
-from diffdistill import checkpoint, cli, modes, sampling
+from diffdistill import cli
 from diffdistill.data import LabeledImages, save_images
+from diffdistill.diffusion import checkpoint, modes, sampler_settings, sampling
+from diffdistill.diffusion.sampling_summary import SamplingSummary
 from diffdistill.errors import DiffdistillError
 from diffdistill.records import BestCheckpoint
-from diffdistill.sampling_summary import SamplingSummary
 
 
 def parse(argv):
@@ -23,7 +24,7 @@ def parse(argv):
     p.add_argument("--budget-s", type=float, required=True, help=f"seconds (the challenge: {sampling.BUDGET_S:g})")
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--max-images", type=int, default=None)
-    cli.add_dataclass_flags(p, sampling.SamplerSettings)
+    cli.add_dataclass_flags(p, sampler_settings.SamplerSettings)
     p.add_argument("--real-train", help="real training split, the class modes' source (with --mode-guidance > 0)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
     p.add_argument("--device", default="auto")
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     device = cli.start("sample_budget", sys.argv[1:] if argv is None else argv, args.log, args.device, args.seed)
     if args.budget_s <= 0:
         raise DiffdistillError(f"--budget-s must be > 0 seconds, got {args.budget_s}: nothing would be sampled")
-    settings = cli.dataclass_from_args(sampling.SamplerSettings, args)
+    settings = cli.dataclass_from_args(sampler_settings.SamplerSettings, args)
     with cli.cleanup_on_failure([args.out, args.meta]):
         args.checkpoint = checkpoint_path(args)
         with cli.Timer() as load:

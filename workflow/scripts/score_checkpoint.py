@@ -10,8 +10,10 @@ num_images, checkpoint and seconds at its top level, plus the settings, timings 
 import argparse
 import sys
 
-from diffdistill import cli, fid, modes, sampling, scoring
+from diffdistill import cli
+from diffdistill.diffusion import modes, sampler_settings
 from diffdistill.records import CheckpointScore
+from diffdistill.scoring import checkpoint_scores, fid
 
 
 def parse(argv):
@@ -23,7 +25,7 @@ def parse(argv):
     p.add_argument("--inception-weights", help="local Inception weights (.pth or TorchScript); default: torch.hub")
     p.add_argument("--num-images", type=int, required=True, help="samples; keep it fixed across checkpoints")
     p.add_argument("--batch-size", type=int, required=True)
-    cli.add_dataclass_flags(p, sampling.SamplerSettings)
+    cli.add_dataclass_flags(p, sampler_settings.SamplerSettings)
     p.add_argument("--real-train", help="real training split, the class modes' source (with --mode-guidance > 0)")
     p.add_argument("--out", required=True, help="score JSON")
     p.add_argument("--device", default="auto")
@@ -35,12 +37,12 @@ def parse(argv):
 def main(argv=None) -> int:
     args = parse(argv)
     device = cli.start("score_checkpoint", sys.argv[1:] if argv is None else argv, args.log, args.device, args.seed)
-    settings = cli.dataclass_from_args(sampling.SamplerSettings, args)
+    settings = cli.dataclass_from_args(sampler_settings.SamplerSettings, args)
     with cli.cleanup_on_failure([args.out]):
         reference = fid.load_stats(args.stats)
-        extractor = scoring.build_extractor(args.extractor, device, inception_weights=args.inception_weights,
+        extractor = checkpoint_scores.build_extractor(args.extractor, device, inception_weights=args.inception_weights,
                                             convnet_path=args.convnet)
-        result = scoring.score_checkpoint(
+        result = checkpoint_scores.score_checkpoint(
             args.checkpoint, reference, extractor, num_images=args.num_images, batch_size=args.batch_size,
             sampler=settings, device=device, seed=args.seed, modes=modes.modes_for(settings, args.real_train))
         settings_used = {**vars(args), "sampler": settings.to_dict(), "precision_used": settings.on_device(device).precision}

@@ -9,8 +9,9 @@ Lower is better; ties go to the earliest step. Scores of different kinds or samp
 import argparse
 import sys
 
-from diffdistill import atomic, cli, scoring
+from diffdistill import atomic, cli
 from diffdistill.records import BestCheckpoint, CheckpointScore
+from diffdistill.scoring import checkpoint_scores
 
 
 def parse(argv):
@@ -27,9 +28,9 @@ def main(argv=None) -> int:
     args = parse(argv)
     cli.start("select_checkpoint", sys.argv[1:] if argv is None else argv, args.log, "cpu")
     with cli.cleanup_on_failure([args.csv, args.best, args.plot]):
-        best, table = scoring.select_best([CheckpointScore.read(path) for path in args.scores])
+        best, table = checkpoint_scores.select_best([CheckpointScore.read(path) for path in args.scores])
         atomic.write_text(args.csv, table.to_csv(index=False))
-        scoring.plot_scores(table, args.plot, best.score_kind)
+        checkpoint_scores.plot_scores(table, args.plot, best.score_kind)
         BestCheckpoint.of(best, settings={"scores": args.scores}, environment=cli.environment()).write(args.best)
     cli.log.info("best: step %d, %s %.4f (%s)", best.step, best.score_kind, best.score, best.checkpoint)
     return 0

@@ -14,9 +14,10 @@ import json
 import os
 import sys
 
-from diffdistill import atomic, checkpoint, cli, training, uvit
+from diffdistill import atomic, cli
 from diffdistill.cli import run_main
 from diffdistill.data import load_images
+from diffdistill.diffusion import checkpoint, training, uvit
 from diffdistill.errors import DiffdistillError
 
 

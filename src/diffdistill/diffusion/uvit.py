@@ -6,7 +6,7 @@ Everything is a token: [label?, time, patches]. Long skip connections join the i
 the mirrored output block (last in, first out). The network predicts the noise epsilon.
 
 The time input is what the official network receives: ``999 * t`` for continuous t in [0, 1], a
-float tensor of shape (B,). Converting t is the caller's job (see :mod:`diffdistill.guidance`).
+float tensor of shape (B,). Converting t is the caller's job (see :mod:`diffdistill.diffusion.guidance`).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .schedule import TIME_SCALE
+from diffdistill.diffusion.schedule import TIME_SCALE
 
 NoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

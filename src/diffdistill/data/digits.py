@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import LabeledImages, check_split
-from .errors import DiffdistillError
+from diffdistill.data import LabeledImages, check_split
+from diffdistill.errors import DiffdistillError
 
 DIGITS_MAX = 16  # sklearn's digits hold counts 0..16 per 4x4 block of the original 32x32 bitmap
 

@@ -24,13 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import submission
-from .convnet import ConvNet
-from .data import LabeledImages, load_images
-from .dsa import DSAParams, apply_params, draw_family, draw_params
-from .errors import DiffdistillError
-from .evaluation_state import EvaluationState
-from .normalize import normalize, stats_for
+from diffdistill.data import LabeledImages, load_images
+from diffdistill.data.normalize import normalize, stats_for
+from diffdistill.errors import DiffdistillError
+from diffdistill.evaluation.convnet import ConvNet
+from diffdistill.evaluation.dsa import DSAParams, apply_params, draw_family, draw_params
+from diffdistill.evaluation.state import EvaluationState
+from diffdistill.packaging import submission
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def load_training_set(path: str | os.PathLike, train_format: str, test: LabeledI
     return normalize(train.images, mean, std), train.labels, what, round_indices
 
 
-def _check_split(name: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, shape: tuple) -> None:
+def check_split(name: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, shape: tuple) -> None:
     if not torch.is_tensor(x) or not x.is_floating_point() or tuple(x.shape[1:]) != shape or len(x) == 0:
         raise DiffdistillError(f"{name} images: expected a non-empty float tensor (N, {', '.join(map(str, shape))}), "
                                f"got {getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
@@ -93,7 +93,7 @@ def lr_drop_epoch(epochs: int) -> int:
     return epochs // 2 + 1
 
 
-def _new_model(num_classes, channel, im_size, net_width, net_depth, init_seed) -> ConvNet:
+def new_model(num_classes, channel, im_size, net_width, net_depth, init_seed) -> ConvNet:
     """Default PyTorch initialisation, from the global RNG or, with a seed, from a private one."""
     if init_seed is None:
         return ConvNet(channel, num_classes, net_width, net_depth, im_size)
@@ -102,7 +102,7 @@ def _new_model(num_classes, channel, im_size, net_width, net_depth, init_seed) -
         return ConvNet(channel, num_classes, net_width, net_depth, im_size)
 
 
-def _sgd(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+def sgd(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
@@ -113,7 +113,7 @@ def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def _epoch_draws(n: int, batch_size: int, use_dsa: bool, dsa_params, generator, shape, device):
+def epoch_draws(n: int, batch_size: int, use_dsa: bool, dsa_params, generator, shape, device):
     """The epoch's random draws, in the order a batch-by-batch loop makes them (the sample order, then
     per batch a DSA family and its per-sample parameters), drawn up front on the generator's device
     and moved to ``device`` without a host synchronisation. Returns (order, [(family, params)])."""
@@ -134,7 +134,7 @@ def _train_epoch(model, optimizer, x, y, batch_size, use_dsa, dsa_params, genera
     waiting costs more than DSA itself): draws are made up front, loss and accuracy summed on the device.
     """
     model.train()
-    order, plans = _epoch_draws(len(x), batch_size, use_dsa, dsa_params, generator, x.shape[1:], x.device)
+    order, plans = epoch_draws(len(x), batch_size, use_dsa, dsa_params, generator, x.shape[1:], x.device)
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device)
     for i, start in enumerate(range(0, len(x), batch_size)):
@@ -168,16 +168,16 @@ def train_convnet(train_x: torch.Tensor, train_y: torch.Tensor, *, num_classes: 
     continues from its newest saved epoch and saves every ``state.every`` epochs.
     """
     shape = (channel, int(im_size[0]), int(im_size[1]))
-    _check_split("training", train_x, train_y, num_classes, shape)
-    model = _new_model(num_classes, channel, im_size, net_width, net_depth, init_seed).to(device)
+    check_split("training", train_x, train_y, num_classes, shape)
+    model = new_model(num_classes, channel, im_size, net_width, net_depth, init_seed).to(device)
     x = train_x.to(device=device, dtype=torch.float32)  # (N, C, H, W)
     y = train_y.to(device=device, dtype=torch.long)  # (N,)
-    optimizer = _sgd(model, lr, momentum, weight_decay)
+    optimizer = sgd(model, lr, momentum, weight_decay)
     first = 0
     saved = state.load_epoch(round_index) if state is not None else None
     if saved is not None:
         first, lr = saved["epoch"] + 1, saved["lr"]
-        optimizer = _restore(saved, model, generator, lr, momentum, weight_decay)
+        optimizer = restore(saved, model, generator, lr, momentum, weight_decay)
         log.info("%sresumed after epoch %d of %d", log_prefix, saved["epoch"], epochs)
     began = time.perf_counter()
     for epoch in range(first, epochs + 1):
@@ -192,16 +192,16 @@ def train_convnet(train_x: torch.Tensor, train_y: torch.Tensor, *, num_classes: 
                      log_prefix, epoch, epochs, info["lr"], loss, acc, seconds, eta)
         if epoch == lr_drop_epoch(epochs):
             lr *= 0.1
-            optimizer = _sgd(model, lr, momentum, weight_decay)  # re-created, as the reference does
+            optimizer = sgd(model, lr, momentum, weight_decay)  # re-created, as the reference does
         if state is not None and state.due(epoch) and epoch < epochs:
             state.save_epoch(round_index, epoch, model, optimizer, lr, generator)
     return model
 
 
-def _restore(saved: dict, model, generator, lr: float, momentum: float, weight_decay: float):
+def restore(saved: dict, model, generator, lr: float, momentum: float, weight_decay: float):
     """Model weights, generator state and a new SGD optimizer with the saved momentum buffers."""
     model.load_state_dict(saved["model"])
-    optimizer = _sgd(model, lr, momentum, weight_decay)
+    optimizer = sgd(model, lr, momentum, weight_decay)
     optimizer.load_state_dict(saved["optimizer"])
     if generator is not None and saved["generator"] is not None:
         generator.set_state(saved["generator"])
@@ -229,7 +229,7 @@ def check_rounds(rounds: int, epochs: int, round_indices) -> None:
         raise DiffdistillError(f"round_indices: one index tensor per round expected, got {len(round_indices)} for {rounds}")
 
 
-def _round_seeds(seed: int | None, rounds: int) -> list[tuple[int | None, torch.Generator | None]]:
+def round_seeds(seed: int | None, rounds: int) -> list[tuple[int | None, torch.Generator | None]]:
     """Per round: (init seed, generator for shuffling and DSA), independent streams; none without a seed."""
     if seed is None:
         return [(None, None)] * rounds
@@ -248,14 +248,14 @@ def train_and_evaluate(train_x: torch.Tensor, train_y: torch.Tensor, test_x: tor
     real subset per round. ``train_kwargs`` go to :func:`train_convnet` (lr, momentum, weight_decay,
     batch_size, dsa, log_every, net_width, net_depth, dsa_params). ``on_epoch`` also gets the round
     index. With ``state`` finished rounds are taken from it and a running one continues (see
-    :mod:`diffdistill.evaluation_state`). Returns mean, std, accuracies (fractions), epochs, rounds,
+    :mod:`diffdistill.evaluation.state`). Returns mean, std, accuracies (fractions), epochs, rounds,
     train_size, seconds (and per round), resumed_rounds.
     """
-    _check_split("test", test_x, test_y, num_classes, (channel, int(im_size[0]), int(im_size[1])))
+    check_split("test", test_x, test_y, num_classes, (channel, int(im_size[0]), int(im_size[1])))
     check_rounds(rounds, epochs, round_indices)
     accuracies, times = [], []
     finished = state.finished_rounds() if state is not None else {}
-    for r, (init_seed, generator) in enumerate(_round_seeds(seed, rounds)):
+    for r, (init_seed, generator) in enumerate(round_seeds(seed, rounds)):
         if r in finished:
             accuracies.append(finished[r]["accuracy"])
             times.append(finished[r]["seconds"])

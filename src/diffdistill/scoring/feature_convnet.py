@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, evaluation, fid
-from .convnet import ConvNet
-from .data import LabeledImages
-from .errors import DiffdistillError
-from .normalize import normalize, stats_for
+from diffdistill import atomic
+from diffdistill.data import LabeledImages
+from diffdistill.data.normalize import normalize, stats_for
+from diffdistill.errors import DiffdistillError
+from diffdistill.evaluation import protocol
+from diffdistill.evaluation.convnet import ConvNet
+from diffdistill.scoring import fid
 
 CONVNET_FORMAT = "diffdistill-feature-convnet"
 
@@ -32,7 +34,7 @@ def train_feature_convnet(real: LabeledImages, *, epochs: int, device, seed: int
     x = normalize(real.images, mean, std)  # (N, C, H, W) float32, as ConvNetExtractor feeds it
     generator = None if seed is None else torch.Generator().manual_seed(int(seed))
     _, channel, height, width = real.images.shape
-    net = evaluation.train_convnet(
+    net = protocol.train_convnet(
         x, real.labels, num_classes=real.num_classes, channel=channel, im_size=(height, width), epochs=epochs,
         batch_size=batch_size, device=device, generator=generator, init_seed=seed, net_width=net_width,
         net_depth=net_depth)
@@ -49,7 +51,7 @@ def save_feature_convnet(path: str | os.PathLike, contents: dict) -> None:
 
 
 def load_feature_convnet(path: str | os.PathLike, device) -> fid.ConvNetExtractor:
-    """A :class:`~diffdistill.fid.ConvNetExtractor` from a file of :func:`save_feature_convnet`."""
+    """A :class:`~diffdistill.scoring.fid.ConvNetExtractor` from a file of :func:`save_feature_convnet`."""
     path = Path(path)
     obj = atomic.read_torch(path, "the feature ConvNet written by reference_stats")
     if not isinstance(obj, dict) or obj.get("format") != CONVNET_FORMAT:

@@ -6,7 +6,7 @@ runs for hours, so a killed or pre-empted job should not start over. One folder 
 - ``rounds.json``: the test accuracy and seconds of every finished round;
 - ``round_<r>.pt``: the running round's model, optimizer, learning rate, generator state and last
   finished epoch, rewritten every ``every`` epochs (atomically, so a kill never leaves half a file);
-- ``rounds_<a>-<b>.pt``: the same for a chunk of rounds trained together (:mod:`diffdistill.stacked_rounds`),
+- ``rounds_<a>-<b>.pt``: the same for a chunk of rounds trained together (:mod:`diffdistill.evaluation.stacked_rounds`),
   with every round's generator state.
 
 Both carry the job's :class:`~diffdistill.resume.JobKey` (its settings and its data); state with
@@ -22,9 +22,9 @@ import os
 import shutil
 from pathlib import Path
 
-from . import atomic
-from .errors import DiffdistillError
-from .resume import JobKey
+from diffdistill import atomic
+from diffdistill.errors import DiffdistillError
+from diffdistill.resume import JobKey
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import DiffdistillError
+from diffdistill.errors import DiffdistillError
 
 FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
 

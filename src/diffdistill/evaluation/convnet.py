@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .errors import DiffdistillError
+from diffdistill.errors import DiffdistillError
 
 # Modules per block, so block d's conv is features.<4d> and its norm features.<4d + 1>.
 BLOCK_LEN = 4

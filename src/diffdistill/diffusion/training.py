@@ -33,13 +33,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .data import LabeledImages, to_model_range
-from .errors import DiffdistillError
-from .minimax import MinimaxTerms
-from .resume import JobKey
-from .schedule import TIME_SCALE, VPSchedule
-from .speed import tf32
+from diffdistill.data import LabeledImages, to_model_range
+from diffdistill.diffusion.checkpoint import load_checkpoint, save_checkpoint
+from diffdistill.diffusion.minimax import MinimaxTerms
+from diffdistill.diffusion.schedule import TIME_SCALE, VPSchedule
+from diffdistill.errors import DiffdistillError
+from diffdistill.resume import JobKey
+from diffdistill.speed import tf32
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ The loss is the sum over rounds of each round's mean cross-entropy, so round r's
 of its own loss; SGD with momentum and weight decay is elementwise, so one step over the stacked
 parameters is R independent steps, and the lr drop re-creates the optimizer as the reference does.
 
-Each round keeps what makes it a round: its initial weights (built by ``evaluation._new_model``
-with its own seed and packed), its own generator from ``evaluation._round_seeds`` that draws
-exactly what ``evaluation._epoch_draws`` draws for a sequential round (order, DSA family and
+Each round keeps what makes it a round: its initial weights (built by ``protocol.new_model``
+with its own seed and packed), its own generator from ``protocol.round_seeds`` that draws
+exactly what ``protocol.epoch_draws`` draws for a sequential round (order, DSA family and
 parameters), its own training subset (``round_indices[r]``) and its own optimizer state. DSA is
 applied once per family present in a step, to the rounds that drew it (parameters are per sample,
 so rounds concatenated along the batch transform exactly as apart).
@@ -41,7 +41,7 @@ grouped network is also a plain ``nn.Module``: plain SGD, state_dict and checkpo
 
 Whole evaluations (benchmarks/evaluator_speed.py, digits, 5 rounds, seconds per round against the
 organisers' loop): on an H200, 100 epochs, stacked 3.3x (IPC 1), 4.8x (IPC 10), 5.0x (IPC 50) and
-5.6x (a 2,000-image pool), rounds one after another 1.1-2.3x; so :func:`pays_on` picks it on CUDA.
+5.6x (a 2,000-image pool), rounds one after another 1.1-2.3x; so :func:`diffdistill.evaluation.entry.pays_on` picks it on CUDA.
 On the 2-core CPU at rest (20 epochs) it did not pay: IPC 10 1.274 s stacked, 1.016 s organisers,
 0.959 s sequential. There the step is arithmetic: 4.1 GFLOP of convolutions per round and step at
 IPC 10 take at least 26 ms at the 155 GFLOP/s this CPU's best fp32 matrix product reaches, which
@@ -63,11 +63,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import evaluation
-from .convnet import BLOCK_LEN, ConvNet, first_padding
-from .dsa import DSAParams, apply_params
-from .errors import DiffdistillError
-from .evaluation_state import EvaluationState
+from diffdistill.errors import DiffdistillError
+from diffdistill.evaluation import protocol
+from diffdistill.evaluation.convnet import BLOCK_LEN, ConvNet, first_padding
+from diffdistill.evaluation.dsa import DSAParams, apply_params
+from diffdistill.evaluation.state import EvaluationState
 
 log = logging.getLogger(__name__)
 
@@ -167,12 +167,12 @@ def _augment(images: torch.Tensor, plans: Sequence[tuple], dsa_params: DSAParams
 def _train_epoch(model, optimizer, x, y, batch_size, use_dsa, dsa_params, generators):
     """One pass of every round over its own shuffled data (R, N, C, H, W), labels (R, N).
 
-    Per round the same draws as a sequential round (``evaluation._epoch_draws`` on its generator);
+    Per round the same draws as a sequential round (``protocol.epoch_draws`` on its generator);
     the loss is the sum of the rounds' mean cross-entropies. Returns per-round (mean loss, accuracy).
     """
     model.train()
     rounds, n = y.shape
-    draws = [evaluation._epoch_draws(n, batch_size, use_dsa, dsa_params, g, x.shape[2:], x.device)
+    draws = [protocol.epoch_draws(n, batch_size, use_dsa, dsa_params, g, x.shape[2:], x.device)
              for g in generators]
     orders = torch.stack([order for order, _ in draws])  # (R, N)
     rows = torch.arange(rounds, device=x.device)[:, None]  # (R, 1)
@@ -198,7 +198,7 @@ def _train_epoch(model, optimizer, x, y, batch_size, use_dsa, dsa_params, genera
 def _resume(saved: dict, model, generators, momentum, weight_decay):
     """(first epoch, lr, optimizer) from a chunk's saved state (:meth:`EvaluationState.load_chunk`)."""
     plain = {"model": saved["model"], "optimizer": saved["optimizer"], "generator": None}
-    optimizer = evaluation._restore(plain, model, None, saved["lr"], momentum, weight_decay)
+    optimizer = protocol.restore(plain, model, None, saved["lr"], momentum, weight_decay)
     for generator, generator_state in zip(generators, saved["generators"]):
         if generator is not None and generator_state is not None:
             generator.set_state(generator_state)
@@ -214,19 +214,19 @@ def train_stacked(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, im_size
                   state: EvaluationState | None = None, resume_from: dict | None = None) -> StackedConvNet:
     """Train R fresh challenge ConvNets together, round r on x[r] (R, N, C, H, W) with labels y[r] (R, N).
 
-    Round r starts from ``evaluation._new_model(..., init_seeds[r])`` and draws from ``generators[r]``,
-    as :func:`evaluation.train_convnet` would. ``rounds`` names the rounds (for logs and the resume
+    Round r starts from ``protocol.new_model(..., init_seeds[r])`` and draws from ``generators[r]``,
+    as :func:`protocol.train_convnet` would. ``rounds`` names the rounds (for logs and the resume
     state; default 0..R-1). ``on_epoch`` gets per pass: epoch, lr, rounds, loss and acc (lists by
     round), seconds, model, optimizer. ``resume_from`` (the chunk's saved state) continues where it
     stopped; with ``state`` the chunk saves one every epoch ``state.due`` accepts. Returns the network.
     """
     rounds = tuple(range(len(x)) if rounds is None else rounds)
     channel = x.shape[2]
-    models = [evaluation._new_model(num_classes, channel, im_size, net_width, net_depth, s) for s in init_seeds]
+    models = [protocol.new_model(num_classes, channel, im_size, net_width, net_depth, s) for s in init_seeds]
     model = StackedConvNet.from_models([m.to(device) for m in models], im_size)
     x = x.to(device=device, dtype=torch.float32)  # (R, N, C, H, W)
     y = y.to(device=device, dtype=torch.long)  # (R, N)
-    first, optimizer = 0, evaluation._sgd(model, lr, momentum, weight_decay)
+    first, optimizer = 0, protocol.sgd(model, lr, momentum, weight_decay)
     if resume_from is not None:
         first, lr, optimizer = _resume(resume_from, model, generators, momentum, weight_decay)
         log.info("rounds %s resumed after epoch %d of %d", _names(rounds), first - 1, epochs)
@@ -241,9 +241,9 @@ def train_stacked(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, im_size
             log.info("rounds %s epoch %d/%d lr %.4g mean loss %.4f mean train acc %.4f (%.0f s, ETA %.0f s)",
                      _names(rounds), epoch, epochs, lr, np.mean(loss), np.mean(acc), seconds,
                      seconds / (epoch + 1 - first) * (epochs - epoch))
-        if epoch == evaluation.lr_drop_epoch(epochs):
+        if epoch == protocol.lr_drop_epoch(epochs):
             lr *= 0.1
-            optimizer = evaluation._sgd(model, lr, momentum, weight_decay)  # re-created, as the reference does
+            optimizer = protocol.sgd(model, lr, momentum, weight_decay)  # re-created, as the reference does
         if state is not None and state.due(epoch) and epoch < epochs:
             state.save_chunk(rounds, {"epoch": epoch, "lr": lr, "model": model.state_dict(),
                                       "optimizer": optimizer.state_dict(),
@@ -254,14 +254,6 @@ def train_stacked(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, im_size
 def _names(rounds: Sequence[int]) -> str:
     """Rounds as people count them: '1-5' or '3'."""
     return f"{rounds[0] + 1}-{rounds[-1] + 1}" if len(rounds) > 1 else f"{rounds[0] + 1}"
-
-
-def pays_on(device) -> bool:
-    """Whether stacking rounds is the faster evaluator on ``device``: on a CUDA GPU (3.3-5.6x the
-    organisers' loop on the digits against 1.1-2.3x for rounds one after another, README "Evaluator
-    speed"); not on a CPU, where the convolutions' arithmetic is the cost and oneDNN runs grouped ones
-    more slowly than plain ones (see the module docstring)."""
-    return torch.device(device).type == "cuda"
 
 
 # Bytes one round's training step holds per activation element: conv output, norm output and their
@@ -309,7 +301,7 @@ def _round_data(train_x, train_y, round_indices, chunk):
 
 
 def _check_rounds(rounds, epochs, round_indices) -> None:
-    evaluation.check_rounds(rounds, epochs, round_indices)
+    protocol.check_rounds(rounds, epochs, round_indices)
     if round_indices is not None and len({len(index) for index in round_indices}) != 1:
         raise DiffdistillError(f"round_indices: stacked rounds need subsets of one size, got "
                                f"{sorted({len(index) for index in round_indices})}")
@@ -321,7 +313,7 @@ def train_and_evaluate_stacked(train_x: torch.Tensor, train_y: torch.Tensor, tes
                                round_indices: Sequence[torch.Tensor] | None = None,
                                max_rounds_per_chunk: int | None = None, on_epoch: EpochCallback | None = None,
                                state: EvaluationState | None = None, **train_kwargs) -> dict:
-    """:func:`evaluation.train_and_evaluate` with the rounds trained together (stacked, see the module).
+    """:func:`protocol.train_and_evaluate` with the rounds trained together (stacked, see the module).
 
     The same arguments (``train_kwargs`` go to :func:`train_stacked`: lr, momentum, weight_decay,
     batch_size, dsa, log_every, net_width, net_depth, dsa_params), the same seeds per round and the
@@ -331,9 +323,9 @@ def train_and_evaluate_stacked(train_x: torch.Tensor, train_y: torch.Tensor, tes
     chunk's time shared by its rounds), resumed_rounds (rounds that took state from an earlier run).
     """
     shape = (channel, int(im_size[0]), int(im_size[1]))
-    evaluation._check_split("test", test_x, test_y, num_classes, shape)
+    protocol.check_split("test", test_x, test_y, num_classes, shape)
     _check_rounds(rounds, epochs, round_indices)
-    seeds = evaluation._round_seeds(seed, rounds)
+    seeds = protocol.round_seeds(seed, rounds)
     finished = state.finished_rounds() if state is not None else {}
     accuracies = {r: done["accuracy"] for r, done in finished.items()}
     times = {r: done["seconds"] for r, done in finished.items()}
@@ -342,7 +334,7 @@ def train_and_evaluate_stacked(train_x: torch.Tensor, train_y: torch.Tensor, tes
     for chunk in _chunks(todo, rounds if max_rounds_per_chunk is None else max_rounds_per_chunk):
         began = time.perf_counter()
         x, y = _round_data(train_x, train_y, round_indices, chunk)  # (R, N, C, H, W), (R, N)
-        evaluation._check_split("training", x[0], y[0], num_classes, shape)
+        protocol.check_split("training", x[0], y[0], num_classes, shape)
         saved = state.load_chunk(chunk) if state is not None else None
         if saved is not None:
             resumed.update(chunk)
@@ -350,7 +342,7 @@ def train_and_evaluate_stacked(train_x: torch.Tensor, train_y: torch.Tensor, tes
                               generators=[seeds[r][1] for r in chunk], init_seeds=[seeds[r][0] for r in chunk],
                               on_epoch=on_epoch, rounds=chunk, state=state, resume_from=saved, **train_kwargs)
         # Tested as the rounds' own ConvNets, by the sequential evaluator's test pass.
-        chunk_accuracies = [evaluation.evaluate_accuracy(m, test_x, test_y, device) for m in model.round_models()]
+        chunk_accuracies = [protocol.evaluate_accuracy(m, test_x, test_y, device) for m in model.round_models()]
         seconds = [(time.perf_counter() - began) / len(chunk)] * len(chunk)
         accuracies.update(zip(chunk, chunk_accuracies))
         times.update(zip(chunk, seconds))
@@ -364,19 +356,3 @@ def train_and_evaluate_stacked(train_x: torch.Tensor, train_y: torch.Tensor, tes
     return dict(mean=float(np.mean(ordered)), std=float(np.std(ordered)), accuracies=ordered,
                 epochs=epochs, rounds=rounds, train_size=train_size, seconds=float(sum(times.values())),
                 seconds_per_round=[times[r] for r in range(rounds)], resumed_rounds=sorted(resumed))
-
-
-def train_and_evaluate_fastest(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
-                               test_y: torch.Tensor, *, channel: int, im_size: Sequence[int], rounds: int, device,
-                               batch_size: int = 256, net_width: int = 128, net_depth: int = 3, **kwargs) -> dict:
-    """The rounds of the challenge protocol by the faster evaluator on ``device`` (:func:`pays_on`):
-    stacked, in chunks that fit the free memory, or one after another. Both train each round alike
-    (to float tolerance); the result's ``rounds_at_once`` says how many rounds trained together."""
-    common = dict(channel=channel, im_size=im_size, rounds=rounds, device=device, batch_size=batch_size,
-                  net_width=net_width, net_depth=net_depth, **kwargs)
-    if not pays_on(device):
-        return {**evaluation.train_and_evaluate(train_x, train_y, test_x, test_y, **common), "rounds_at_once": 1}
-    shape = (channel, int(im_size[0]), int(im_size[1]))
-    at_once = rounds_that_fit(rounds, batch_size, shape, net_width, net_depth, free_memory(device))
-    result = train_and_evaluate_stacked(train_x, train_y, test_x, test_y, max_rounds_per_chunk=at_once, **common)
-    return {**result, "rounds_at_once": at_once}

@@ -5,9 +5,9 @@ A prepared split is one ``torch.save`` file holding a plain dict (loadable with
 class names, index = label), ``name`` (data set name) and ``split``. Real data, budgeted samples and
 the synthetic pool all use it.
 
-The readers that turn the real data sets into it live beside this module: :mod:`diffdistill.cifar100`,
-:mod:`diffdistill.tinyimagenet`, :mod:`diffdistill.mnist` and :mod:`diffdistill.digits` (the embedded
-default), chosen by name in :mod:`diffdistill.datasets`. The checks they share (split names, finding a
+The readers that turn the real data sets into it live beside this module: :mod:`diffdistill.data.cifar100`,
+:mod:`diffdistill.data.tinyimagenet`, :mod:`diffdistill.data.mnist` and :mod:`diffdistill.data.digits` (the embedded
+default), chosen by name in :mod:`diffdistill.data.datasets`. The checks they share (split names, finding a
 data set folder) are here.
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
-from .errors import DiffdistillError
+from diffdistill import atomic
+from diffdistill.errors import DiffdistillError
 
 SPLITS = ("train", "test")
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import LabeledImages, load_images, to_model_range
-from .errors import DiffdistillError
+from diffdistill.data import LabeledImages, load_images, to_model_range
+from diffdistill.errors import DiffdistillError
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def modes_for(settings, real_train: str | None) -> torch.Tensor | None:
 
 
 def balanced_mode_indices(num_classes: int, n: int, modes_per_class: int, offset: int = 0) -> torch.Tensor:
-    """The mode of each image of :func:`diffdistill.sampling.balanced_labels` (same ``offset``): the
+    """The mode of each image of :func:`diffdistill.diffusion.sampling.balanced_labels` (same ``offset``): the
     image's rank within its class, mod k, so the images of a class go through the modes in turn."""
     return ((torch.arange(n, dtype=torch.long) + offset) // num_classes) % modes_per_class  # (n,)
 

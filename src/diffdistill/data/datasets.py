@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import cifar100, digits, folder, mnist, tinyimagenet
-from .data import LabeledImages, check_split
-from .errors import DiffdistillError
+from diffdistill.data import cifar100, digits, folder, mnist, tinyimagenet
+from diffdistill.data import LabeledImages, check_split
+from diffdistill.errors import DiffdistillError
 
 DATASETS = ("digits", "mnist", "cifar100", "tinyimagenet", "folder")
 EMBEDDED = ("digits", "mnist")  # shipped inside a Python package: no data root, nothing to download
@@ -15,7 +15,7 @@ EMBEDDED = ("digits", "mnist")  # shipped inside a Python package: no data root,
 
 def prepare_dataset(name: str, root, split: str, download: bool = False) -> LabeledImages:
     """One split of a named data set (``DATASETS``); ``root`` is unused for the ``EMBEDDED`` ones; ``folder`` is read
-    with the default :class:`~diffdistill.folder.FolderSettings` (the workflow uses ``folder.read_folder``)."""
+    with the default :class:`~diffdistill.data.folder.FolderSettings` (the workflow uses ``folder.read_folder``)."""
     check_split(split)
     if name == "digits":
         return digits.load_digits_split(split)

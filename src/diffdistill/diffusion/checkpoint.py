@@ -25,9 +25,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import atomic
-from .errors import DiffdistillError
-from .uvit import UViT
+from diffdistill import atomic
+from diffdistill.diffusion.uvit import UViT
+from diffdistill.errors import DiffdistillError
 
 log = logging.getLogger(__name__)
 

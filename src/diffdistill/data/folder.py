@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import convnet
-from .data import LabeledImages, listing, require_root
-from .errors import DiffdistillError
+from diffdistill.data import LabeledImages, listing, require_root
+from diffdistill.errors import DiffdistillError
+from diffdistill.evaluation import convnet
 
 log = logging.getLogger(__name__)
 

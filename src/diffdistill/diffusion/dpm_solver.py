@@ -38,7 +38,7 @@ h m' and h^2 m'' from network evaluations:
   it with the coefficient of h^2 m''. That is the published DPM-Solver(++)(3M).
 
 Conventions: ``noise_fn(x, t)`` returns the predicted noise eps for continuous t in [0, 1] of shape
-(B,), in x's dtype (see :func:`diffdistill.guidance.guided_noise_fn`). The solver state stays in
+(B,), in x's dtype (see :func:`diffdistill.diffusion.guidance.guided_noise_fn`). The solver state stays in
 x_T's dtype; coefficients are computed in float64 and applied as Python floats.
 """
 
@@ -52,13 +52,13 @@ from typing import Callable
 
 import torch
 
-from .schedule import VPSchedule
+from diffdistill.diffusion.schedule import VPSchedule
 
 log = logging.getLogger(__name__)
 
 NoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # x0_pull(x0, evaluation): the change to make to the clean-image prediction of that network evaluation
-# (0-based), or None to leave it (diffdistill.modes.ModePull).
+# (0-based), or None to leave it (diffdistill.diffusion.modes.ModePull).
 X0Pull = Callable[[torch.Tensor, int], "torch.Tensor | None"]
 METHODS = ("multistep", "singlestep")  # as in the authors' dpm_solver_pytorch.py
 ALGORITHMS = ("dpmsolver", "dpmsolver++")

@@ -12,8 +12,8 @@ import functools
 import numpy as np
 import torch
 
-from .data import LabeledImages, check_split
-from .errors import DiffdistillError
+from diffdistill.data import LabeledImages, check_split
+from diffdistill.errors import DiffdistillError
 
 SIDE = 28
 TRAIN_PER_CLASS = 400  # of each class's 500; the other 100 are its test images

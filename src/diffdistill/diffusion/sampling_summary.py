@@ -14,8 +14,9 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
-from .errors import DiffdistillError
-from .records import Record
+from diffdistill.diffusion.sampler_settings import SamplerSettings
+from diffdistill.errors import DiffdistillError
+from diffdistill.records import Record
 
 
 @dataclass
@@ -130,7 +131,7 @@ class SamplingSummary(Record):
 
     @property
     def sampler(self) -> dict:
-        """The sampler's own settings (the keys of :class:`diffdistill.sampling.SamplerSettings`)."""
+        """The sampler's own settings (the keys of :class:`diffdistill.diffusion.sampler_settings.SamplerSettings`)."""
         return {key: self.settings[key] for key in sampler_keys()}
 
     def check(self, where: str) -> None:
@@ -159,6 +160,4 @@ class SamplingSummary(Record):
 
 
 def sampler_keys() -> tuple[str, ...]:
-    from .sampling import SamplerSettings  # not at the top: sampling imports this module
-
     return tuple(f.name for f in fields(SamplerSettings))

@@ -20,10 +20,12 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from . import atomic, checkpoint, fid, sampling, speed
-from .errors import DiffdistillError
-from .feature_convnet import load_feature_convnet
-from .records import CheckpointScore
+from diffdistill import atomic, speed
+from diffdistill.diffusion import checkpoint, sampler_settings, sampling
+from diffdistill.errors import DiffdistillError
+from diffdistill.records import CheckpointScore
+from diffdistill.scoring import fid, inception_features
+from diffdistill.scoring.feature_convnet import load_feature_convnet
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ SCORE_COLUMNS = ["step", "score", "score_kind", "num_images", "checkpoint", "sec
 def build_extractor(kind: str, device, *, inception_weights=None, convnet_path=None):
     """The extractor named in the config: "inception" (FID) or "convnet" (FD-ConvNet, needs its file)."""
     if kind == "inception":
-        return fid.InceptionExtractor(device, weights_path=inception_weights)
+        return inception_features.InceptionExtractor(device, weights_path=inception_weights)
     if kind == "convnet":
         if convnet_path is None:
             raise DiffdistillError("extractor 'convnet' needs the feature ConvNet file (--convnet)")
@@ -44,10 +46,10 @@ def build_extractor(kind: str, device, *, inception_weights=None, convnet_path=N
 # --------------------------------------------------------------------------- scoring one checkpoint
 
 
-def sample_for_scoring(model, num_images: int, batch_size: int, settings: sampling.SamplerSettings, *,
+def sample_for_scoring(model, num_images: int, batch_size: int, settings: sampler_settings.SamplerSettings, *,
                        device, seed: int, modes: torch.Tensor | None = None) -> torch.Tensor:
     """``num_images`` class-balanced samples from one generator seeded with ``seed``: uint8 (N, C, H, W).
-    ``modes``: the class modes of mode guidance, as for :func:`diffdistill.sampling.sample_budgeted`."""
+    ``modes``: the class modes of mode guidance, as for :func:`diffdistill.diffusion.sampling.sample_budgeted`."""
     if num_images < 2 or batch_size < 1:
         raise DiffdistillError(f"num_images must be >= 2 and batch_size >= 1, got {num_images} and {batch_size}")
     if getattr(model, "num_classes", 0) < 1:
@@ -61,7 +63,7 @@ def sample_for_scoring(model, num_images: int, batch_size: int, settings: sampli
 
 
 def score_checkpoint(checkpoint_path: str | os.PathLike, reference: fid.FeatureStats, extractor, *,
-                     num_images: int, batch_size: int, sampler: sampling.SamplerSettings, device,
+                     num_images: int, batch_size: int, sampler: sampler_settings.SamplerSettings, device,
                      seed: int, modes: torch.Tensor | None = None) -> dict:
     """Sample with the checkpoint's EMA weights and return its Fréchet distance to ``reference``.
 

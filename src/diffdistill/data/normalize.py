@@ -26,7 +26,7 @@ def stats_for(dataset: str, real_train_images: torch.Tensor | None = None):
     if dataset in CHALLENGE_STATS:
         return CHALLENGE_STATS[dataset]
     if real_train_images is None:
-        from .errors import DiffdistillError
+        from diffdistill.errors import DiffdistillError
 
         raise DiffdistillError(f"data set {dataset!r} has no challenge constants: give the real training "
                                f"split (--real-train) for its normalisation statistics")

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import LabeledImages, check_split, find_folder, listing
-from .errors import DiffdistillError
+from diffdistill.data import LabeledImages, check_split, find_folder, listing
+from diffdistill.errors import DiffdistillError
 
 log = logging.getLogger(__name__)
 
