@@ -9,15 +9,13 @@ an unpadded one to 1e-5 in the network's output.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from diffdistill import speed
 from diffdistill.data import LabeledImages
-from diffdistill.diffusion import sampler_settings, training, uvit
+from diffdistill.diffusion import training, uvit
 from diffdistill.diffusion.sampler_settings import SamplerSettings
 from diffdistill.diffusion.sampling import generate, sample_budgeted
 from diffdistill.evaluation import dsa, protocol
@@ -25,7 +23,6 @@ from diffdistill.evaluation.convnet import ConvNet
 from helpers import load_script, needs_cpu_compiler
 
 FAST = dict(steps=3, order=2, method="multistep", algorithm="dpmsolver++", t_end=1e-3)
-SCHEMA = yaml.safe_load((Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -138,16 +135,6 @@ def test_tf32_precision_on_cpu_samples_like_fp32(tiny):
 def test_bad_compile_mode_is_refused():
     with pytest.raises(Exception, match="compile must be one of"):
         SamplerSettings(compile="fast")
-
-
-def test_schema_offers_the_package_choices_and_defaults():
-    sampler, train = SCHEMA["$defs"]["sampler"]["properties"], SCHEMA["$defs"]["training"]["properties"]
-    assert sampler["compile"]["enum"] == list(speed.COMPILE_MODES)
-    assert sampler["compile"]["default"] == SamplerSettings().compile == "none"
-    assert sampler["precision"]["enum"] == list(sampler_settings.PRECISION_CHOICES)
-    config = training.TrainConfig(total_steps=1)
-    for key in ("compile", "fused_adamw", "tf32"):
-        assert train[key]["default"] is getattr(config, key) is False
 
 
 # ----------------------------------------------------------------------------- fine-tuning

@@ -257,7 +257,7 @@ def test_unconditional_model_ignores_labels(tmp_path):
 @pytest.mark.parametrize("key, value", [("minimax_representativeness", -0.1), ("minimax_diversity", -1.0),
                                         ("minimax_memory", 0)])
 def test_minimax_settings_are_checked(key, value):
-    with pytest.raises(DiffdistillError, match=f"invalid {key}="):
+    with pytest.raises(DiffdistillError, match=f"training config: {key} must be"):
         make_config(**{key: value})
 
 

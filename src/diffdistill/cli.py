@@ -19,11 +19,12 @@ import random
 import shlex
 import sys
 import time
+import types
 import typing
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from diffdistill import __version__, atomic, host_memory
+from diffdistill import __version__, atomic, host_memory, settings
 from diffdistill.errors import DiffdistillError
 
 log = logging.getLogger("diffdistill")
@@ -175,16 +176,20 @@ def _log_to_files_only(message: str) -> None:
 
 
 def add_dataclass_flags(parser, cls) -> None:
-    """One flag per field of the dataclass ``cls`` (``--t-min`` for ``t_min``), typed by its annotation, with
-    its default (shown by ``--help``); a field without a default is a required flag. ``bool`` is a switch
-    (``--hflip`` / ``--no-hflip``); a list or tuple of numbers is written comma-separated (``--betas 0.99,0.999``),
-    as the workflow writes it (common.smk's cli_flag)."""
+    """One flag per setting of the dataclass ``cls`` that is a script flag (:mod:`diffdistill.settings`;
+    ``--t-min`` for ``t_min``), typed by its annotation, with its default and description (shown by
+    ``--help``); a setting without a default is a required flag. ``bool`` is a switch (``--hflip`` /
+    ``--no-hflip``); a list or tuple of numbers is written comma-separated (``--betas 0.99,0.999``) and an
+    optional value as ``none`` when absent, as the workflow writes them (common.smk's cli_flag)."""
     hints = typing.get_type_hints(cls)
-    for item in dataclasses.fields(cls):
-        flag, default = "--" + item.name.replace("_", "-"), _field_default(item)
-        options: dict = {"required": True} if default is dataclasses.MISSING else {
-            "default": default, "help": f"default: {_flag_text(default)}"}
+    for item in _flag_fields(cls):
+        flag, default = "--" + item.name.replace("_", "-"), settings.default_of(item)
+        about = item.metadata.get("description", "")
+        options: dict = {"required": True, "help": about} if default is dataclasses.MISSING else {
+            "default": default, "help": f"{about}{'; ' if about else ''}default: {_flag_text(default)}"}
         kind = hints[item.name]
+        if item.metadata.get("choices") is not None:
+            options["choices"] = item.metadata["choices"]
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
         else:
@@ -193,26 +198,30 @@ def add_dataclass_flags(parser, cls) -> None:
 
 def dataclass_from_args(cls, args):
     """The ``cls`` given by the flags of :func:`add_dataclass_flags` (checked by its own ``__post_init__``)."""
-    return cls(**{item.name: getattr(args, item.name) for item in dataclasses.fields(cls)})
+    return cls(**{item.name: getattr(args, item.name) for item in _flag_fields(cls)})
 
 
-def _field_default(item: dataclasses.Field):
-    if item.default_factory is not dataclasses.MISSING:
-        return item.default_factory()
-    return item.default
+def _flag_fields(cls) -> list[dataclasses.Field]:
+    """The fields that are flags: every field of a plain dataclass, the flag settings of a declared one."""
+    return [item for item in dataclasses.fields(cls) if item.metadata.get("flag", True)]
 
 
 def _flag_text(value) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value)) or "none"
-    return str(value)
+    return "none" if value is None else str(value)
 
 
 def _flag_parser(kind, name: str) -> Callable[[str], object]:
-    """int, float and str parse as themselves; list[int] / tuple[float, ...] from "a,b,c"."""
+    """int, float and str parse as themselves; list[int] / tuple[float, ...] from "a,b,c"; an optional
+    type from "none" as None, else as its type."""
     if kind in (int, float, str):
         return kind
-    items = set(typing.get_args(kind)) - {Ellipsis}
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in args:
+        inner = _flag_parser(next(a for a in args if a is not type(None)), name)
+        return lambda text: None if text == "none" else inner(text)
+    items = set(args) - {Ellipsis}
     if typing.get_origin(kind) in (list, tuple) and len(items) == 1 and items <= {int, float}:
         number = items.pop()
         return lambda text: [number(part) for part in text.split(",") if part]

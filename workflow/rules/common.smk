@@ -24,6 +24,10 @@ CRITICAL_PATH = 10
 # default on a CPU").
 CHAIN_THREADS = 8
 SCRIPTS = Path(workflow.basedir) / "workflow" / "scripts"
+# The config schema, made from the package's settings declarations (diffdistill.config_schema): besides
+# validating the config it says which keys are which script's flags (x-flags) and holds the package
+# facts the rules need (x-facts), so that Snakemake itself runs without the package (conda deployment).
+SCHEMA = yaml.safe_load((Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml").read_text())
 
 
 VARIANT_RE = r"[A-Za-z0-9][A-Za-z0-9_.+-]*"  # the schema's pattern for sweep names
@@ -67,9 +71,9 @@ def folder_prepare_params():
     presets = [config["model"]["preset"]]
     if config["pretrained"]["source"] == "train" and PRETRAIN_PRESET not in presets:
         presets.append(PRETRAIN_PRESET)
-    settings = {"side": config["data"]["side"], "channels": config["data"]["channels"], "ipc": config["package"]["ipc"]}
+    ipc = settings_args({"ipc": config["package"]["ipc"]})
     overrides = json.dumps(config["model"]["overrides"])
-    return {"folder": f"{settings_args(settings)} --presets {' '.join(presets)} --model-overrides '{overrides}'"}
+    return {"folder": f"{block_flags('data', 'FolderSettings')} {ipc} --presets {' '.join(presets)} --model-overrides '{overrides}'"}
 
 
 def pretrained_weights():
@@ -120,16 +124,22 @@ def stage_seed(rule_name):
     return config["seed"] + SEED_OFFSETS[rule_name]
 
 
-# Keys of a training block for the scheduler and the launcher; every other key is a TrainConfig field
-# (tests/test_defaults.py), written out so that Snakemake itself runs without the package.
-SCHEDULER_KEYS = ("gpus", "processes", "runtime_min", "mem_mb")
-
-
 def training_args(cfg):
-    """The trainer's flags: one per key of a training block but the scheduler's, the checkpoint steps
-    with the last step (the rule's outputs)."""
-    settings = {key: value for key, value in cfg.items() if key not in SCHEDULER_KEYS}
+    """The trainer's flags: the TrainConfig keys of a training block (not the scheduler's), the
+    checkpoint steps with the last step (the rule's outputs)."""
+    settings = flag_settings(cfg, SCHEMA["properties"]["finetune"], "TrainConfig")
     return settings_args({**settings, "checkpoint_steps": training_steps(cfg)})
+
+
+def flag_settings(cfg, block_schema, settings_class):
+    """The keys of a config block that are flags of one settings class (the schema's x-flags)."""
+    properties = block_schema["properties"]
+    return {key: value for key, value in cfg.items() if properties[key].get("x-flags") == settings_class}
+
+
+def block_flags(block, settings_class):
+    """The flags of a top-level config block's settings class: what its script parses from the class."""
+    return settings_args(flag_settings(config[block], SCHEMA["properties"][block], settings_class))
 
 
 def settings_args(settings):
@@ -151,8 +161,10 @@ def sampler_args(sampler):
 
 def cli_flag(key, value):
     """--key value; for a boolean the switch --key / --no-key (argparse's BooleanOptionalAction); a list
-    comma-separated."""
+    comma-separated; None as none."""
     name = key.replace("_", "-")
+    if value is None:
+        return f"--{name} none"
     if isinstance(value, bool):
         return f"--{'' if value else 'no-'}{name}"
     if isinstance(value, list):
@@ -208,8 +220,7 @@ def variant_name(keys):
 def sweep_variants():
     """name -> sampler settings of each sweep variant (the top-level sampler with the variant's keys over
     it), checked against the schema's sampler definition: a bad or unknown key stops the run, named."""
-    schema = yaml.safe_load((Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    validator = jsonschema.Draft202012Validator({"$defs": schema["$defs"], "$ref": "#/$defs/sampler"})
+    validator = jsonschema.Draft202012Validator({"$defs": SCHEMA["$defs"], "$ref": "#/$defs/sampler"})
     variants = {}
     for i, variant in enumerate(config["sweep"]):
         keys = {key: value for key, value in variant.items() if key != "name"}
@@ -226,8 +237,7 @@ def sweep_variants():
 SWEEP = sweep_variants()
 
 
-# The IPC of the challenge's Track 1: the same as diffdistill.packaging.submission.TRACK1_IPC (tests/test_defaults.py).
-CHALLENGE_IPC = 10
+CHALLENGE_IPC = SCHEMA["x-facts"]["challenge_ipc"]  # the IPC of the challenge's Track 1
 
 
 def ipc_grid(value):
@@ -309,10 +319,8 @@ def evaluation_args(wildcards):
     return settings_args({key: value for key, value in EVALUATIONS[wildcards.kind].items() if key != "train"})
 
 
-# Package rules that pick images with the real-data feature ConvNet of FD-ConvNet scoring: the same as
-# diffdistill.packaging.selection.FEATURE_RULES (tests/test_defaults.py), written out so that Snakemake itself
-# runs without the package (conda deployment).
-FEATURE_RULES = ("herding", "coverage")
+# Package rules that pick images with the real-data feature ConvNet of FD-ConvNet scoring.
+FEATURE_RULES = SCHEMA["x-facts"]["feature_rules"]
 
 
 def package_convnet():

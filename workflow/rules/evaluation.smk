@@ -11,8 +11,7 @@ rule evaluate:
         device=config["device"],
         dataset=DATASET,
         args=evaluation_args,
-        rounds=config["evaluation"]["rounds"],
-        batch_size=config["evaluation"]["batch_size"],
+        settings=block_flags("evaluation", "EvaluationSettings"),
         seed=stage_seed("evaluate"),
         # Outside the outputs (Snakemake deletes those before a rerun); used only for the same settings and data.
         resume=lambda wildcards: resume_dir("evaluation", wildcards.kind),
@@ -30,6 +29,6 @@ rule evaluate:
         "../../envs/diffdistill.yaml"
     shell:
         "python {params.script} --train {input.train} {params.args} --test {input.test} "
-        "--dataset {params.dataset} --real-train {input.real_train} --rounds {params.rounds} "
-        "--batch-size {params.batch_size} --device {params.device} --seed {params.seed} "
+        "--dataset {params.dataset} --real-train {input.real_train} {params.settings} "
+        "--device {params.device} --seed {params.seed} "
         "--resume-dir {params.resume} --out {output.result} --log {log}"

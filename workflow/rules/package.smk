@@ -15,7 +15,7 @@ rule package:
         script=f"{SCRIPTS}/package.py",
         dataset=DATASET,
         ipc=SUBMISSION_IPC,
-        rule=config["package"]["rule"],
+        settings=block_flags("package", "PackageSettings"),
         out_dir=lambda wildcards, output: str(Path(output.package).parent),
         convnet=lambda wildcards, input: f"--feature-convnet {input.convnet}" if "convnet" in input.keys() else "",
         pool_out=lambda wildcards, output: f"--pool-out {output.pool}" if "pool" in output.keys() else "",
@@ -30,7 +30,7 @@ rule package:
         "../../envs/diffdistill.yaml"
     shell:
         "python {params.script} --pool {input.pool} --dataset {params.dataset} --ipc {params.ipc} "
-        "--rule {params.rule} {params.convnet} --real-train {input.train} --out-dir {params.out_dir} "
+        "{params.settings} {params.convnet} --real-train {input.train} --out-dir {params.out_dir} "
         "{params.pool_out} --meta {output.meta} --log {log}"
 
 

@@ -11,11 +11,7 @@ rule sample_budget:
     params:
         script=f"{SCRIPTS}/sample_budget.py",
         device=config["device"],
-        budget=config["sampling"]["budget_s"],
-        batch_size=config["sampling"]["batch_size"],
-        max_images=(
-            f"--max-images {config['sampling']['max_images']}" if config["sampling"]["max_images"] else ""
-        ),
+        settings=block_flags("sampling", "SamplingSettings"),
         sampler=sampler_args(config["sampler"]),
         seed=stage_seed("sample_budget"),
         shard=lambda wildcards: f"--shard {wildcards.shard} --num-shards {SHARDS}" if SHARDS > 1 else "",
@@ -33,7 +29,7 @@ rule sample_budget:
         "../../envs/diffdistill.yaml"
     shell:
         "python {params.script} --best {input.best} --out {output.pool} --meta {output.meta} "
-        "--budget-s {params.budget} --batch-size {params.batch_size} {params.max_images} {params.sampler} "
+        "{params.settings} {params.sampler} "
         "{params.shard} --device {params.device} --seed {params.seed} --log {log}"
 
 

@@ -9,13 +9,7 @@ rule reference_stats:
     params:
         script=f"{SCRIPTS}/reference_stats.py",
         device=config["device"],
-        extractor=config["scoring"]["extractor"],
-        weights=(
-            f"--inception-weights {config['scoring']['inception_weights']}"
-            if config["scoring"]["inception_weights"]
-            else ""
-        ),
-        epochs=config["scoring"]["convnet_epochs"],
+        settings=block_flags("scoring", "ReferenceSettings"),
         convnet_out=lambda wildcards, output: f"--convnet-out {output.convnet}" if "convnet" in output.keys() else "",
         seed=stage_seed("reference_stats"),
     log:
@@ -30,8 +24,7 @@ rule reference_stats:
     conda:
         "../../envs/diffdistill.yaml"
     shell:
-        "python {params.script} --real-train {input.train} --extractor {params.extractor} "
-        "{params.weights} --convnet-epochs {params.epochs} {params.convnet_out} "
+        "python {params.script} --real-train {input.train} {params.settings} {params.convnet_out} "
         "--stats-out {output.stats} --device {params.device} --seed {params.seed} --log {log}"
 
 
@@ -48,11 +41,8 @@ rule score_checkpoint:
     params:
         script=f"{SCRIPTS}/score_checkpoint.py",
         device=config["device"],
-        extractor=config["scoring"]["extractor"],
-        weights=rules.reference_stats.params.weights,
+        settings=f"{block_flags('scoring', 'ReferenceSettings')} {block_flags('scoring', 'ScoringSettings')}",
         convnet=lambda wildcards, input: f"--convnet {input.convnet}" if "convnet" in input.keys() else "",
-        num_images=config["scoring"]["num_images"],
-        batch_size=config["scoring"]["batch_size"],
         sampler=sampler_args(SCORING_SAMPLER),
         seed=stage_seed("score_checkpoint"),
     log:
@@ -69,8 +59,7 @@ rule score_checkpoint:
         "../../envs/diffdistill.yaml"
     shell:
         "python {params.script} --checkpoint {input.checkpoint} --stats {input.stats} "
-        "--extractor {params.extractor} {params.convnet} {params.weights} "
-        "--num-images {params.num_images} --batch-size {params.batch_size} {params.sampler} "
+        "{params.settings} {params.convnet} {params.sampler} "
         "--device {params.device} --seed {params.seed} --out {output.score} --log {log}"
 
 

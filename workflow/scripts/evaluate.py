@@ -21,6 +21,7 @@ from diffdistill.evaluation import entry, protocol
 from diffdistill.evaluation.state import EvaluationState
 from diffdistill.records import BudgetPrefix, EvaluationResult
 from diffdistill.resume import JobKey
+from diffdistill.settings import resume_keys
 
 
 def parse(argv) -> argparse.Namespace:
@@ -36,8 +37,7 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--dataset", required=True, help="data set name (cifar100/tinyimagenet use fixed stats)")
     p.add_argument("--real-train", help="real train split, for the normalisation stats of other data sets")
     p.add_argument("--epochs", type=int, required=True, help="the challenge uses 1000")
-    p.add_argument("--rounds", type=int, required=True, help="the challenge uses 3")
-    p.add_argument("--batch-size", type=int, required=True, help="SGD batch (the challenge uses 256)")
+    cli.add_dataclass_flags(p, entry.EvaluationSettings)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--resume-dir", help="keep resume state here (finished rounds, every --checkpoint-every "
                    "epochs of the running one); removed once the result is written")
@@ -103,8 +103,8 @@ def budget_prefix(args, x, y):
 
 def resume_state(args, x, y, test) -> EvaluationState:
     """Resume state keyed by what decides the result: the training settings and the data's contents."""
-    settings = {k: getattr(args, k) for k in ("train_format", "ipc", "random_ipc", "dataset", "epochs", "rounds",
-                                              "batch_size", "seed")}
+    keys = ("train_format", "ipc", "random_ipc", "dataset", "epochs", *resume_keys(entry.EvaluationSettings), "seed")
+    settings = {key: getattr(args, key) for key in keys}
     key = JobKey.of(settings, x, y, test.images, test.labels)
     return EvaluationState(args.resume_dir, key, every=args.checkpoint_every)
 

@@ -21,7 +21,7 @@ def parse(argv):
     p.add_argument("--pool", required=True, help="LabeledImages file of sampled images")
     p.add_argument("--dataset", required=True)
     p.add_argument("--ipc", type=int, required=True)
-    p.add_argument("--rule", choices=selection.RULES, required=True)
+    cli.add_dataclass_flags(p, selection.PackageSettings)
     p.add_argument("--feature-convnet", help="real-data ConvNet of reference_stats (for --rule herding/coverage)")
     p.add_argument("--real-train", help="real training split (statistics of non-challenge data sets)")
     p.add_argument("--out-dir", required=True)

@@ -17,16 +17,16 @@ from diffdistill.errors import DiffdistillError
 from diffdistill.scoring import checkpoint_scores, feature_convnet, fid
 
 
+FEATURE_BATCH = 250  # images per feature batch: memory only, the statistics' sums are float64
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--real-train", required=True, help="prepared real training split (LabeledImages)")
-    p.add_argument("--extractor", choices=sorted(fid.SCORE_KINDS), required=True)
-    p.add_argument("--inception-weights", help="local Inception weights (.pth or TorchScript); default: torch.hub")
-    p.add_argument("--convnet-epochs", type=int, required=True, help="epochs of the feature ConvNet")
+    cli.add_dataclass_flags(p, feature_convnet.ReferenceSettings)
     p.add_argument("--convnet-out", help="the trained feature ConvNet (required for --extractor convnet)")
     p.add_argument("--stats-out", required=True, help="npz with float64 mu and sigma")
     p.add_argument("--meta", help="optional JSON sidecar (default: none)")
-    p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log")
@@ -35,6 +35,7 @@ def parse(argv):
 
 def main(argv=None) -> int:
     args = parse(argv)
+    cli.dataclass_from_args(feature_convnet.ReferenceSettings, args)  # checks the settings
     device = cli.start("reference_stats", sys.argv[1:] if argv is None else argv, args.log, args.device, args.seed,
                        trains=True)
     if args.extractor == "convnet" and not args.convnet_out:
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
         extractor = checkpoint_scores.build_extractor(args.extractor, device, inception_weights=args.inception_weights,
                                             convnet_path=args.convnet_out)
         with cli.Timer() as features:
-            stats = fid.compute_stats(extractor, real.images, args.batch_size)
+            stats = fid.compute_stats(extractor, real.images, FEATURE_BATCH)
         stats.meta = {"source": str(args.real_train), "dataset": real.name, "split": real.split}
         fid.save_stats(args.stats_out, stats)
         if args.meta:

@@ -21,9 +21,7 @@ def parse(argv):
     source.add_argument("--best", help="best.json of select_checkpoint (its 'checkpoint' is used)")
     p.add_argument("--out", required=True, help="LabeledImages file of the samples")
     p.add_argument("--meta", required=True, help="JSON sidecar")
-    p.add_argument("--budget-s", type=float, required=True, help=f"seconds (the challenge: {sampling.BUDGET_S:g})")
-    p.add_argument("--batch-size", type=int, required=True)
-    p.add_argument("--max-images", type=int, default=None)
+    cli.add_dataclass_flags(p, sampling.SamplingSettings)
     cli.add_dataclass_flags(p, sampler_settings.SamplerSettings)
     p.add_argument("--real-train", help="real training split, the class modes' source (with --mode-guidance > 0)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
@@ -45,8 +43,7 @@ def checkpoint_path(args) -> str:
 def main(argv=None) -> int:
     args = parse(argv)
     device = cli.start("sample_budget", sys.argv[1:] if argv is None else argv, args.log, args.device, args.seed)
-    if args.budget_s <= 0:
-        raise DiffdistillError(f"--budget-s must be > 0 seconds, got {args.budget_s}: nothing would be sampled")
+    cli.dataclass_from_args(sampling.SamplingSettings, args)  # checks the budget, batch and cap
     settings = cli.dataclass_from_args(sampler_settings.SamplerSettings, args)
     with cli.cleanup_on_failure([args.out, args.meta]):
         args.checkpoint = checkpoint_path(args)

@@ -13,18 +13,16 @@ import sys
 from diffdistill import cli
 from diffdistill.diffusion import modes, sampler_settings
 from diffdistill.records import CheckpointScore
-from diffdistill.scoring import checkpoint_scores, fid
+from diffdistill.scoring import checkpoint_scores, feature_convnet, fid
 
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--stats", required=True, help="reference statistics from reference_stats.py")
-    p.add_argument("--extractor", choices=sorted(fid.SCORE_KINDS), required=True)
+    cli.add_dataclass_flags(p, feature_convnet.ReferenceSettings)
+    cli.add_dataclass_flags(p, checkpoint_scores.ScoringSettings)
     p.add_argument("--convnet", help="feature ConvNet file (for --extractor convnet)")
-    p.add_argument("--inception-weights", help="local Inception weights (.pth or TorchScript); default: torch.hub")
-    p.add_argument("--num-images", type=int, required=True, help="samples; keep it fixed across checkpoints")
-    p.add_argument("--batch-size", type=int, required=True)
     cli.add_dataclass_flags(p, sampler_settings.SamplerSettings)
     p.add_argument("--real-train", help="real training split, the class modes' source (with --mode-guidance > 0)")
     p.add_argument("--out", required=True, help="score JSON")

@@ -3,14 +3,25 @@ own, in the ImageFolder layout) as a :class:`~diffdistill.data.LabeledImages`, f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from diffdistill.data import cifar100, digits, folder, mnist, tinyimagenet
 from diffdistill.data import LabeledImages, check_split
 from diffdistill.errors import DiffdistillError
+from diffdistill.settings import setting
 
 DATASETS = ("digits", "mnist", "cifar100", "tinyimagenet", "folder")
 EMBEDDED = ("digits", "mnist")  # shipped inside a Python package: no data root, nothing to download
+
+
+@dataclass
+class DataSource:
+    """Where the raw data set is (the reading of a folder data set: :class:`~diffdistill.data.folder.FolderSettings`)."""
+
+    root: str = setting(flag=False, description=(
+        "folder holding cifar-100-python/, tiny-imagenet-200/ or a folder data set (unused for digits and mnist)"))
+    download: bool = setting(flag=False, description="true: fetch the data set into root when missing (needs network)")
 
 
 def prepare_dataset(name: str, root, split: str, download: bool = False) -> LabeledImages:

@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffdistill import settings
 from diffdistill.data import LabeledImages, listing, require_root
 from diffdistill.errors import DiffdistillError
 from diffdistill.evaluation import convnet
+from diffdistill.settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +41,13 @@ class FolderSettings:
     """How a folder data set is read: the square side in pixels and the channel count (0: inferred,
     3 when any image is in colour, else 1)."""
 
-    side: int = 32
-    channels: int = 0
+    side: int = setting(32, minimum=1, description=(
+        "folder data set: images become side x side (centred square, antialiased bilinear resize)"))
+    channels: int = setting(0, choices=(0, 1, 3), description=(
+        "folder data set: 1 or 3 channels; 0 = inferred (3 when any image is stored in colour, else 1)"))
 
     def __post_init__(self):
-        if self.side < 1:
-            raise DiffdistillError(f"side {self.side} (data.side): expected a positive number of pixels")
-        if self.channels not in (0, 1, 3):
-            raise DiffdistillError(f"channels {self.channels} (data.channels): expected 1, 3 or 0 (inferred)")
+        settings.check(self, "data")
 
 
 @dataclass

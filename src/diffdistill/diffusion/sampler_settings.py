@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from diffdistill import speed
+from diffdistill import settings, speed
 from diffdistill.diffusion import dpm_solver
 from diffdistill.errors import DiffdistillError
+from diffdistill.settings import setting
 
 PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16}  # tf32: fp32 with TF32 matmuls (CUDA)
 PRECISION_CHOICES = ("auto", *PRECISIONS)  # auto: see precision_on
@@ -31,42 +32,32 @@ class SamplerSettings:
     ``modes_per_class`` k-means modes of the image's class (:mod:`diffdistill.diffusion.modes`; 0: off).
     """
 
-    steps: int = 20
-    order: int = 2
-    method: str = "multistep"
-    algorithm: str = "dpmsolver++"
-    skip_type: str = "logSNR"
-    t_end: float = 1e-3
-    guidance_scale: float = 1.0
-    precision: str = "fp32"
-    compile: str = "none"
-    mode_guidance: float = 0.0
-    mode_guidance_stop: float = 0.5
-    modes_per_class: int = 10
+    steps: int = setting(20, minimum=1, description="network evaluations per image")
+    order: int = setting(2, minimum=1, maximum=3)
+    method: str = setting("multistep", choices=dpm_solver.METHODS,
+                          description="the DPM-Solver authors' multistep / singlestep")
+    algorithm: str = setting("dpmsolver++", choices=dpm_solver.ALGORITHMS,
+                             description="dpmsolver (noise prediction) | dpmsolver++ (data prediction)")
+    skip_type: str = setting("logSNR", choices=dpm_solver.SKIP_TYPES)
+    t_end: float = setting(1e-3, exclusive_minimum=0, maximum=0.1)
+    guidance_scale: float = setting(1.0, minimum=0,
+                                    description="eps = eps_u + w (eps_c - eps_u); 1 = plain conditional")
+    precision: str = setting("fp32", choices=PRECISION_CHOICES, description=(
+        "auto: bf16 on a CUDA GPU that supports it, fp32 elsewhere (the sidecars record which); bf16: network "
+        "under autocast; tf32: fp32 with TF32 matmuls (CUDA)"))
+    compile: str = setting("none", choices=speed.COMPILE_MODES, description=(
+        "torch.compile of the network at one fixed batch shape (last batch padded), in this mode; "
+        "reduce-overhead adds CUDA graphs; compile time counts inside the budget"))
+    mode_guidance: float = setting(0.0, minimum=0, maximum=1, description=(
+        "mode guidance (docs/reference.md): the predicted clean image x0 becomes x0 + s (mode - x0) before the "
+        "stop; 0 = off; > 0 makes the job read the real training split for the modes"))
+    mode_guidance_stop: float = setting(0.5, minimum=0, maximum=1, description=(
+        "the fraction of the steps (network evaluations), from the first, that mode guidance acts on"))
+    modes_per_class: int = setting(10, minimum=1, description=(
+        "k-means modes per class (pixel space); image i of a class is guided to mode i mod k"))
 
     def __post_init__(self):
-        problems = []
-        if int(self.steps) < 1:
-            problems.append(f"steps must be >= 1, got {self.steps}")
-        if int(self.order) not in (1, 2, 3):
-            problems.append(f"order must be 1, 2 or 3, got {self.order}")
-        choices = (("method", dpm_solver.METHODS), ("algorithm", dpm_solver.ALGORITHMS),
-                   ("skip_type", dpm_solver.SKIP_TYPES), ("precision", PRECISION_CHOICES),
-                   ("compile", speed.COMPILE_MODES))
-        for key, allowed in choices:
-            if getattr(self, key) not in allowed:
-                problems.append(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
-        if not 0.0 < float(self.t_end) < 1.0:
-            problems.append(f"t_end must be in (0, 1), got {self.t_end}")
-        if not 0.0 <= float(self.mode_guidance) <= 1.0:
-            problems.append(f"mode_guidance must be in [0, 1] (0: off, 1: x0 replaced by the mode), got {self.mode_guidance}")
-        if not 0.0 <= float(self.mode_guidance_stop) <= 1.0:
-            problems.append(f"mode_guidance_stop must be in [0, 1] (the guided fraction of the steps), "
-                            f"got {self.mode_guidance_stop}")
-        if int(self.modes_per_class) < 1:
-            problems.append(f"modes_per_class must be >= 1, got {self.modes_per_class}")
-        if problems:
-            raise DiffdistillError("sampler settings: " + "; ".join(problems))
+        settings.check(self, "sampler settings")
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from diffdistill import speed
+from diffdistill import settings, speed
 from diffdistill.data import from_model_range
 from diffdistill.diffusion import dpm_solver
 from diffdistill.diffusion.guidance import guided_noise_fn
@@ -28,10 +28,29 @@ from diffdistill.diffusion.modes import ModePull, balanced_mode_indices
 from diffdistill.diffusion.sampler_settings import SamplerSettings
 from diffdistill.diffusion.sampling_summary import ShardRun
 from diffdistill.errors import DiffdistillError
+from diffdistill.settings import setting, stage_gpus
 
 log = logging.getLogger(__name__)
 
 BUDGET_S = 600.0  # the challenge's 10 minutes of generation (docs/reference.md, "Challenge protocol")
+
+
+@dataclass
+class SamplingSettings:
+    """The budgeted sampling stage (the sampler itself: :class:`SamplerSettings`)."""
+
+    budget_s: float = setting(BUDGET_S, exclusive_minimum=0, description=(
+        "seconds of sampling, counted from the first batch after model loading (the challenge: 600)"))
+    batch_size: int = setting(500, minimum=1)
+    max_images: int | None = setting(None, minimum=1, description="cap on the pool size; null: whatever fits the budget")
+    shards: int = setting(1, minimum=1, flag=False, description=(
+        "independent sampling jobs, each with its share of the classes and its own seed; 1 = the challenge's "
+        "single-GPU rule"))
+    runtime_min: int = setting(30, minimum=1, flag=False, description="each job's time limit on a cluster, minutes")
+    gpus: int | None = stage_gpus()
+
+    def __post_init__(self):
+        settings.check(self, "sampling settings")
 
 
 def image_shape(model: torch.nn.Module) -> tuple[int, int, int]:

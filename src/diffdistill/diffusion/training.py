@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -33,22 +33,17 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from diffdistill import settings
 from diffdistill.data import LabeledImages, to_model_range
 from diffdistill.diffusion.checkpoint import load_checkpoint, save_checkpoint
 from diffdistill.diffusion.minimax import MinimaxTerms
 from diffdistill.diffusion.schedule import TIME_SCALE, VPSchedule
 from diffdistill.errors import DiffdistillError
 from diffdistill.resume import JobKey
+from diffdistill.settings import setting
 from diffdistill.speed import tf32
 
 log = logging.getLogger(__name__)
-
-# Settings that change the training trajectory: a checkpoint written with other values is not
-# continued (diffdistill.resume). total_steps / checkpoint_steps (extending a run is fine), grad_accum, bf16 and the speed
-# options compile / fused_adamw / tf32 (how the same global batch is computed) and log_every are free
-# to change between runs.
-RESUME_KEYS = ("batch_size", "lr", "betas", "weight_decay", "warmup_steps", "ema_rate", "label_dropout",
-               "hflip", "seed", "t_min")
 
 # Minimax Diffusion's fine-tuning terms (docs/reference.md, "Minimax fine-tuning terms"): they change the
 # trajectory too, but enter the job key only when on, so that the key of a run without them is unchanged.
@@ -61,46 +56,50 @@ _STREAM_EPOCH, _STREAM_STEP = 0, 1
 @dataclass
 class TrainConfig:
     """Training settings, plain types only (they go into every checkpoint); defaults: the default run's
-    fine-tuning (config/config.yaml; U-ViT's CIFAR-10 recipe is lr 2e-4, warmup 2500, EMA 0.9999, hflip)."""
+    fine-tuning (config/config.yaml; U-ViT's CIFAR-10 recipe is lr 2e-4, warmup 2500, EMA 0.9999, hflip).
+    The ``resume`` settings change the training trajectory: a checkpoint written with other values is
+    not continued (diffdistill.resume); the others (the steps: extending a run is fine; how the same
+    global batch is computed; logging) may change between runs."""
 
-    total_steps: int
-    checkpoint_steps: list[int] = field(default_factory=list)  # total_steps is always one
-    batch_size: int = 128  # global: summed over processes and accumulation micro-batches
-    grad_accum: int = 1
-    lr: float = 2e-3
-    betas: tuple[float, float] = (0.99, 0.999)
-    weight_decay: float = 0.03
-    warmup_steps: int = 100
-    ema_rate: float = 0.995
-    label_dropout: float = 0.1
-    hflip: bool = False
-    seed: int = 0
-    t_min: float = 1e-5
-    bf16: bool = True  # autocast on CUDA only; CPU runs stay in fp32
-    log_every: int = 100
-    compile: bool = False  # torch.compile of the network (forward and backward)
-    fused_adamw: bool = False  # AdamW's fused kernel (one launch for all parameters)
-    tf32: bool = False  # TF32 tensor cores for the remaining fp32 matmuls (CUDA only)
-    minimax_representativeness: float = 0.0  # weight of the representativeness term; 0 = off
-    minimax_diversity: float = 0.0  # weight of the diversity term; 0 = off
-    minimax_memory: int = 64  # predicted images kept per class for the diversity term
+    total_steps: int = setting(minimum=1)
+    checkpoint_steps: list[int] = setting([], minimum=1, unique=True,
+                                          description="steps that keep a checkpoint; the last step always does")
+    batch_size: int = setting(128, minimum=1, resume=True,
+                              description="global: summed over processes and accumulation micro-batches")
+    grad_accum: int = setting(1, minimum=1)
+    lr: float = setting(2e-3, exclusive_minimum=0, resume=True, description="after a linear warmup, constant")
+    betas: tuple[float, float] = setting((0.99, 0.999), minimum=0, exclusive_maximum=1, resume=True)
+    weight_decay: float = setting(0.03, minimum=0, resume=True)
+    warmup_steps: int = setting(100, minimum=0, resume=True)
+    ema_rate: float = setting(0.995, minimum=0, maximum=1, resume=True)
+    label_dropout: float = setting(0.1, minimum=0, exclusive_maximum=1, resume=True, description=(
+        "labels replaced by the null class this often (classifier-free guidance); pretrained.training: 0"))
+    hflip: bool = setting(False, resume=True, description="horizontal flips (not for digits: not mirror-symmetric)")
+    seed: int = setting(0, minimum=0, resume=True, config=False)
+    t_min: float = setting(1e-5, minimum=0, exclusive_maximum=1, resume=True,
+                           description="training times t ~ U(t_min, 1): a small eps keeps the noise level off 0")
+    bf16: bool = setting(True, config=False, description="autocast on CUDA only; CPU runs stay in fp32")
+    log_every: int = setting(100, minimum=1, config=False)
+    compile: bool = setting(False, description="torch.compile of the network (forward and backward)")
+    fused_adamw: bool = setting(False, description="AdamW's fused kernel")
+    tf32: bool = setting(False, description="TF32 tensor cores for fp32 matmuls (CUDA only)")
+    minimax_representativeness: float = setting(0.0, minimum=0, description=(
+        "weight of Minimax Diffusion's representativeness term (docs/reference.md, \"Minimax fine-tuning "
+        "terms\"): 1 - the least pixel cosine similarity of the predicted clean image to the other real images "
+        "of its class in the batch; 0 = off"))
+    minimax_diversity: float = setting(0.0, minimum=0, description=(
+        "weight of Minimax Diffusion's diversity term: the largest pixel cosine similarity of the predicted "
+        "clean image to the earlier predictions of its class (memory) and the others in its micro-batch; 0 = off"))
+    minimax_memory: int = setting(64, minimum=1, description=(
+        "predictions kept per class (per process) for the diversity term: the newest ones"))
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
         self.checkpoint_steps = sorted({int(s) for s in self.checkpoint_steps} | {int(self.total_steps)})
-        checks = {
-            "total_steps": self.total_steps >= 1, "batch_size": self.batch_size >= 1,
-            "grad_accum": self.grad_accum >= 1, "lr": self.lr >= 0, "warmup_steps": self.warmup_steps >= 0,
-            "ema_rate": 0 <= self.ema_rate <= 1, "label_dropout": 0 <= self.label_dropout < 1,
-            "seed": self.seed >= 0, "t_min": 0 <= self.t_min < 1, "log_every": self.log_every >= 1,
-            "betas": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            "checkpoint_steps": 1 <= self.checkpoint_steps[0] and self.checkpoint_steps[-1] == self.total_steps,
-            "minimax_representativeness": self.minimax_representativeness >= 0,
-            "minimax_diversity": self.minimax_diversity >= 0, "minimax_memory": self.minimax_memory >= 1,
-        }
-        bad = [key for key, ok in checks.items() if not ok]
-        if bad:
-            raise DiffdistillError(f"training config: invalid {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+        settings.check(self, "training config")
+        if self.checkpoint_steps[-1] != self.total_steps:
+            raise DiffdistillError(f"training config: checkpoint_steps {self.checkpoint_steps} go past "
+                                   f"total_steps {self.total_steps}")
 
     @property
     def minimax(self) -> bool:
@@ -111,6 +110,16 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         return d
+
+
+@dataclass
+class TrainingJob:
+    """A training block's keys for the scheduler and the launcher (no trainer flags); defaults: fine-tuning's."""
+
+    gpus: int = setting(0, minimum=0, flag=False, description="GPUs (torchrun processes) for the job; 0 = CPU")
+    processes: int = setting(1, minimum=1, flag=False, description="torchrun processes when gpus is 0 (CPU, gloo)")
+    runtime_min: int = setting(1440, minimum=1, flag=False, description="the job's time limit on a cluster, minutes")
+    mem_mb: int = setting(32000, minimum=256, flag=False, description="the job's memory on a cluster, MB")
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -394,11 +403,12 @@ def _run_config(model: nn.Module, data: LabeledImages, config: TrainConfig) -> d
 
 def _job_key(model: nn.Module, data: LabeledImages, config: TrainConfig) -> JobKey:
     """What a checkpoint must have been made with to be continued: the same network and settings of the
-    trajectory (RESUME_KEYS), and the same input data: the training images and the initial weights (the
-    pretrained file and the seeded fresh layers), as the model comes in before training."""
-    keys = RESUME_KEYS + (MINIMAX_KEYS if config.minimax and model.num_classes > 0 else ())
-    settings = {"model": dict(model.config), **{key: getattr(config, key) for key in keys}}
-    return JobKey.of(settings, data.images, data.labels, list(data.classes), *model.state_dict().values())
+    trajectory (the ``resume`` settings of :class:`TrainConfig`), and the same input data: the training
+    images and the initial weights (the pretrained file and the seeded fresh layers), as the model comes
+    in before training."""
+    keys = settings.resume_keys(TrainConfig) + (MINIMAX_KEYS if config.minimax and model.num_classes > 0 else ())
+    trajectory = {"model": dict(model.config), **{key: getattr(config, key) for key in keys}}
+    return JobKey.of(trajectory, data.images, data.labels, list(data.classes), *model.state_dict().values())
 
 
 def _check_inputs(model, data: LabeledImages, config: TrainConfig, paths: Mapping, world: int) -> None:

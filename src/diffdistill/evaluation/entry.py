@@ -3,11 +3,33 @@ on the device (rounds stacked into one network on a GPU, one after another on a 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from diffdistill import settings
 from diffdistill.evaluation import protocol, stacked_rounds
+from diffdistill.settings import setting, stage_gpus
+
+
+@dataclass
+class EvaluationSettings:
+    """The challenge protocol's settings (docs/reference.md, "Challenge protocol"). The ``resume``
+    ones decide, with the training set, whether saved rounds may be continued."""
+
+    epochs: int = setting(minimum=1, flag=False, description="ConvNet epochs for the IPC-sized sets (challenge 1000)")
+    pool_epochs: int = setting(minimum=1, flag=False, description=(
+        "ConvNet epochs for the large sets (full pool, full real)"))
+    rounds: int = setting(minimum=1, resume=True, description="fresh initialisations; mean and std are reported")
+    batch_size: int = setting(256, minimum=1, resume=True, description="SGD batch (the challenge's: 256)")
+    gpus: int | None = stage_gpus()
+    budget_fractions: list[float] = setting([], exclusive_minimum=0, maximum=1, unique=True, flag=False, description=(
+        "budget curve: the pool's images made within each fraction of sampling.budget_s (each shard by its own "
+        "clock), each set evaluated like the pool at pool_epochs and rounds, one job each; [] = off"))
+
+    def __post_init__(self):
+        settings.check(self, "evaluation settings")
 
 
 def pays_on(device) -> bool:

@@ -4,12 +4,14 @@ rules"), normalised like the challenge's files, class-major (labels by position)
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from diffdistill.data import LabeledImages
 from diffdistill.data.normalize import normalize
 from diffdistill.errors import DiffdistillError
+from diffdistill.settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -169,3 +171,18 @@ def _coverage(members, label, name, ipc, generator, features, predictions, targe
 
 RULES = {"first": _first, "random": _random, "herding": _herding, "coverage": _coverage}
 FEATURE_RULES = ("herding", "coverage")  # rules that need the real-data feature ConvNet
+
+
+@dataclass
+class PackageSettings:
+    """Which packages are made, and by which rule."""
+
+    ipc: int | list[int] = setting(flag=False, min_items=1, description=(
+        "the IPC grid: images per class of each package, each evaluated with random real subsets of its size "
+        "(a bare integer is a grid of one); distinct positive integers (checked in workflow/rules/common.smk, "
+        "which names a bad value). package/<dataset>.pt, the submission, holds IPC 10 (the challenge's) when "
+        "the grid has it, else the grid's largest; the others go to package/ipc<n>/"))
+    rule: str = setting(choices=tuple(RULES), description=(
+        "coverage: on-label images covering the real class in the feature ConvNet's space | herding: on-label "
+        "images matching the real class mean | first | random; herding and coverage need scoring.extractor "
+        "convnet (docs/reference.md, \"Package rules\")"))

@@ -15,21 +15,39 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import pandas as pd
 import torch
 
-from diffdistill import atomic, speed
+from diffdistill import atomic, settings, speed
 from diffdistill.diffusion import checkpoint, sampler_settings, sampling
 from diffdistill.errors import DiffdistillError
 from diffdistill.records import CheckpointScore
 from diffdistill.scoring import fid, inception_features
 from diffdistill.scoring.feature_convnet import load_feature_convnet
+from diffdistill.settings import setting, stage_gpus
 
 log = logging.getLogger(__name__)
 
 SCORE_COLUMNS = ["step", "score", "score_kind", "num_images", "checkpoint", "seconds"]
+
+
+@dataclass
+class ScoringSettings:
+    """How each checkpoint is scored (its feature space:
+    :class:`~diffdistill.scoring.feature_convnet.ReferenceSettings`)."""
+
+    num_images: int = setting(minimum=2, description=(
+        "samples per checkpoint: the same count and noise for every checkpoint"))
+    batch_size: int = setting(minimum=1)
+    gpus: int | None = stage_gpus()
+    sampler: sampler_settings.SamplerSettings | None = setting(None, flag=False, schema_default=False, description=(
+        "the sampler of scoring; no default: the top-level sampler when absent"))
+
+    def __post_init__(self):
+        settings.check(self, "scoring settings")
 
 
 def build_extractor(kind: str, device, *, inception_weights=None, convnet_path=None):

@@ -8,19 +8,37 @@ FD-ConvNet replaces FID where Inception features mean little (8x8 digits); see d
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from diffdistill import atomic
+from diffdistill import atomic, settings
 from diffdistill.data import LabeledImages
 from diffdistill.data.normalize import normalize, stats_for
 from diffdistill.errors import DiffdistillError
 from diffdistill.evaluation import protocol
 from diffdistill.evaluation.convnet import ConvNet
 from diffdistill.scoring import fid
+from diffdistill.settings import setting
 
 CONVNET_FORMAT = "diffdistill-feature-convnet"
+
+
+@dataclass
+class ReferenceSettings:
+    """The feature space of checkpoint scoring, and the real data's statistics in it (the
+    reference_stats rule; score_checkpoint takes the same flags)."""
+
+    extractor: str = setting(choices=tuple(fid.SCORE_KINDS), description=(
+        "convnet: FD-ConvNet (the evaluation ConvNet's features) | inception: FID"))
+    inception_weights: str | None = setting(None, description=(
+        "a local Inception weights file for offline FID (.pth or TorchScript); null: torch.hub"))
+    convnet_epochs: int = setting(50, minimum=1, description=(
+        "epochs of the feature ConvNet, trained on the real training split"))
+
+    def __post_init__(self):
+        settings.check(self, "reference settings")
 
 
 def train_feature_convnet(real: LabeledImages, *, epochs: int, device, seed: int | None = None,
