@@ -34,9 +34,9 @@ class EvaluationSettings:
 
 def pays_on(device) -> bool:
     """Whether stacking rounds is the faster evaluator on ``device``: on a CUDA GPU (3.3-5.6x the
-    organisers' loop on the digits against 1.1-2.3x for rounds one after another, README "Evaluator
-    speed"); not on a CPU, where the convolutions' arithmetic is the cost and oneDNN runs grouped ones
-    more slowly than plain ones (see :mod:`diffdistill.evaluation.stacked_rounds`)."""
+    organisers' loop on the digits against 1.1-2.3x for rounds one after another, docs/results.md,
+    "Evaluation speed and host memory"); not on a CPU, where the convolutions' arithmetic is the cost
+    and oneDNN runs grouped ones more slowly than plain ones (:mod:`diffdistill.evaluation.stacked_rounds`)."""
     return torch.device(device).type == "cuda"
 
 
