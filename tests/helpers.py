@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from diffdistill.records import Environment
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "workflow" / "scripts"
 BENCHMARKS = REPO / "benchmarks"
@@ -19,6 +21,11 @@ BENCHMARKS = REPO / "benchmarks"
 needs_cpu_compiler = pytest.mark.skipif(
     (shutil.which("g++") is None and shutil.which("c++") is None) or bool(os.environ.get("ATEN_CPU_CAPABILITY")),
     reason="torch.compile on the CPU needs a C++ compiler and ATen at the CPU's own vector width")
+
+
+# The environment a record made in a test carries (this machine, no device).
+ENV = Environment(diffdistill="0", python="3", torch="2", numpy="2", host="test", cpu_threads=1,
+                  cpu_capability="DEFAULT")
 
 
 def load_script(name: str):

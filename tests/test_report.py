@@ -14,8 +14,8 @@ from diffdistill import atomic, data, report
 from diffdistill.diffusion.sampler_settings import SamplerSettings
 from diffdistill.diffusion.sampling_summary import SamplingSummary, ShardRun
 from diffdistill.errors import DiffdistillError
-from diffdistill.records import BestCheckpoint, BudgetPrefix, EvaluationResult
-from helpers import load_script
+from diffdistill.records import BestCheckpoint, BudgetPrefix, EvaluationResult, MeanStd, RunSummary
+from helpers import ENV, load_script
 
 
 
@@ -36,17 +36,19 @@ def test_sample_grid_has_one_row_per_class_with_that_class_images():
 
 def accuracy(mean, std=0.01, rounds=2, epochs=3, prefix=None):
     return EvaluationResult(settings={}, mean=mean, std=std, accuracies=[] if mean is None else [mean - std, mean + std],
-                            epochs=epochs, rounds=rounds, train_size=0 if mean is None else 10, budget_prefix=prefix)
+                            epochs=epochs, rounds=rounds, train_size=0 if mean is None else 10, budget_prefix=prefix,
+                            environment=ENV)
 
 
-BEST = BestCheckpoint(settings={}, step=1000, score=1.25, score_kind="FD-ConvNet", num_images=500, checkpoint="c.pt")
+BEST = BestCheckpoint(settings={}, step=1000, score=1.25, score_kind="FD-ConvNet", num_images=500, checkpoint="c.pt",
+                      environment=ENV)
 
 
 def sampling_summary(counts, sampling_s, *, shard=0, budget_s=10.0, classes=None) -> SamplingSummary:
     settings = {**SamplerSettings(steps=20, method="multistep", algorithm="dpmsolver++", order=2,
                                   guidance_scale=2.0).to_dict(), "budget_s": budget_s}
     run = ShardRun(shard=shard, seed=shard, counts=counts, sampling_s=sampling_s, load_s=0.5, device_name="cpu")
-    return SamplingSummary(settings, classes or [str(k) for k in range(len(counts))], [run])
+    return SamplingSummary(settings, classes or [str(k) for k in range(len(counts))], [run], environment=ENV)
 
 
 def test_summary_has_the_contract_keys_and_markdown_shows_the_figures():
@@ -54,14 +56,16 @@ def test_summary_has_the_contract_keys_and_markdown_shows_the_figures():
     means = {"synthetic_ipc1": 0.5, "real_ipc1": 0.6, "synthetic_ipc10": 0.9, "real_ipc10": 0.95,
              "synthetic_pool": 0.92, "real_full": 0.99}
     acc = {kind: accuracy(mean) for kind, mean in means.items()}
-    summary = report.build_summary(dataset="digits", best=BEST, sampling=meta, accuracy=acc, ipc_grid=[10, 1])
+    record = report.build_summary(dataset="digits", best=BEST, sampling=meta, accuracy=acc, ipc_grid=[10, 1])
+    summary = record.to_json()  # the file's layout, as other tools read it
+    assert (summary["format"], summary["version"]) == ("diffdistill-summary", 1)
     assert summary["best_step"] == 1000 and summary["pool_images"] == 500
     assert summary["sampling_images_per_s_per_shard"] == [50.0]
     assert summary["accuracy"] == {kind: {"mean": mean, "std": 0.01} for kind, mean in means.items()}
     assert summary["ipc_grid"] == [  # by IPC, whatever the grid's order
         {"ipc": 1, "synthetic": {"mean": 0.5, "std": 0.01}, "real": {"mean": 0.6, "std": 0.01}},
         {"ipc": 10, "synthetic": {"mean": 0.9, "std": 0.01}, "real": {"mean": 0.95, "std": 0.01}}]
-    text = report.render_markdown(summary, scores=[{"step": 500, "score": 2.0}, {"step": 1000, "score": 1.25}],
+    text = report.render_markdown(record, scores=[{"step": 500, "score": 2.0}, {"step": 1000, "score": 1.25}],
                                   sampling=meta, figures={"curve": "c.png", "grid": "g.png", "ipc": "i.png"},
                                   evaluations=acc)
     assert "| 1000 | 1.250 ← |" in text and "50.0 images/s" in text and "| 90.00 ± 1.00 | 2 | 3 |" in text
@@ -111,8 +115,8 @@ def test_report_script_end_to_end(tmp_path, capsys):
     pool = labelled()
     data.save_images(pool, tmp_path / "pool.pt")
     sampling_summary(pool.counts(), 4.0, budget_s=4.0).write(tmp_path / "pool.json")
-    BestCheckpoint(settings={}, step=6, score=0.5, score_kind="FID", num_images=20, checkpoint="x.pt").write(
-        tmp_path / "best.json")
+    BestCheckpoint(settings={}, step=6, score=0.5, score_kind="FID", num_images=20, checkpoint="x.pt",
+                   environment=ENV).write(tmp_path / "best.json")
     pd.DataFrame([{"step": 3, "score": 0.7}, {"step": 6, "score": 0.5}]).to_csv(tmp_path / "scores.csv", index=False)
     evals = []
     for kind in report.accuracy_rows([1, 3], 12):
@@ -128,6 +132,7 @@ def test_report_script_end_to_end(tmp_path, capsys):
     assert script.main(args) == 0
     summary = json.loads(out["summary.json"].read_text())
     assert summary["accuracy"]["real_full"] == {"mean": 0.5, "std": 0.1}
+    assert RunSummary.read(out["summary.json"]).accuracy["real_full"] == MeanStd(0.5, 0.1)  # a typed record
     assert summary["budget_curve"] == [] and summary["sweep"] == []  # off: empty lists
     assert [(row["ipc"], row["synthetic"]["mean"]) for row in summary["ipc_grid"]] == [(1, 0.3), (3, 0.5)]
     assert "](../curve.png)" in out["report.md"].read_text() and "](ipc_grid.png)" in out["report.md"].read_text()

@@ -10,9 +10,9 @@ from diffdistill.data import from_model_range
 from diffdistill.diffusion import sampling, uvit
 from diffdistill.diffusion.sampler_settings import SamplerSettings
 from diffdistill.diffusion.sampling import balanced_labels, generate, sample_budgeted
-from diffdistill.diffusion.sampling_summary import SamplingSummary, ShardRun
+from diffdistill.diffusion.sampling_summary import BatchTime, SamplingSummary, ShardRun
 from diffdistill.errors import DiffdistillError
-from helpers import FakeClock
+from helpers import ENV, FakeClock
 
 FAST = dict(steps=3, order=2, method="multistep", algorithm="dpmsolver++", t_end=1e-3)
 UVIT_SAMPLER = dict(steps=50, order=3, method="singlestep", algorithm="dpmsolver", t_end=1e-4)
@@ -160,7 +160,7 @@ def test_budget_stops_before_overrunning_and_keeps_finished_batches(monkeypatch)
     assert result.labels.tolist() == balanced_labels(3, 12).tolist()
     assert result.counts == [4, 4, 4]
     assert seen == [balanced_labels(3, 4, offset=4 * i).tolist() for i in range(3)]
-    assert [b["seconds"] for b in result.batches] == [1.0, 1.0, 1.0]
+    assert [b.seconds for b in result.batches] == [1.0, 1.0, 1.0]
     assert result.sampling_s == pytest.approx(3.0)
     assert result.images_per_s == pytest.approx(4.0)
     assert result.batch_size_final == 4
@@ -187,9 +187,9 @@ def test_a_batch_ending_past_the_budget_is_dropped_not_kept(monkeypatch):
 def test_budget_prefix_holds_only_images_whose_batch_finished_inside_its_time(monkeypatch):
     # Batches of 3 end at 2, 3, 4 and 6 s (the last past the 5.5 s budget: dropped, not in the pool).
     result, _ = budgeted_on_fakes(monkeypatch, [2.0, 1.0, 1.0, 2.0], 3, budget_s=5.5, batch_size=3)
-    assert [b["end_s"] for b in result.batches] == [2.0, 3.0, 4.0, 6.0] and len(result) == 9
+    assert [b.end_s for b in result.batches] == [2.0, 3.0, 4.0, 6.0] and len(result) == 9
     summary = SamplingSummary({"budget_s": 5.5}, ["a", "b", "c"],
-                              [result.shard_run(shard=0, seed=0, load_s=0.0, device_name="cpu")])
+                              [result.shard_run(shard=0, seed=0, load_s=0.0, device_name="cpu")], environment=ENV)
     assert summary.finished_within(1.9) == [] and summary.finished_within(2.0) == [0, 1, 2]
     assert summary.finished_within(3.5) == list(range(6)) and summary.finished_within(100.0) == list(range(9))
     assert summary.budget_prefix(0.5) == (2.75, [0, 1, 2])
@@ -200,17 +200,16 @@ def test_budget_prefix_holds_only_images_whose_batch_finished_inside_its_time(mo
 
 def test_budget_prefix_of_merged_shards_takes_each_shard_by_its_own_clock():
     def shard(index, ends):
-        batches = [{"size": 2, "seconds": 1.0, "end_s": end} for end in ends]
+        batches = [BatchTime(size=2, seconds=1.0, end_s=end) for end in ends]
         return SamplingSummary({**SamplerSettings().to_dict(), "budget_s": 4.0}, ["a", "b"], [ShardRun(
             shard=index, seed=index, counts=[len(ends), len(ends)], sampling_s=ends[-1], load_s=0.0,
-            device_name="cpu", batches=batches)])
+            device_name="cpu", batches=batches)], environment=ENV)
 
-    merged = SamplingSummary.merge([shard(0, [1.0, 2.0, 3.0]), shard(1, [1.5, 3.5])])
+    merged = SamplingSummary.merge([shard(0, [1.0, 2.0, 3.0]), shard(1, [1.5, 3.5])], environment=ENV)
     assert merged.finished_within(2.0) == [0, 1, 2, 3, 6, 7]  # shard 1's images start at position 6
-    old = SamplingSummary.from_json({**merged.to_json(), "shards": [
-        {**merged.to_json()["shards"][0], "batches": [{"size": 6, "seconds": 3.0}]}]}, "old.json")
-    with pytest.raises(DiffdistillError, match=r"shards\[0\]: batches\[0\] has no 'end_s'"):
-        old.finished_within(1.0)
+    old = {**merged.to_json(), "shards": [{**merged.to_json()["shards"][0], "batches": [{"size": 6, "seconds": 3.0}]}]}
+    with pytest.raises(DiffdistillError, match=r"old.json: field 'shards\[0\].batches\[0\].end_s' missing"):
+        SamplingSummary.from_json(old, "old.json")  # a summary from before finish times were kept
 
 
 def test_a_first_batch_longer_than_the_budget_is_an_error(monkeypatch):
@@ -232,18 +231,20 @@ def test_shards_start_their_class_cycles_apart_and_merge_balanced(monkeypatch):
 def shard_summary(shard, counts, sampling_s, budget_s=10.0):
     run = ShardRun(shard=shard, seed=4 + shard, counts=counts, sampling_s=sampling_s, load_s=0.5 + shard,
                    device_name=f"gpu{shard}")
-    return SamplingSummary({**SamplerSettings(steps=20).to_dict(), "budget_s": budget_s}, ["a", "b"], [run])
+    return SamplingSummary({**SamplerSettings(steps=20).to_dict(), "budget_s": budget_s}, ["a", "b"], [run],
+                           environment=ENV)
 
 
 def test_sampling_summary_merge_adds_up_images_and_throughput_and_keeps_each_shard():
     merged = SamplingSummary.merge([shard_summary(0, [20, 20], 10.0), shard_summary(1, [15, 15], 10.0)],
-                                   sources=["s0.pt", "s1.pt"])
+                                   environment=ENV, sources=["s0.pt", "s1.pt"])
     assert (merged.images, merged.counts, merged.images_per_s) == (70, [35, 35], 7.0)
     assert merged.images_per_s_per_shard == [4.0, 3.0] and [s.seed for s in merged.shards] == [4, 5]
     assert (merged.sampling_s, merged.load_s, merged.budget_s) == (10.0, 1.5, 10.0)
     assert merged.device_name == "gpu0, gpu1"
     with pytest.raises(DiffdistillError, match=r"settings \['budget_s'\] differ"):
-        SamplingSummary.merge([shard_summary(0, [1, 1], 1.0), shard_summary(1, [1, 1], 1.0, budget_s=20.0)])
+        SamplingSummary.merge([shard_summary(0, [1, 1], 1.0), shard_summary(1, [1, 1], 1.0, budget_s=20.0)],
+                              environment=ENV)
 
 
 def test_sampling_summary_json_round_trip_stores_nothing_twice(tmp_path):
@@ -283,7 +284,7 @@ def test_budget_with_the_real_model_and_max_images(tiny):
     clock = FakeClock()
     result = sample_budgeted(tiny, 3, SamplerSettings(**FAST), budget_s=math.inf, batch_size=3, device="cpu",
                              seed=0, clock=clock, max_images=7)
-    assert [b["size"] for b in result.batches] == [3, 3, 1]
+    assert [b.size for b in result.batches] == [3, 3, 1]
     assert result.counts == [3, 2, 2]
     assert result.images.shape == (7, 3, 8, 8) and result.images.dtype == torch.uint8
 
@@ -315,7 +316,7 @@ def test_out_of_memory_halves_the_batch_and_redoes_the_same_labels(tiny, error):
     assert result.batch_size_final == 2
     assert len(result) == 16 and result.labels.tolist() == balanced_labels(3, 16).tolist()
     # the failed batch of 8 is redone in pieces of 2; the batches after it are of the working size
-    assert [b["size"] for b in result.batches] == [8, 2, 2, 2, 2]
+    assert [b.size for b in result.batches] == [8, 2, 2, 2, 2]
     assert model.sizes[:2] == [8, 4] and max(model.sizes[2:]) == 2
 
 

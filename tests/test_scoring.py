@@ -16,7 +16,7 @@ from diffdistill.errors import DiffdistillError
 from diffdistill.evaluation.convnet import ConvNet
 from diffdistill.records import BestCheckpoint, CheckpointScore
 from diffdistill.scoring import checkpoint_scores, feature_convnet, fid
-from helpers import load_script
+from helpers import ENV, load_script
 
 FAST = sampler_settings.SamplerSettings(steps=2, order=2, method="multistep", algorithm="dpmsolver++", t_end=1e-3)
 FAST_FLAGS = ["--steps", "2", "--order", "2", "--method", "multistep", "--algorithm", "dpmsolver++",
@@ -99,7 +99,7 @@ def test_score_refuses_statistics_of_another_extractor(tmp_path, extractor):
 def rows(*pairs, kind="FID", n=500):
     return [CheckpointScore(settings={}, step=s, score=v, score_kind=kind, num_images=n, checkpoint=f"step_{s}.pt",
                             seconds=2.0, sampling_s=1.5, features_s=0.5, reference_count=30, timings_s={},
-                            environment={}) for s, v in pairs]
+                            environment=ENV) for s, v in pairs]
 
 
 def test_select_best_takes_the_lowest_and_ties_go_to_the_earliest_step():
@@ -129,7 +129,7 @@ def test_select_best_refuses_incomparable_scores():
 
 def test_score_and_best_records_round_trip_and_refuse_a_bad_field_naming_file_and_field(tmp_path):
     score = rows((1000, 4.5))[0]
-    best = BestCheckpoint.of(score, settings={"scores": ["a.json"]}, environment={"python": "3"})
+    best = BestCheckpoint.of(score, settings={"scores": ["a.json"]}, environment=ENV)
     for record, kind in ((score, CheckpointScore), (best, BestCheckpoint)):
         record.write(tmp_path / "r.json")
         assert kind.read(tmp_path / "r.json") == record

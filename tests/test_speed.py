@@ -59,7 +59,7 @@ def test_padded_last_batch_gives_the_images_of_an_unpadded_run(tiny, compile_is_
         fixed = budgeted(tiny, SamplerSettings(**FAST, guidance_scale=2.0, compile="default"))
     finally:
         hook.remove()
-    assert [b["size"] for b in fixed.batches] == [3, 3, 1]  # the last batch has one image ...
+    assert [b.size for b in fixed.batches] == [3, 3, 1]  # the last batch has one image ...
     assert set(sizes) == {6}  # ... but the network always ran at the first call's 2B = 6 rows
     assert torch.equal(fixed.labels, plain.labels)
     assert (fixed.images.int() - plain.images.int()).abs().max() <= 1
@@ -99,7 +99,7 @@ def test_out_of_memory_halving_resets_the_fixed_shape(tiny, compile_is_identity)
     plain = budgeted(OOMAbove(tiny, 2), SamplerSettings(**FAST), batch_size=8, max_images=10)
     fixed = budgeted(OOMAbove(tiny, 2), SamplerSettings(**FAST, compile="default"), batch_size=8, max_images=10)
     assert fixed.batch_size_final == plain.batch_size_final == 2
-    assert [b["size"] for b in fixed.batches] == [b["size"] for b in plain.batches]
+    assert [b.size for b in fixed.batches] == [b.size for b in plain.batches]
     assert (fixed.images.int() - plain.images.int()).abs().max() <= 1
 
 

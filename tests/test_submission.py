@@ -17,9 +17,9 @@ from diffdistill.errors import DiffdistillError
 from diffdistill.packaging.selection import RULES, package, select_indices
 from diffdistill.packaging.submission import (labels_by_position, load_package, save_package, submission_filename,
                                               validate)
-from diffdistill.records import BestCheckpoint
+from diffdistill.records import BestCheckpoint, PackageRecord
 from diffdistill.scoring import feature_convnet
-from helpers import load_script
+from helpers import ENV, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)  # docs/reference.md, "Challenge protocol"
@@ -250,7 +250,7 @@ def test_sample_then_package_end_to_end(tmp_path, tiny_checkpoint, pool):
     whole = torch.load(tmp_path / "pool_norm.pt", weights_only=True)
     assert whole["images"].shape == (10, 3, 8, 8) and torch.equal(whole["labels"], samples.labels)
     assert whole["classes"] == ["apple", "bee", "cat"]
-    assert json.loads((tmp_path / "package.json").read_text())["shape"] == [9, 3, 8, 8]
+    assert PackageRecord.read(tmp_path / "package.json").shape == [9, 3, 8, 8]
 
 
 def test_sample_budget_zero_exits_2_and_writes_nothing(tmp_path, tiny_checkpoint):
@@ -267,7 +267,7 @@ def test_sample_budget_takes_the_checkpoint_of_a_best_record_and_refuses_an_unve
     argv = ["--best", str(best), "--out", str(out), "--meta", str(meta), "--budget-s", "60", "--batch-size", "4",
             "--max-images", "3", "--device", "cpu", *SOLVER]
     BestCheckpoint(settings={}, step=1, score=0.5, score_kind="FID", num_images=6,
-                   checkpoint=str(tiny_checkpoint)).write(best)
+                   checkpoint=str(tiny_checkpoint), environment=ENV).write(best)
     assert run_main(load_script("sample_budget").main, argv) == 0
     assert SamplingSummary.read(meta).settings["checkpoint"] == str(tiny_checkpoint)
     best.write_text(json.dumps({"step": 1, "score": 0.5, "checkpoint": str(tiny_checkpoint)}))  # no format, version

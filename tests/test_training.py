@@ -7,7 +7,6 @@ as an uninterrupted one (1e-6). Tiny U-ViT (uvit_tiny_test) on 40 random 3x8x8 i
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -27,6 +26,7 @@ from diffdistill.data import LabeledImages, save_images, to_model_range
 from diffdistill.diffusion import checkpoint, training, uvit
 from diffdistill.diffusion.schedule import VPSchedule
 from diffdistill.errors import DiffdistillError
+from diffdistill.records import TrainingRun
 from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -387,9 +387,9 @@ def test_script_killed_then_rerun_matches_uninterrupted(tmp_path):
     _, paths = run(tmp_path / "ref", config, model=uvit.build("uvit_tiny_test", num_classes=4))
     ref, resumed = checkpoint.load_checkpoint(paths[60]), checkpoint.load_checkpoint(last)
     assert max_diff(ref["ema"], resumed["ema"]) <= 1e-6 and max_diff(ref["model"], resumed["model"]) <= 1e-6
-    sidecar = json.loads((tmp_path / "train.json").read_text())
-    assert sidecar["start_step"] == 5 and sidecar["final_step"] == 60 and sidecar["world_size"] == 1
-    assert sidecar["settings"]["training"] == config.to_dict()
+    sidecar = TrainingRun.read(tmp_path / "train.json")
+    assert sidecar.start_step == 5 and sidecar.final_step == 60 and sidecar.world_size == 1
+    assert sidecar.settings["training"] == config.to_dict() and sidecar.checkpoints["60"] == str(last)
 
 
 def test_script_rejects_wrong_number_of_checkpoint_files(tmp_path):

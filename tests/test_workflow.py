@@ -537,8 +537,8 @@ def test_budget_curve_prefixes_hold_only_images_finished_inside_their_time(study
         assert point["seconds"] == pytest.approx(point["fraction"] * sampling.budget_s)
         kept, finished = 0, 0  # images of the kept batches that ended by the prefix's time
         for batch in sampling.shards[0].batches:
-            kept += batch["size"]
-            if kept <= sampling.images and batch["end_s"] <= point["seconds"]:
+            kept += batch.size
+            if kept <= sampling.images and batch.end_s <= point["seconds"]:
                 finished = kept
         assert point["images"] == finished == evaluation["budget_prefix"]["images"]
         assert point["accuracy"] == {"mean": evaluation["mean"], "std": evaluation["std"]}

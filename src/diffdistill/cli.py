@@ -1,8 +1,8 @@
-"""Shared wiring for the stage scripts in ``workflow/scripts``: logging, device, seed, sidecars.
+"""Shared wiring for the stage scripts in ``workflow/scripts``: logging, device, seed, flags.
 
 Each script is ``main(argv) -> int``: parse flags, call :func:`start` (logs the command line, picks
-device and seed), call one package function, write its outputs and a JSON sidecar with
-:func:`write_sidecar`. :func:`run_main` turns a :class:`~diffdistill.errors.DiffdistillError` into a
+device and seed), call one package function, write its outputs and a typed JSON record
+(:mod:`diffdistill.records`, with :func:`environment`). :func:`run_main` turns a :class:`~diffdistill.errors.DiffdistillError` into a
 one-line error and exit status 2, and removes the declared outputs this run created, so a failed
 run leaves nothing half-made and nothing made before is lost.
 """
@@ -24,8 +24,9 @@ import typing
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from diffdistill import __version__, atomic, host_memory, settings
+from diffdistill import __version__, host_memory, settings
 from diffdistill.errors import DiffdistillError
+from diffdistill.records import Environment
 
 log = logging.getLogger("diffdistill")
 
@@ -104,32 +105,16 @@ def _cpu_model() -> str:
     return ""
 
 
-def environment(device=None) -> dict:
-    """Versions and hardware, for sidecars and checkpoints."""
+def environment(device=None) -> Environment:
+    """Versions and hardware, for records, sidecars and checkpoints."""
     import numpy as np
     import torch
 
-    env = {
-        "diffdistill": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "host": platform.node(),
-        "cpu_threads": torch.get_num_threads(),
-        # The vector width of torch's CPU kernels: results are bit-identical on one machine, and move
-        # in the last digits between AVX-512 and AVX2 (docs/reference.md, "The default on a CPU").
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-    }
-    if device is not None:
-        env["device"] = str(device)
-        env["device_name"] = device_name(device)
-    return env
-
-
-def write_sidecar(path, *, settings: dict, timings: dict | None = None, device=None, **extra) -> None:
-    """The JSON beside an output: resolved settings, results, timings, versions and device."""
-    doc = {"settings": settings, **extra, "timings_s": timings or {}, "environment": environment(device)}
-    atomic.write_json(path, doc)
+    return Environment(
+        diffdistill=__version__, python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
+        host=platform.node(), cpu_threads=torch.get_num_threads(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        device=None if device is None else str(device), device_name=None if device is None else device_name(device))
 
 
 class Timer:

@@ -5,8 +5,9 @@ fields. Reading checks both, then every field against its annotation (nested dat
 items too): a missing or ill-typed field, an unknown key or another record type or version stops the
 reader with the file, the field and what was expected, so readers use the fields as they are.
 Records here: a checkpoint's score (score_checkpoint), the chosen checkpoint (select_checkpoint's
-best.json) and an evaluation (evaluate); the sampling summary
-(:class:`diffdistill.diffusion.sampling_summary.SamplingSummary`) is one too.
+best.json), an evaluation (evaluate) and the run's summary (report's summary.json); the sampling
+summary (:class:`diffdistill.diffusion.sampling_summary.SamplingSummary`) is one too. Every record's
+``environment`` is an :class:`Environment` and its ``timings_s`` a mapping of names to seconds.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ def _value(value, hint, where: str, name: str):
         return hint(**fields_from_json(hint, value, where, f"{name}."))
     elif origin is list and isinstance(value, list):
         return [_value(item, args[0], where, f"{name}[{i}]") for i, item in enumerate(value)] if args else value
+    elif origin is dict and isinstance(value, dict):
+        return {key: _value(item, args[1], where, f"{name}.{key}") for key, item in value.items()}
     elif _is_instance(value, hint):
         return value
     raise DiffdistillError(f"{where}: field {name!r} is {_found(value)}, expected {_describe(hint)}")
@@ -117,6 +120,8 @@ def _describe(hint) -> str:
         return f"an object with {[f.name for f in dataclasses.fields(hint)]}"
     if origin is list:
         return f"a list (each {_describe(args[0])})" if args else "a list"
+    if origin is dict:
+        return f"an object (each value {_describe(args[1])})"
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object",
              list: "a list", Any: "any value"}
     return names.get(origin or hint, getattr(hint, "__name__", str(hint)))
@@ -125,6 +130,28 @@ def _describe(hint) -> str:
 def _found(value) -> str:
     text = repr(value)
     return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+@dataclass
+class Environment:
+    """The software and hardware a record was made with (diffdistill.cli.environment)."""
+
+    diffdistill: str
+    python: str
+    torch: str
+    numpy: str
+    host: str
+    cpu_threads: int
+    # The vector width of torch's CPU kernels: results are bit-identical on one machine and move in
+    # the last digits between AVX-512 and AVX2 (docs/reference.md, "The default on a CPU"); null in
+    # records from before it was kept.
+    cpu_capability: str | None = None
+    device: str | None = None
+    device_name: str | None = None
+
+
+# Seconds by what they timed; a list for per-round times.
+Timings = dict[str, float | list[float]]
 
 
 # --------------------------------------------------------------------------- the stages' records
@@ -149,8 +176,8 @@ class CheckpointScore(Record):
     sampling_s: float
     features_s: float
     reference_count: int
-    timings_s: dict
-    environment: dict
+    timings_s: Timings
+    environment: Environment
 
 
 @dataclass(kw_only=True)
@@ -167,11 +194,11 @@ class BestCheckpoint(Record):
     score_kind: str
     num_images: int
     checkpoint: str
-    timings_s: dict = dataclasses.field(default_factory=dict)
-    environment: dict = dataclasses.field(default_factory=dict)
+    environment: Environment
+    timings_s: Timings = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def of(cls, score: CheckpointScore, *, settings: dict, environment: dict) -> "BestCheckpoint":
+    def of(cls, score: CheckpointScore, *, settings: dict, environment: Environment) -> "BestCheckpoint":
         return cls(settings=settings, step=score.step, score=score.score, score_kind=score.score_kind,
                    num_images=score.num_images, checkpoint=score.checkpoint, environment=environment)
 
@@ -203,6 +230,152 @@ class EvaluationResult(Record):
     train_size: int
     resumed_rounds: list[int] = dataclasses.field(default_factory=list)
     rounds_at_once: int = 1  # rounds trained together (stacked_rounds; 1: one after another)
+    environment: Environment
     budget_prefix: BudgetPrefix | None = None
-    timings_s: dict = dataclasses.field(default_factory=dict)
-    environment: dict = dataclasses.field(default_factory=dict)
+    timings_s: Timings = dataclasses.field(default_factory=dict)
+
+
+@dataclass
+class MeanStd:
+    """An evaluation's accuracy (fractions): mean and std over rounds; null for an empty training set."""
+
+    mean: float | None
+    std: float | None
+
+
+@dataclass
+class IpcRow:
+    """One IPC of the grid: its package and the random real subsets of its size."""
+
+    ipc: int
+    synthetic: MeanStd
+    real: MeanStd
+
+
+@dataclass
+class BudgetPoint:
+    """The pool's images made within ``fraction`` of the sampling budget, and their accuracy."""
+
+    fraction: float
+    seconds: float
+    images: int
+    accuracy: MeanStd
+
+
+@dataclass
+class SweepRow:
+    """One sampler variant of the sweep: its settings, its pool and the pool's accuracy."""
+
+    name: str
+    settings: dict
+    images: int
+    images_per_s: float
+    accuracy: MeanStd
+
+
+@dataclass(kw_only=True)
+class RunSummary(Record):
+    """report's summary.json: the run's numbers. ``accuracy`` holds every accuracy evaluation by kind
+    (``synthetic_ipc<n>`` and ``real_ipc<n>`` for each IPC n of the grid, ``synthetic_pool``,
+    ``real_full``); ``budget_curve`` and ``sweep`` are empty when their studies are off."""
+
+    FORMAT: ClassVar[str] = "diffdistill-summary"
+    VERSION: ClassVar[int] = 1
+    WHAT: ClassVar[str] = "the run's summary (summary.json) written by report"
+
+    dataset: str
+    best_step: int
+    best_score: float
+    score_kind: str
+    pool_images: int
+    sampling_images_per_s: float  # all shards together
+    sampling_images_per_s_per_shard: list[float]
+    budget_s: float
+    accuracy: dict[str, MeanStd]
+    ipc_grid: list[IpcRow]
+    budget_curve: list[BudgetPoint]
+    sweep: list[SweepRow]
+
+
+# --------------------------------------------------------------------------- the sidecars beside outputs
+
+
+@dataclass(kw_only=True)
+class PreparedData(Record):
+    """prepare_data's record (data/prepare.json): the settings, the class names and, per split, its
+    count, shape, images per class, source and (embedded sets) how it was split."""
+
+    FORMAT: ClassVar[str] = "diffdistill-prepared-data"
+    VERSION: ClassVar[int] = 1
+    WHAT: ClassVar[str] = "the prepared data's record (prepare.json) written by prepare_data"
+
+    settings: dict
+    classes: list[str]
+    splits: dict[str, dict]
+    timings_s: Timings
+    environment: Environment
+
+
+@dataclass(kw_only=True)
+class TrainingRun(Record):
+    """train's record (train.json beside the checkpoints): the settings, where the run started (a
+    resumed checkpoint), the pretrained weights' transfer, the checkpoints, the last loss, speed and
+    the loss history."""
+
+    FORMAT: ClassVar[str] = "diffdistill-training-run"
+    VERSION: ClassVar[int] = 1
+    WHAT: ClassVar[str] = "a training run's record (train.json) written by train"
+
+    settings: dict
+    world_size: int
+    start_step: int
+    resumed_from: str | None
+    init_report: dict | None
+    checkpoints: dict[str, str]  # step -> file
+    final_step: int
+    steps_run: int
+    final_loss: float | None
+    images_per_s: float | None
+    loss_history: list[dict]
+    timings_s: Timings
+    environment: Environment
+
+
+@dataclass(kw_only=True)
+class PackageRecord(Record):
+    """package's record (package.json): how the package was made (rule, IPC, pool), its shape and
+    normalisation, which pool images it holds and the validator's checks."""
+
+    FORMAT: ClassVar[str] = "diffdistill-package"
+    VERSION: ClassVar[int] = 1
+    WHAT: ClassVar[str] = "a package's record (package.json) written by package"
+
+    settings: dict
+    package: str
+    shape: list[int]
+    mean: list[float]
+    std: list[float]
+    classes: list[str]
+    pool_counts: list[int]
+    pool_images: int
+    chosen_indices: list[int]
+    checks: list[dict]
+    environment: Environment
+    timings_s: Timings = dataclasses.field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class ReferenceStatsRecord(Record):
+    """reference_stats' record (optional, --meta): the real statistics' image count, feature size and
+    score kind, and the feature ConvNet's training and feature times."""
+
+    FORMAT: ClassVar[str] = "diffdistill-reference-stats"
+    VERSION: ClassVar[int] = 1
+    WHAT: ClassVar[str] = "the reference statistics' record written by reference_stats"
+
+    settings: dict
+    count: int
+    dims: int
+    score_kind: str
+    timings_s: Timings
+    environment: Environment

@@ -1,14 +1,9 @@
 """The last stage: a sample grid, ``summary.json`` (plain numbers) and ``report.md`` (for people).
 
-The summary keys are a contract other tools read: ``dataset``, ``best_step``, ``best_score``,
-``score_kind``, ``pool_images``, ``sampling_images_per_s`` (all shards together),
-``sampling_images_per_s_per_shard``, ``budget_s``, ``accuracy`` -> every accuracy evaluation by kind
-(``synthetic_ipc<n>`` and ``real_ipc<n>`` for each IPC n of the grid, ``synthetic_pool``, ``real_full``) ->
-{``mean``, ``std``}, ``ipc_grid`` (a list of {``ipc``, ``synthetic``: {``mean``, ``std``}, ``real``: {``mean``,
-``std``}} by IPC: the package and the random real subsets of each IPC), ``budget_curve`` (a list of {``fraction``, ``seconds``, ``images``, ``accuracy``: {``mean``, ``std``}}: the
-pool's images made within each fraction of the budget) and ``sweep`` (a list of {``name``, ``settings``,
-``images``, ``images_per_s``, ``accuracy``: {``mean``, ``std``}}: one budgeted pool per sampler variant).
-Both lists are empty when the workflow does not make them; an empty budget prefix has accuracy null.
+``summary.json`` is a :class:`~diffdistill.records.RunSummary` record, a contract other tools read:
+the best checkpoint and its score, the pool's size and speed, every accuracy evaluation by kind, the
+IPC grid, and the budget curve and the sampler sweep when their studies are on (empty lists when
+off; an empty budget prefix has accuracy null).
 """
 
 from __future__ import annotations
@@ -22,7 +17,8 @@ from diffdistill import atomic
 from diffdistill.data import LabeledImages
 from diffdistill.diffusion.sampling_summary import SamplingSummary
 from diffdistill.errors import DiffdistillError
-from diffdistill.records import BestCheckpoint, EvaluationResult
+from diffdistill.records import (BestCheckpoint, BudgetPoint, EvaluationResult, IpcRow, MeanStd, RunSummary,
+                                 SweepRow)
 
 ACCURACY_ROWS = {  # kind (a kind with {ipc}: one per IPC of the grid) -> row label
     "synthetic_ipc{ipc}": "synthetic, IPC-{ipc} package",
@@ -66,39 +62,31 @@ def grid_scale(image_side: int) -> int:
 
 
 def build_summary(*, dataset: str, best: BestCheckpoint, sampling: SamplingSummary,
-                  accuracy: dict[str, EvaluationResult], ipc_grid, budget_curve: list[dict] = (),
-                  sweep: list[dict] = ()) -> dict:
-    """The summary.json document from the stage outputs (see the module docstring for keys);
-    ``accuracy``: the evaluation of each kind of :func:`accuracy_rows` for ``ipc_grid`` (the IPCs);
-    ``budget_curve`` and ``sweep`` as made by :func:`budget_curve` and :func:`sweep_rows`."""
+                  accuracy: dict[str, EvaluationResult], ipc_grid, budget_curve: list[BudgetPoint] = (),
+                  sweep: list[SweepRow] = ()) -> RunSummary:
+    """summary.json from the stage outputs; ``accuracy``: the evaluation of each kind of
+    :func:`accuracy_rows` for ``ipc_grid`` (the IPCs); ``budget_curve`` and ``sweep`` as made by
+    :func:`budget_curve` and :func:`sweep_rows`."""
     kinds = accuracy_rows(ipc_grid, sampling.images)
     missing = [key for key in kinds if key not in accuracy]
     if missing:
         raise DiffdistillError(f"accuracy results missing for {missing}: expected evaluation/<kind>.json of each")
     acc = {key: _mean_std(accuracy[key]) for key in kinds}
-    return {
-        "dataset": dataset,
-        "best_step": best.step,
-        "best_score": float(best.score),
-        "score_kind": best.score_kind,
-        "pool_images": sampling.images,
-        "sampling_images_per_s": sampling.images_per_s,
-        "sampling_images_per_s_per_shard": sampling.images_per_s_per_shard,
-        "budget_s": sampling.budget_s,
-        "accuracy": acc,
-        "ipc_grid": [{"ipc": ipc, "synthetic": acc[f"synthetic_ipc{ipc}"], "real": acc[f"real_ipc{ipc}"]}
-                     for ipc in sorted(ipc_grid)],
-        "budget_curve": list(budget_curve),
-        "sweep": list(sweep),
-    }
+    return RunSummary(
+        dataset=dataset, best_step=best.step, best_score=float(best.score), score_kind=best.score_kind,
+        pool_images=sampling.images, sampling_images_per_s=sampling.images_per_s,
+        sampling_images_per_s_per_shard=sampling.images_per_s_per_shard, budget_s=sampling.budget_s,
+        accuracy=acc,
+        ipc_grid=[IpcRow(ipc, acc[f"synthetic_ipc{ipc}"], acc[f"real_ipc{ipc}"]) for ipc in sorted(ipc_grid)],
+        budget_curve=list(budget_curve), sweep=list(sweep))
 
 
-def _mean_std(result: EvaluationResult) -> dict:
-    """{mean, std} of an evaluation result; null for an evaluation that had nothing to train on."""
-    return {key: None if value is None else float(value) for key, value in (("mean", result.mean), ("std", result.std))}
+def _mean_std(result: EvaluationResult) -> MeanStd:
+    """An evaluation's mean and std; null for an evaluation that had nothing to train on."""
+    return MeanStd(*(None if value is None else float(value) for value in (result.mean, result.std)))
 
 
-def budget_curve(evaluations: dict[str, EvaluationResult]) -> list[dict]:
+def budget_curve(evaluations: dict[str, EvaluationResult]) -> list[BudgetPoint]:
     """The budget curve from evaluate's results of budget prefixes (file -> result), by fraction."""
     points = []
     for where, result in evaluations.items():
@@ -106,36 +94,34 @@ def budget_curve(evaluations: dict[str, EvaluationResult]) -> list[dict]:
         if prefix is None:
             raise DiffdistillError(f"{where}: field 'budget_prefix' is null, expected the result of a budget prefix "
                                    "(evaluate --budget-fraction)")
-        points.append({"fraction": float(prefix.fraction), "seconds": float(prefix.seconds), "images": prefix.images,
-                       "accuracy": _mean_std(result)})
-    return sorted(points, key=lambda point: point["fraction"])
+        points.append(BudgetPoint(float(prefix.fraction), float(prefix.seconds), prefix.images, _mean_std(result)))
+    return sorted(points, key=lambda point: point.fraction)
 
 
-def sweep_rows(variants: list[tuple[str, SamplingSummary, EvaluationResult]]) -> list[dict]:
+def sweep_rows(variants: list[tuple[str, SamplingSummary, EvaluationResult]]) -> list[SweepRow]:
     """One row per sampler variant from (name, its pool's sampling summary, evaluate's result of the pool);
     ``settings`` are the variant's sampler settings (those of the summary's settings)."""
-    return [{"name": name, "settings": sampling.sampler, "images": sampling.images,
-             "images_per_s": sampling.images_per_s, "accuracy": _mean_std(result)}
+    return [SweepRow(name, sampling.sampler, sampling.images, sampling.images_per_s, _mean_std(result))
             for name, sampling, result in variants]
 
 
-def accuracy_table(summary: dict):
+def accuracy_table(summary: RunSummary):
     """The accuracy table as a DataFrame (percent), for a TSV beside report.md."""
     import pandas as pd
 
-    kinds = accuracy_rows([row["ipc"] for row in summary["ipc_grid"]], summary["pool_images"])
-    rows = [{"training set": label, "accuracy mean (%)": 100 * summary["accuracy"][key]["mean"],
-             "accuracy std (%)": 100 * summary["accuracy"][key]["std"]} for key, label in kinds.items()]
+    kinds = accuracy_rows([row.ipc for row in summary.ipc_grid], summary.pool_images)
+    rows = [{"training set": label, "accuracy mean (%)": 100 * summary.accuracy[key].mean,
+             "accuracy std (%)": 100 * summary.accuracy[key].std} for key, label in kinds.items()]
     return pd.DataFrame(rows)
 
 
-def sweep_table(sweep: list[dict]):
+def sweep_table(sweep: list[SweepRow]):
     """The sweep as a DataFrame: variant, its settings, images made, images/s and accuracy (percent)."""
     import pandas as pd
 
-    return pd.DataFrame([{"variant": row["name"], **row["settings"], "images": row["images"], "images/s": row["images_per_s"],
-                          "accuracy mean (%)": _percent(row["accuracy"]["mean"]),
-                          "accuracy std (%)": _percent(row["accuracy"]["std"])} for row in sweep])
+    return pd.DataFrame([{"variant": row.name, **row.settings, "images": row.images, "images/s": row.images_per_s,
+                          "accuracy mean (%)": _percent(row.accuracy.mean),
+                          "accuracy std (%)": _percent(row.accuracy.std)} for row in sweep])
 
 
 def _percent(value):
@@ -157,21 +143,21 @@ def _save(figure, path: str | os.PathLike) -> None:
         figure.savefig(tmp, format="png")
 
 
-def plot_budget_curve(curve: list[dict], references: dict[str, dict], path: str | os.PathLike) -> None:
+def plot_budget_curve(curve: list[BudgetPoint], references: dict[str, MeanStd], path: str | os.PathLike) -> None:
     """Accuracy against sampling seconds (error bars: std over rounds), the images made on a second
     axis, and ``references`` (label -> {mean, std}) as horizontal lines; PNG, atomic."""
     figure, axes = _figure(6, 4)
-    scored = [p for p in curve if p["accuracy"]["mean"] is not None]
-    axes.errorbar([p["seconds"] for p in scored], [100 * p["accuracy"]["mean"] for p in scored],
-                  yerr=[100 * p["accuracy"]["std"] for p in scored], marker="o", capsize=3,
+    scored = [p for p in curve if p.accuracy.mean is not None]
+    axes.errorbar([p.seconds for p in scored], [100 * p.accuracy.mean for p in scored],
+                  yerr=[100 * p.accuracy.std for p in scored], marker="o", capsize=3,
                   label="synthetic: the pool's images made so far")
     for (label, acc), style in zip(references.items(), ("--", ":", "-.")):
-        axes.axhline(100 * acc["mean"], linestyle=style, color="grey", label=label)
+        axes.axhline(100 * acc.mean, linestyle=style, color="grey", label=label)
     axes.set_xlabel("sampling seconds")
     axes.set_ylabel("ConvNet test accuracy (%)")
     axes.grid(alpha=0.3)
     images = axes.twinx()
-    images.plot([p["seconds"] for p in curve], [p["images"] for p in curve], color="tab:orange", marker="s",
+    images.plot([p.seconds for p in curve], [p.images for p in curve], color="tab:orange", marker="s",
                 linestyle="none", label="images made")
     images.set_ylabel("images made", color="tab:orange")
     images.set_ylim(bottom=0)
@@ -180,15 +166,16 @@ def plot_budget_curve(curve: list[dict], references: dict[str, dict], path: str 
     _save(figure, path)
 
 
-def plot_ipc_grid(grid: list[dict], full_real: dict, path: str | os.PathLike) -> None:
+def plot_ipc_grid(grid: list[IpcRow], full_real: MeanStd, path: str | os.PathLike) -> None:
     """Accuracy against IPC (log axis) of the synthetic packages and the random real subsets (error bars:
     std over rounds), the full real training set (``full_real`` {mean, std}) as a horizontal line; PNG, atomic."""
     figure, axes = _figure(6, 4)
-    ipcs = [row["ipc"] for row in grid]
+    ipcs = [row.ipc for row in grid]
     for key, label, marker in (("synthetic", "synthetic package", "o"), ("real", "random real subsets", "s")):
-        axes.errorbar(ipcs, [100 * row[key]["mean"] for row in grid], yerr=[100 * row[key]["std"] for row in grid],
+        values = [getattr(row, key) for row in grid]
+        axes.errorbar(ipcs, [100 * v.mean for v in values], yerr=[100 * v.std for v in values],
                       marker=marker, capsize=3, label=label)
-    axes.axhline(100 * full_real["mean"], linestyle="--", color="grey", label=ACCURACY_ROWS["real_full"])
+    axes.axhline(100 * full_real.mean, linestyle="--", color="grey", label=ACCURACY_ROWS["real_full"])
     axes.set_xscale("log")
     axes.set_xticks(ipcs, [str(ipc) for ipc in ipcs])
     axes.set_xlabel("images per class (IPC)")
@@ -198,15 +185,15 @@ def plot_ipc_grid(grid: list[dict], full_real: dict, path: str | os.PathLike) ->
     _save(figure, path)
 
 
-def plot_sweep(sweep: list[dict], path: str | os.PathLike) -> None:
+def plot_sweep(sweep: list[SweepRow], path: str | os.PathLike) -> None:
     """Per sampler variant: images made within the budget (left) and accuracy of its pool (right); PNG, atomic."""
     figure, (made, accuracy) = _figure(max(6, 1.2 * len(sweep) + 2), 3.5, columns=2)
-    names = [row["name"] for row in sweep]
-    made.bar(names, [row["images"] for row in sweep], color="tab:orange")
+    names = [row.name for row in sweep]
+    made.bar(names, [row.images for row in sweep], color="tab:orange")
     made.set_ylabel("images made in the budget")
-    scored = [row for row in sweep if row["accuracy"]["mean"] is not None]
-    accuracy.errorbar([row["name"] for row in scored], [100 * row["accuracy"]["mean"] for row in scored],
-                      yerr=[100 * row["accuracy"]["std"] for row in scored], fmt="o", capsize=3)
+    scored = [row for row in sweep if row.accuracy.mean is not None]
+    accuracy.errorbar([row.name for row in scored], [100 * row.accuracy.mean for row in scored],
+                      yerr=[100 * row.accuracy.std for row in scored], fmt="o", capsize=3)
     accuracy.set_ylabel("ConvNet test accuracy (%)")
     for axes in (made, accuracy):
         axes.tick_params(axis="x", labelrotation=45, labelsize=8)
@@ -214,31 +201,31 @@ def plot_sweep(sweep: list[dict], path: str | os.PathLike) -> None:
     _save(figure, path)
 
 
-def render_markdown(summary: dict, *, scores: list[dict], sampling: SamplingSummary,
+def render_markdown(summary: RunSummary, *, scores: list[dict], sampling: SamplingSummary,
                     figures: dict[str, str], evaluations: dict[str, EvaluationResult]) -> str:
     """report.md: what was chosen, how fast it sampled, the accuracy table (with each evaluation's rounds
     and epochs) and accuracy against IPC, with figure links."""
-    acc = summary["accuracy"]
-    kinds = accuracy_rows([row["ipc"] for row in summary["ipc_grid"]], summary["pool_images"])
+    acc = summary.accuracy
+    kinds = accuracy_rows([row.ipc for row in summary.ipc_grid], summary.pool_images)
     lines = [
-        f"# diffdistill report: {summary['dataset']}",
+        f"# diffdistill report: {summary.dataset}",
         "",
         "## Checkpoint selection",
         "",
-        f"Every checkpoint was scored by **{summary['score_kind']}** (lower is better) on a fixed number of "
-        f"samples; the best is step **{summary['best_step']}** with {summary['score_kind']} "
-        f"**{summary['best_score']:.3f}**.",
+        f"Every checkpoint was scored by **{summary.score_kind}** (lower is better) on a fixed number of "
+        f"samples; the best is step **{summary.best_step}** with {summary.score_kind} "
+        f"**{summary.best_score:.3f}**.",
         "",
-        "| step | " + summary["score_kind"] + " |",
+        "| step | " + summary.score_kind + " |",
         "|---:|---:|",
-        *[f"| {row['step']} | {row['score']:.3f}{' ←' if row['step'] == summary['best_step'] else ''} |" for row in scores],
+        *[f"| {row['step']} | {row['score']:.3f}{' ←' if row['step'] == summary.best_step else ''} |" for row in scores],
         "",
         f"![score curve]({figures['curve']})",
         "",
         "## Budgeted sampling",
         "",
-        f"{summary['pool_images']} labelled images in {sampling.sampling_s:.1f} s of a "
-        f"{summary['budget_s']:.0f} s budget{_shard_text(summary)}: **{summary['sampling_images_per_s']:.1f} images/s** on "
+        f"{summary.pool_images} labelled images in {sampling.sampling_s:.1f} s of a "
+        f"{summary.budget_s:.0f} s budget{_shard_text(summary)}: **{summary.sampling_images_per_s:.1f} images/s** on "
         f"{sampling.device_name} ({_solver_text(sampling.sampler)}). Model loading took "
         f"{sampling.load_s:.1f} s and is not part of the budget.",
         "",
@@ -259,54 +246,54 @@ def render_markdown(summary: dict, *, scores: list[dict], sampling: SamplingSumm
     return "\n".join(lines)
 
 
-def _ipc_grid_lines(summary: dict, figures: dict[str, str]) -> list[str]:
+def _ipc_grid_lines(summary: RunSummary, figures: dict[str, str]) -> list[str]:
     return [
         "", "## Accuracy against IPC", "",
         "The synthetic package and random real subsets of each IPC (images per class); the full real training set "
-        f"reaches {_accuracy_text(summary['accuracy']['real_full'])} %.", "",
+        f"reaches {_accuracy_text(summary.accuracy['real_full'])} %.", "",
         "| IPC | synthetic package (%) | random real (%) |", "|---:|---:|---:|",
-        *[f"| {row['ipc']} | {_accuracy_text(row['synthetic'])} | {_accuracy_text(row['real'])} |"
-          for row in summary["ipc_grid"]],
+        *[f"| {row.ipc} | {_accuracy_text(row.synthetic)} | {_accuracy_text(row.real)} |"
+          for row in summary.ipc_grid],
         "", f"![accuracy against IPC]({figures['ipc']})" if "ipc" in figures else "",
     ]
 
 
-def _accuracy_text(acc: dict) -> str:
-    return "no images" if acc["mean"] is None else f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}"
+def _accuracy_text(acc: MeanStd) -> str:
+    return "no images" if acc.mean is None else f"{100 * acc.mean:.2f} ± {100 * acc.std:.2f}"
 
 
-def _budget_curve_lines(summary: dict, figures: dict[str, str]) -> list[str]:
-    curve = summary["budget_curve"]
+def _budget_curve_lines(summary: RunSummary, figures: dict[str, str]) -> list[str]:
+    curve = summary.budget_curve
     if not curve:
         return []
     return [
         "", "## What the budget buys", "",
-        f"The pool's images made within the first part of the {summary['budget_s']:.0f} s budget, each set evaluated "
+        f"The pool's images made within the first part of the {summary.budget_s:.0f} s budget, each set evaluated "
         "like the full pool; the lines are the random real IPC and full real accuracies.", "",
         "| fraction | seconds | images | accuracy (%) |", "|---:|---:|---:|---:|",
-        *[f"| {p['fraction']:g} | {p['seconds']:.1f} | {p['images']} | {_accuracy_text(p['accuracy'])} |"
+        *[f"| {p.fraction:g} | {p.seconds:.1f} | {p.images} | {_accuracy_text(p.accuracy)} |"
           for p in curve],
         "", f"![accuracy against sampling seconds]({figures['budget']})" if "budget" in figures else "",
     ]
 
 
-def _sweep_lines(summary: dict, figures: dict[str, str]) -> list[str]:
-    sweep = summary["sweep"]
+def _sweep_lines(summary: RunSummary, figures: dict[str, str]) -> list[str]:
+    sweep = summary.sweep
     if not sweep:
         return []
     return [
         "", "## Sampler sweep", "",
-        f"Each variant sampled from the same checkpoint for the same {summary['budget_s']:.0f} s budget; its "
+        f"Each variant sampled from the same checkpoint for the same {summary.budget_s:.0f} s budget; its "
         "whole pool evaluated like the main pool.", "",
         "| variant | solver | images | images/s | accuracy (%) |", "|---|---|---:|---:|---:|",
-        *[f"| {row['name']} | {_solver_text(row['settings'])} | {row['images']} | {row['images_per_s']:.1f} | "
-          f"{_accuracy_text(row['accuracy'])} |" for row in sweep],
+        *[f"| {row.name} | {_solver_text(row.settings)} | {row.images} | {row.images_per_s:.1f} | "
+          f"{_accuracy_text(row.accuracy)} |" for row in sweep],
         "", f"![images made and accuracy per variant]({figures['sweep']})" if "sweep" in figures else "",
     ]
 
 
-def _shard_text(summary: dict) -> str:
-    per_shard = summary["sampling_images_per_s_per_shard"]
+def _shard_text(summary: RunSummary) -> str:
+    per_shard = summary.sampling_images_per_s_per_shard
     if len(per_shard) < 2:
         return ""
     return f" in each of {len(per_shard)} parallel shards ({', '.join(f'{r:.1f}' for r in per_shard)} images/s)"

@@ -21,6 +21,7 @@ from diffdistill.cli import run_main
 from diffdistill.data import datasets, folder
 from diffdistill.diffusion import uvit
 from diffdistill.errors import DiffdistillError
+from diffdistill.records import PreparedData
 
 SPLIT_RULE_KEYS = ("test_fraction", "train_per_class", "seed")  # how digits and mnist split their images
 
@@ -86,9 +87,9 @@ def main(argv=None) -> int:
         timings["total"] = round(sum(timings.values()), 3)
         settings = {"dataset": args.dataset, "root": args.root, "download": args.download,
                     "train_out": args.train_out, "test_out": args.test_out, **folder_settings}
-        cli.write_sidecar(args.sidecar, settings=settings, timings=timings, device=device,
-                          classes=splits["train"].classes,
-                          splits={name: describe(split) for name, split in splits.items()})
+        PreparedData(settings=settings, classes=splits["train"].classes,
+                     splits={name: describe(split) for name, split in splits.items()}, timings_s=timings,
+                     environment=cli.environment(device)).write(args.sidecar)
     return 0
 
 

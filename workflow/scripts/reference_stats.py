@@ -14,6 +14,7 @@ import sys
 from diffdistill import cli
 from diffdistill.data import load_images
 from diffdistill.errors import DiffdistillError
+from diffdistill.records import ReferenceStatsRecord
 from diffdistill.scoring import checkpoint_scores, feature_convnet, fid
 
 
@@ -54,9 +55,10 @@ def main(argv=None) -> int:
         stats.meta = {"source": str(args.real_train), "dataset": real.name, "split": real.split}
         fid.save_stats(args.stats_out, stats)
         if args.meta:
-            cli.write_sidecar(args.meta, settings=vars(args), device=device, timings={
-                "convnet_training_s": train.seconds, "features_s": features.seconds},
-                count=stats.count, dims=int(stats.mu.size), score_kind=stats.score_kind)
+            ReferenceStatsRecord(settings=vars(args), count=stats.count, dims=int(stats.mu.size),
+                                 score_kind=stats.score_kind, environment=cli.environment(device), timings_s={
+                                     "convnet_training_s": train.seconds, "features_s": features.seconds},
+                                 ).write(args.meta)
     cli.log.info("%s statistics of %d images (%d-d) -> %s", stats.score_kind, stats.count, stats.mu.size,
                  args.stats_out)
     return 0

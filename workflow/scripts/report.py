@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         atomic.write_text(args.accuracy_table, report.accuracy_table(summary).to_csv(sep="\t", index=False))
         text = report.render_markdown(summary, scores=scores, sampling=sampling, figures=figures,
                                       evaluations=evaluations)
-        atomic.write_json(args.summary, summary)
+        summary.write(args.summary)
         atomic.write_text(args.report, text)
     return 0
 
@@ -87,18 +87,18 @@ def budget_and_sweep(args):
 def plots(args, summary, report_dir) -> dict:
     """The IPC grid's figure, the budget curve and sweep figures (and the sweep's TSV) that were asked for; their
     links."""
-    report.plot_ipc_grid(summary["ipc_grid"], summary["accuracy"]["real_full"], args.ipc_plot)
+    report.plot_ipc_grid(summary.ipc_grid, summary.accuracy["real_full"], args.ipc_plot)
     figures = {"ipc": os.path.relpath(args.ipc_plot, report_dir)}
     if args.budget_plot:
-        labels = report.accuracy_rows([max(args.ipc)], summary["pool_images"])  # the largest IPC's random real line
-        references = {labels[key]: summary["accuracy"][key] for key in (f"real_ipc{max(args.ipc)}", "real_full")}
-        report.plot_budget_curve(summary["budget_curve"], references, args.budget_plot)
+        labels = report.accuracy_rows([max(args.ipc)], summary.pool_images)  # the largest IPC's random real line
+        references = {labels[key]: summary.accuracy[key] for key in (f"real_ipc{max(args.ipc)}", "real_full")}
+        report.plot_budget_curve(summary.budget_curve, references, args.budget_plot)
         figures["budget"] = os.path.relpath(args.budget_plot, report_dir)
     if args.sweep_plot:
-        report.plot_sweep(summary["sweep"], args.sweep_plot)
+        report.plot_sweep(summary.sweep, args.sweep_plot)
         figures["sweep"] = os.path.relpath(args.sweep_plot, report_dir)
     if args.sweep_table:
-        atomic.write_text(args.sweep_table, report.sweep_table(summary["sweep"]).to_csv(sep="\t", index=False))
+        atomic.write_text(args.sweep_table, report.sweep_table(summary.sweep).to_csv(sep="\t", index=False))
     return figures
 
 

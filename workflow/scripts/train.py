@@ -19,6 +19,7 @@ from diffdistill.cli import run_main
 from diffdistill.data import load_images
 from diffdistill.diffusion import checkpoint, training, uvit
 from diffdistill.errors import DiffdistillError
+from diffdistill.records import TrainingRun
 
 
 def parse_args(argv):
@@ -74,8 +75,10 @@ def main(argv=None) -> int:
         if ctx.is_main and args.sidecar:
             settings = {**vars(args), "num_classes": num_classes, "training": config.to_dict(),
                         "model": model.config, "init_summary": report.summary() if report else None}
-            cli.write_sidecar(args.sidecar, settings=settings, timings={"train": summary["train_seconds"]},
-                              device=ctx.device, **{k: v for k, v in summary.items() if k != "train_seconds"})
+            run = {k: v for k, v in summary.items() if k not in ("train_seconds", "checkpoints")}
+            TrainingRun(settings=settings, **run, checkpoints={str(s): p for s, p in summary["checkpoints"].items()},
+                        timings_s={"train": summary["train_seconds"]},
+                        environment=cli.environment(ctx.device)).write(args.sidecar)
     return 0
 
 

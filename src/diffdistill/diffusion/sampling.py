@@ -26,7 +26,7 @@ from diffdistill.diffusion import dpm_solver
 from diffdistill.diffusion.guidance import guided_noise_fn
 from diffdistill.diffusion.modes import ModePull, balanced_mode_indices
 from diffdistill.diffusion.sampler_settings import SamplerSettings
-from diffdistill.diffusion.sampling_summary import ShardRun
+from diffdistill.diffusion.sampling_summary import BatchTime, ShardRun
 from diffdistill.errors import DiffdistillError
 from diffdistill.settings import setting, stage_gpus
 
@@ -145,7 +145,7 @@ class BudgetResult:
     counts: list[int]
     images_per_s: float
     sampling_s: float
-    batches: list[dict] = field(default_factory=list)  # {"size", "seconds", "end_s"} per finished batch
+    batches: list[BatchTime] = field(default_factory=list)  # every finished batch
     batch_size_final: int = 0
     dropped_images: int = 0  # made after the budget ran out, not kept
     compile_s: float | None = None  # torch.compile's first call (sampler compile), inside sampling_s
@@ -197,7 +197,7 @@ def generate_halving(model, labels, settings, *, device, generator, batch_size: 
                 generator.set_state(state)
 
 
-def estimate_batch_s(batches: list[dict], size: int) -> float:
+def estimate_batch_s(batches: list[BatchTime], size: int) -> float:
     """Expected seconds for a batch of ``size`` from the per-image time of the finished batches.
 
     The first batch carries one-off costs (kernel selection, torch.compile) and is left out once
@@ -206,7 +206,7 @@ def estimate_batch_s(batches: list[dict], size: int) -> float:
     timed = batches[1:] if len(batches) > 1 else batches
     if not timed:
         return 0.0
-    per_image = sum(b["seconds"] for b in timed) / sum(b["size"] for b in timed)
+    per_image = sum(b.seconds for b in timed) / sum(b.size for b in timed)
     return per_image * size
 
 
@@ -265,7 +265,7 @@ class _BudgetRun:
     start: float
     images: list = field(default_factory=list)
     labels: list = field(default_factory=list)
-    batches: list = field(default_factory=list)  # {"size", "seconds", "end_s"} per finished batch
+    batches: list[BatchTime] = field(default_factory=list)  # every finished batch
     done: int = 0
     dropped: int = 0
     kept_until: float = 0.0
@@ -284,7 +284,7 @@ class _BudgetRun:
         """Record a batch begun at ``began``; keep it if it ended within the budget, else drop it (False)."""
         end, size = self.clock(), labels.numel()
         # end_s: when the batch finished, in seconds from the budget clock's start (budget prefixes).
-        self.batches.append({"size": size, "seconds": end - began, "end_s": end - self.start})
+        self.batches.append(BatchTime(size=size, seconds=end - began, end_s=end - self.start))
         if end - self.start > self.budget_s:
             self.dropped = size
             log.warning("a batch of %d images ended %.1f s past the %.1f s budget: dropped", size,
@@ -299,7 +299,7 @@ class _BudgetRun:
     def result(self, num_classes: int, batch_size: int) -> BudgetResult:
         if not self.images:
             raise DiffdistillError(f"no batch finished within the {self.budget_s} s budget (the first took "
-                                   f"{self.batches[0]['seconds']:.1f} s): lower the batch size or raise the budget")
+                                   f"{self.batches[0].seconds:.1f} s): lower the batch size or raise the budget")
         all_labels = torch.cat(self.labels)  # (N,)
         return BudgetResult(
             images=torch.cat(self.images),  # (N, C, H, W)

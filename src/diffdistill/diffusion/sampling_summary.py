@@ -16,7 +16,17 @@ from typing import ClassVar
 
 from diffdistill.diffusion.sampler_settings import SamplerSettings
 from diffdistill.errors import DiffdistillError
-from diffdistill.records import Record
+from diffdistill.records import Environment, Record
+
+
+@dataclass
+class BatchTime:
+    """One finished sampling batch: its images, its seconds, and when it finished (``end_s``, seconds
+    from the budget clock's start: what budget prefixes are cut by)."""
+
+    size: int
+    seconds: float
+    end_s: float
 
 
 @dataclass
@@ -31,9 +41,8 @@ class ShardRun:
     device_name: str
     dropped_images: int = 0  # made after the budget ran out, not kept
     batch_size_final: int = 0
-    # {"size", "seconds", "end_s"} per finished batch, in sampling order; end_s: when it finished, in
-    # seconds from the budget clock's start. A dropped batch (ended past the budget) is the last entry.
-    batches: list[dict] = field(default_factory=list)
+    # Every finished batch, in sampling order; a dropped batch (ended past the budget) is the last one.
+    batches: list[BatchTime] = field(default_factory=list)
     compile_s: float | None = None  # sampler compile: the first network call, inside sampling_s
 
     @property
@@ -44,14 +53,11 @@ class ShardRun:
         """How many of the kept images (the first ones of this shard's pool, in sampling order) were in
         batches that finished within ``seconds`` of the budget clock's start."""
         kept, count = 0, 0
-        for i, batch in enumerate(self.batches):
+        for batch in self.batches:
             if kept >= self.images:
                 break  # the rest (a dropped batch) is not in the pool
-            if "end_s" not in batch:
-                raise DiffdistillError(f"{where}: batches[{i}] has no 'end_s' (a summary from before finish times "
-                                       "were recorded): rerun sample_budget")
-            kept += int(batch["size"])
-            if float(batch["end_s"]) <= seconds:
+            kept += batch.size
+            if batch.end_s <= seconds:
                 count = kept
         if kept != self.images:
             raise DiffdistillError(f"{where}: its batches hold {kept} kept images, its counts {self.images}")
@@ -75,7 +81,7 @@ class SamplingSummary(Record):
     settings: dict
     classes: list[str]
     shards: list[ShardRun]
-    environment: dict = field(default_factory=dict)
+    environment: Environment
     sources: list[str] = field(default_factory=list)
 
     @property
@@ -142,7 +148,7 @@ class SamplingSummary(Record):
             raise DiffdistillError(f"{where}: field 'shards' is empty, expected at least one shard")
 
     @classmethod
-    def merge(cls, parts: list["SamplingSummary"], *, environment: dict | None = None,
+    def merge(cls, parts: list["SamplingSummary"], *, environment: Environment,
               sources: list[str] | None = None) -> "SamplingSummary":
         """One summary of the shards' summaries: same settings and classes required; shards kept in order."""
         if not parts:
@@ -155,7 +161,7 @@ class SamplingSummary(Record):
             if part.classes != parts[0].classes:
                 raise DiffdistillError(f"shard summary {i}: classes differ from shard summary 0's")
         return cls(settings=dict(parts[0].settings), classes=list(parts[0].classes),
-                   shards=[s for part in parts for s in part.shards], environment=environment or {},
+                   shards=[s for part in parts for s in part.shards], environment=environment,
                    sources=list(sources or []))
 
 
