@@ -275,9 +275,9 @@ def test_tiny_workflow_runs_every_cluster_job_through_slurm(slurm_cluster, runs)
     assert {job["State"] for job in jobs} == {"COMPLETED"}
 
     summary = json.loads((workdir / "results" / "digits" / "summary.json").read_text())
-    assert set(summary) == {"dataset", "best_step", "best_score", "score_kind", "pool_images",
-                            "sampling_images_per_s", "sampling_images_per_s_per_shard", "budget_s", "accuracy",
-                            "ipc_grid", "budget_curve", "sweep"}
+    assert set(summary) == {"format", "version", "dataset", "best_step", "best_score", "score_kind",
+                            "pool_images", "sampling_images_per_s", "sampling_images_per_s_per_shard", "budget_s",
+                            "accuracy", "ipc_grid", "budget_curve", "sweep"}
     assert summary["budget_curve"] == [] and summary["sweep"] == []  # both studies are off by default
     assert summary["dataset"] == "digits" and summary["best_step"] in (3, 6)
     assert summary["score_kind"] == "FD-ConvNet" and summary["best_score"] >= 0
@@ -297,7 +297,7 @@ def test_tiny_workflow_failing_job_stops_the_run_and_keeps_earlier_outputs(slurm
     source = f"pretrained={{'source': 'file', 'path': '{corrupt}'}}"
     assert run.returncode != 0, tail(run.output, 80)
     assert "Error in rule finetune" in run.output, tail(run.output, 40)
-    assert run.seconds < 300, f"took {run.seconds:.0f} s"
+    assert run.seconds < 600, f"took {run.seconds:.0f} s"  # a hang guard, not a speed claim
 
     jobs = jobs_in(slurm_cluster, workdir)
     attempts = [job for job in jobs if rule_of(job) == "finetune"]

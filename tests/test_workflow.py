@@ -305,9 +305,9 @@ def test_tiny_run_summary_and_report(tiny_run):
 
     out = digits_out(tiny_run)
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"dataset", "best_step", "best_score", "score_kind", "pool_images",
-                            "sampling_images_per_s", "sampling_images_per_s_per_shard", "budget_s", "accuracy",
-                            "ipc_grid", "budget_curve", "sweep"}
+    assert set(summary) == {"format", "version", "dataset", "best_step", "best_score", "score_kind",
+                            "pool_images", "sampling_images_per_s", "sampling_images_per_s_per_shard", "budget_s",
+                            "accuracy", "ipc_grid", "budget_curve", "sweep"}
     assert summary["budget_curve"] == [] and summary["sweep"] == []  # off by default
     assert not (out / "budget_curve.png").exists() and not (out / "sweep").exists()
     assert (out / "accuracy.tsv").read_text().startswith("training set\taccuracy mean (%)")

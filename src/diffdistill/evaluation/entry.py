@@ -22,7 +22,7 @@ class EvaluationSettings:
     pool_epochs: int = setting(minimum=1, flag=False, description=(
         "ConvNet epochs for the large sets (full pool, full real)"))
     rounds: int = setting(minimum=1, resume=True, description="fresh initialisations; mean and std are reported")
-    batch_size: int = setting(256, minimum=1, resume=True, description="SGD batch (the challenge's: 256)")
+    batch_size: int = setting(protocol.CHALLENGE_BATCH, minimum=1, resume=True, description="SGD batch")
     gpus: int | None = stage_gpus()
     budget_fractions: list[float] = setting([], exclusive_minimum=0, maximum=1, unique=True, flag=False, description=(
         "budget curve: the pool's images made within each fraction of sampling.budget_s (each shard by its own "
@@ -42,7 +42,8 @@ def pays_on(device) -> bool:
 
 def run_rounds(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
                test_y: torch.Tensor, *, channel: int, im_size: Sequence[int], rounds: int, device,
-               batch_size: int = 256, net_width: int = 128, net_depth: int = 3, **kwargs) -> dict:
+               batch_size: int = protocol.CHALLENGE_BATCH, net_width: int = 128, net_depth: int = 3,
+               **kwargs) -> dict:
     """The rounds of the challenge protocol by the faster evaluator on ``device`` (:func:`pays_on`):
     stacked, in chunks that fit the free memory, or one after another. Both train each round alike
     (to float tolerance); the result's ``rounds_at_once`` says how many rounds trained together."""

@@ -35,6 +35,7 @@ from diffdistill.packaging import submission
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[dict], None]
+CHALLENGE_BATCH = 256  # the challenge's SGD batch (docs/reference.md, "Challenge protocol")
 
 
 def random_real_indices(real: LabeledImages, ipc: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -155,7 +156,7 @@ def _train_epoch(model, optimizer, x, y, batch_size, use_dsa, dsa_params, genera
 
 def train_convnet(train_x: torch.Tensor, train_y: torch.Tensor, *, num_classes: int, channel: int,
                   im_size: Sequence[int], epochs: int = 1000, lr: float = 0.01, momentum: float = 0.9,
-                  weight_decay: float = 5e-4, batch_size: int = 256, dsa: bool = True, device,
+                  weight_decay: float = 5e-4, batch_size: int = CHALLENGE_BATCH, dsa: bool = True, device,
                   generator: torch.Generator | None = None, init_seed: int | None = None,
                   net_width: int = 128, net_depth: int = 3, dsa_params: DSAParams = DSAParams(),
                   on_epoch: EpochCallback | None = None, log_every: int = 50, log_prefix: str = "",

@@ -206,7 +206,8 @@ def _resume(saved: dict, model, generators, momentum, weight_decay):
 
 
 def train_stacked(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, im_size: Sequence[int], epochs: int = 1000,
-                  lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4, batch_size: int = 256,
+                  lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4,
+                  batch_size: int = protocol.CHALLENGE_BATCH,
                   dsa: bool = True, device, generators: Sequence[torch.Generator | None],
                   init_seeds: Sequence[int | None], net_width: int = 128, net_depth: int = 3,
                   dsa_params: DSAParams = DSAParams(), on_epoch: EpochCallback | None = None,

@@ -42,7 +42,8 @@ class ReferenceSettings:
 
 
 def train_feature_convnet(real: LabeledImages, *, epochs: int, device, seed: int | None = None,
-                          batch_size: int = 256, net_width: int = 128, net_depth: int = 3) -> dict:
+                          batch_size: int = protocol.CHALLENGE_BATCH, net_width: int = 128,
+                          net_depth: int = 3) -> dict:
     """The evaluation ConvNet trained on the real training split with the challenge protocol.
 
     Returns the file contents for :func:`save_feature_convnet`: state_dict, architecture, the
