@@ -2,9 +2,10 @@
 
 Each script is ``main(argv) -> int``: parse flags, call :func:`start` (logs the command line, picks
 device and seed), call one package function, write its outputs and a typed JSON record
-(:mod:`diffdistill.records`, with :func:`environment`). :func:`run_main` turns a :class:`~diffdistill.errors.DiffdistillError` into a
-one-line error and exit status 2, and removes the declared outputs this run created, so a failed
-run leaves nothing half-made and nothing made before is lost.
+(:mod:`diffdistill.records`, with :func:`environment`). :func:`run_main` turns a
+:class:`~diffdistill.errors.DiffdistillError` into a one-line error and exit status 2, and removes the
+declared outputs this run created, so a failed run leaves nothing half-made and nothing made before is
+lost.
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def add_dataclass_flags(parser, cls) -> None:
     ``--no-hflip``); a list or tuple of numbers is written comma-separated (``--betas 0.99,0.999``) and an
     optional value as ``none`` when absent, as the workflow writes them (common.smk's cli_flag)."""
     hints = typing.get_type_hints(cls)
-    for item in _flag_fields(cls):
+    for item in settings.flag_fields(cls):
         flag, default = "--" + item.name.replace("_", "-"), settings.default_of(item)
         about = item.metadata.get("description", "")
         options: dict = {"required": True, "help": about} if default is dataclasses.MISSING else {
@@ -183,12 +184,7 @@ def add_dataclass_flags(parser, cls) -> None:
 
 def dataclass_from_args(cls, args):
     """The ``cls`` given by the flags of :func:`add_dataclass_flags` (checked by its own ``__post_init__``)."""
-    return cls(**{item.name: getattr(args, item.name) for item in _flag_fields(cls)})
-
-
-def _flag_fields(cls) -> list[dataclasses.Field]:
-    """The fields that are flags: every field of a plain dataclass, the flag settings of a declared one."""
-    return [item for item in dataclasses.fields(cls) if item.metadata.get("flag", True)]
+    return cls(**{item.name: getattr(args, item.name) for item in settings.flag_fields(cls)})
 
 
 def _flag_text(value) -> str:

@@ -64,7 +64,8 @@ class ModelSettings:
     """The fine-tuned U-ViT."""
 
     preset: str = setting(flag=False, description="a key of diffdistill.diffusion.uvit.PRESETS")
-    overrides: dict = setting({}, flag=False, description="constructor keywords that replace the preset's, e.g. {embed_dim: 96}")
+    overrides: dict = setting({}, flag=False, description=(
+        "constructor keywords that replace the preset's, e.g. {embed_dim: 96}"))
 
 
 # The unconditional pre-training run differs from fine-tuning in these defaults: an unconditional
@@ -79,15 +80,12 @@ DESCRIPTION = (
 
 
 def block(*classes, defaults: dict | None = None, **extra) -> dict:
-    """One config block from settings classes; each flag key is marked with its class."""
+    """One config block from settings classes (:func:`diffdistill.settings.block_schema` of each, merged)."""
     merged: dict = {"type": "object", "additionalProperties": False, "properties": {}}
     required: list[str] = []
     for cls in classes:
         part = settings.block_schema(cls, defaults=defaults, refs={SamplerSettings: "sampler"})
-        for key, schema in part["properties"].items():
-            if schema.pop("flag", True) is not False:
-                schema["x-flags"] = cls.__name__
-            merged["properties"][key] = schema
+        merged["properties"] |= part["properties"]
         required += part.get("required", [])
     merged["properties"] |= extra.pop("properties", {})
     if required:

@@ -15,29 +15,31 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 import types
 import typing
 
 from diffdistill.errors import DiffdistillError
 
-_RANGES = {"minimum": "minimum", "maximum": "maximum", "exclusive_minimum": "exclusiveMinimum",
-           "exclusive_maximum": "exclusiveMaximum"}
+# A range bound: its JSON-schema keyword, the test a value must pass, and how an error says it.
+_RANGES = {"minimum": ("minimum", operator.ge, ">="), "maximum": ("maximum", operator.le, "<="),
+           "exclusive_minimum": ("exclusiveMinimum", operator.gt, ">"),
+           "exclusive_maximum": ("exclusiveMaximum", operator.lt, "<")}
 
 
 def setting(default=dataclasses.MISSING, *, description: str = "", minimum=None, maximum=None,
             exclusive_minimum=None, exclusive_maximum=None, choices=None, pattern: str | None = None,
-            unique: bool = False, min_items: int | None = None, resume: bool = False, config: bool = True, flag: bool = True,
-            schema_default: bool = True):
+            unique: bool = False, min_items: int | None = None, resume: bool = False, config: bool = True,
+            flag: bool = True, schema_default: bool = True):
     """A dataclass field with its declaration. For a list the range and choices apply to its items,
-    ``unique`` and ``min_items`` to the list. ``config``: a key of the config block (else a flag only, e.g. the trainer's seed);
-    ``flag``: a script flag (else read by the workflow only, e.g. a job's GPUs). ``schema_default``
-    False leaves the default out of the schema: the workflow fills the key from another block."""
+    ``unique`` and ``min_items`` to the list. ``config``: a key of the config block (else a flag only,
+    e.g. the trainer's seed); ``flag``: a script flag (else read by the workflow only, e.g. a job's
+    GPUs). ``schema_default`` False leaves the default out of the schema: the workflow fills the key
+    from another block."""
     metadata = dict(description=description, choices=tuple(choices) if choices is not None else None,
                     pattern=pattern, unique=unique, min_items=min_items, resume=resume, config=config, flag=flag,
-                    schema_default=schema_default,
-                    **{key: value for key, value in (("minimum", minimum), ("maximum", maximum),
-                                                     ("exclusive_minimum", exclusive_minimum),
-                                                     ("exclusive_maximum", exclusive_maximum))})
+                    schema_default=schema_default, minimum=minimum, maximum=maximum,
+                    exclusive_minimum=exclusive_minimum, exclusive_maximum=exclusive_maximum)
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -59,12 +61,14 @@ def resume_keys(cls) -> tuple[str, ...]:
     return tuple(item.name for item in declared(cls) if item.metadata["resume"])
 
 
-def config_keys(cls) -> tuple[str, ...]:
-    return tuple(item.name for item in declared(cls) if item.metadata["config"])
+def flag_fields(cls) -> list[dataclasses.Field]:
+    """The fields of ``cls`` that are script flags (every field of a dataclass declared without
+    :func:`setting`)."""
+    return [item for item in dataclasses.fields(cls) if item.metadata.get("flag", True)]
 
 
 def flag_keys(cls) -> tuple[str, ...]:
-    return tuple(item.name for item in declared(cls) if item.metadata["flag"])
+    return tuple(item.name for item in flag_fields(cls))
 
 
 def check(obj, where: str) -> None:
@@ -92,10 +96,8 @@ def _problem(value, meta) -> str | None:
         return None
     if meta["choices"] is not None and value not in meta["choices"]:
         return f"must be one of {list(meta['choices'])}"
-    tests = (("minimum", lambda v, b: v >= b, ">="), ("maximum", lambda v, b: v <= b, "<="),
-             ("exclusive_minimum", lambda v, b: v > b, ">"), ("exclusive_maximum", lambda v, b: v < b, "<"))
-    for key, ok, sign in tests:
-        if meta.get(key) is not None and isinstance(value, (int, float)) and not ok(value, meta[key]):
+    for key, (_, ok, sign) in _RANGES.items():
+        if meta[key] is not None and isinstance(value, (int, float)) and not ok(value, meta[key]):
             return f"must be {sign} {meta[key]}"
     return None
 
@@ -107,8 +109,8 @@ def block_schema(cls, *, defaults: dict | None = None, refs: dict | None = None)
     """The JSON schema of a config block made of ``cls``'s config settings: unknown keys refused,
     every default given (Snakemake fills them in), settings without one required. ``defaults``
     replaces some defaults (the pre-training block's); ``refs`` maps a nested settings class to its
-    ``$defs`` name. A setting that is no script flag carries ``flag: false`` (common.smk passes every
-    other key of a block as a flag)."""
+    ``$defs`` name. A script flag carries ``x-flags: <its class>``: common.smk passes the keys of one
+    class to the script that parses that class."""
     hints = typing.get_type_hints(cls)
     properties, required = {}, []
     for item in declared(cls):
@@ -122,8 +124,8 @@ def block_schema(cls, *, defaults: dict | None = None, refs: dict | None = None)
             schema["default"] = list(default) if isinstance(default, tuple) else default
         if item.metadata["description"]:
             schema["description"] = item.metadata["description"]
-        if not item.metadata["flag"]:
-            schema["flag"] = False
+        if item.metadata["flag"]:
+            schema["x-flags"] = cls.__name__
         properties[item.name] = schema
     block = {"type": "object", "additionalProperties": False, "properties": properties}
     if required:
@@ -162,8 +164,8 @@ def _scalar_schema(kind, meta) -> dict:
         schema["enum"] = list(meta["choices"])
     if meta["pattern"]:
         schema["pattern"] = meta["pattern"]
-    for key, name in _RANGES.items():
-        if meta.get(key) is not None:
+    for key, (name, _, _) in _RANGES.items():
+        if meta[key] is not None:
             schema[name] = meta[key]
     return schema
 

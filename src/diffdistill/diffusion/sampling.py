@@ -42,7 +42,8 @@ class SamplingSettings:
     budget_s: float = setting(BUDGET_S, exclusive_minimum=0, description=(
         "seconds of sampling, counted from the first batch after model loading (the challenge: 600)"))
     batch_size: int = setting(500, minimum=1)
-    max_images: int | None = setting(None, minimum=1, description="cap on the pool size; null: whatever fits the budget")
+    max_images: int | None = setting(None, minimum=1, description=(
+        "cap on the pool size; null: whatever fits the budget"))
     shards: int = setting(1, minimum=1, flag=False, description=(
         "independent sampling jobs, each with its share of the classes and its own seed; 1 = the challenge's "
         "single-GPU rule"))
@@ -235,7 +236,7 @@ def sample_budgeted(
     the class modes of mode guidance (:func:`diffdistill.diffusion.modes.modes_for`), each class's images
     assigned to them in turn.
     """
-    _check_budget_args(budget_s, batch_size, max_images)
+    SamplingSettings(budget_s=budget_s, batch_size=batch_size, max_images=max_images)  # the declared ranges
     model = speed.sampling_network(model, settings.compile)  # compiled in the first batch, inside the budget
     generator = torch.Generator(device=torch.device(device)).manual_seed(int(seed))
     run = _BudgetRun(budget_s, clock, max_images, start=clock())
@@ -311,15 +312,6 @@ class _BudgetRun:
             batch_size_final=batch_size,
             dropped_images=self.dropped,
         )
-
-
-def _check_budget_args(budget_s: float, batch_size: int, max_images: int | None) -> None:
-    if not budget_s > 0:
-        raise DiffdistillError(f"budget_s must be > 0 seconds, got {budget_s}: nothing would be sampled")
-    if batch_size < 1:
-        raise DiffdistillError(f"batch_size must be >= 1, got {batch_size}")
-    if max_images is not None and max_images < 1:
-        raise DiffdistillError(f"max_images must be >= 1 when given, got {max_images}")
 
 
 def _log_progress(done: int, elapsed: float, budget_s: float) -> None:
