@@ -22,6 +22,7 @@ include: "workflow/rules/scoring.smk"
 include: "workflow/rules/sampling.smk"
 include: "workflow/rules/package.smk"
 include: "workflow/rules/evaluation.smk"
+include: "workflow/rules/external.smk"
 include: "workflow/rules/report.smk"
 
 

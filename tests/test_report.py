@@ -58,7 +58,7 @@ def test_summary_has_the_contract_keys_and_markdown_shows_the_figures():
     acc = {kind: accuracy(mean) for kind, mean in means.items()}
     record = report.build_summary(dataset="digits", best=BEST, sampling=meta, accuracy=acc, ipc_grid=[10, 1])
     summary = record.to_json()  # the file's layout, as other tools read it
-    assert (summary["format"], summary["version"]) == ("diffdistill-summary", 1)
+    assert (summary["format"], summary["version"]) == ("diffdistill-summary", 2)
     assert summary["best_step"] == 1000 and summary["pool_images"] == 500
     assert summary["sampling_images_per_s_per_shard"] == [50.0]
     assert summary["accuracy"] == {kind: {"mean": mean, "std": 0.01} for kind, mean in means.items()}
@@ -73,6 +73,13 @@ def test_summary_has_the_contract_keys_and_markdown_shows_the_figures():
     assert "![score curve](c.png)" in text and "![accuracy against IPC](i.png)" in text
     assert "| 1 | 50.00 ± 1.00 | 60.00 ± 1.00 |" in text and "| 10 | 90.00 ± 1.00 | 95.00 ± 1.00 |" in text
     assert "full real training set reaches 99.00 ± 1.00 %" in text
+    # The field's scores per IPC, round by round: IPC 1 has HLR 0.49 (0.98 - 0.49, 1.00 - 0.51) and IOR -0.1.
+    assert [row["ipc"] for row in summary["scores"]] == [1, 10]
+    assert summary["scores"][0]["scores"]["hlr"] == {"mean": pytest.approx(0.49), "std": pytest.approx(0.0)}
+    assert summary["scores"][0]["scores"]["ior"]["mean"] == pytest.approx(-0.1)
+    assert summary["scores"][0]["scores"]["ars"] is None  # no evaluations without DSA
+    assert "## The field's scores" in text and "| 1 | 49.00 ± 0.00 | -10.00 ± 0.00 |" in text
+
     assert "DPM-Solver multistep dpmsolver++ order 2, 20 steps, guidance w=2.0, fp32" in text
     for missing in ("real_full", "real_ipc1"):
         with pytest.raises(DiffdistillError, match=missing):
@@ -80,6 +87,17 @@ def test_summary_has_the_contract_keys_and_markdown_shows_the_figures():
                                  accuracy={k: v for k, v in acc.items() if k != missing})
     with pytest.raises(DiffdistillError, match="synthetic_pool.json: field 'budget_prefix' is null"):
         report.budget_curve({"synthetic_pool.json": acc["synthetic_pool"]})
+
+def test_with_evaluations_without_dsa_the_summary_holds_ars():
+    means = {"synthetic_ipc1": 0.5, "real_ipc1": 0.6, "synthetic_pool": 0.92, "real_full": 0.99,
+             "synthetic_ipc1_noaug": 0.45, "real_ipc1_noaug": 0.35}
+    acc = {kind: accuracy(mean) for kind, mean in means.items()}
+    record = report.build_summary(dataset="digits", best=BEST, sampling=sampling_summary([100] * 5, 10.0),
+                                  accuracy=acc, ipc_grid=[1])
+    # beta = 0.5 * (0.5 - 0.6) + 0.5 * (0.45 - 0.35) = 0 in both rounds: ARS = norm(0).
+    assert record.scores[0].scores.ars.mean == pytest.approx(0.2689414213699951)
+    assert set(record.accuracy) == {"synthetic_ipc1", "real_ipc1", "synthetic_pool", "real_full"}
+
 
 
 def test_merge_samples_script_joins_shards(tmp_path):

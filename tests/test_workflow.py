@@ -58,6 +58,7 @@ def test_dry_run_of_paper_configs_builds_expected_jobs(tmp_path, name, weights, 
     assert jobs == {
         "prepare_data": 1, "finetune": 1, "reference_stats": 1, "score_checkpoint": checkpoints,
         "select_checkpoint": 1, "sample_budget": 1, "package": 1, "evaluate": 4, "report": 1, "all": 1,
+        "datasheet": 1, "export_images": 1,
     }
     assert "pretrain_unconditional" not in jobs  # the public weights replace it
     assert f"results/{name}/package/{name}.pt" in result.stdout
@@ -307,7 +308,7 @@ def test_tiny_run_summary_and_report(tiny_run):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"format", "version", "dataset", "best_step", "best_score", "score_kind",
                             "pool_images", "sampling_images_per_s", "sampling_images_per_s_per_shard", "budget_s",
-                            "accuracy", "ipc_grid", "budget_curve", "sweep"}
+                            "accuracy", "ipc_grid", "scores", "budget_curve", "sweep"}
     assert summary["budget_curve"] == [] and summary["sweep"] == []  # off by default
     assert not (out / "budget_curve.png").exists() and not (out / "sweep").exists()
     assert (out / "accuracy.tsv").read_text().startswith("training set\taccuracy mean (%)")
@@ -322,11 +323,46 @@ def test_tiny_run_summary_and_report(tiny_run):
     for row in summary["ipc_grid"]:
         assert (row["synthetic"], row["real"]) == (summary["accuracy"][f"synthetic_ipc{row['ipc']}"],
                                                    summary["accuracy"][f"real_ipc{row['ipc']}"])
+    full = json.loads((out / "evaluation" / "real_full.json").read_text())["accuracies"]
+    for row in summary["scores"]:  # one round: HLR and IOR are the accuracy differences, ARS off by default
+        synthetic, real = (json.loads((out / "evaluation" / f"{kind}_ipc{row['ipc']}.json").read_text())["accuracies"]
+                           for kind in ("synthetic", "real"))
+        assert row["scores"]["hlr"]["mean"] == pytest.approx(full[0] - synthetic[0])
+        assert row["scores"]["ior"]["mean"] == pytest.approx(synthetic[0] - real[0])
+        assert row["scores"]["ars"] is None
     report = (out / "report.md").read_text()
     for needle in ("Checkpoint selection", "score_curve.png", "sample_grid.png", "images/s", "IPC-2 package",
-                   "IPC-1 package", "Accuracy against IPC", "ipc_grid.png"):
+                   "IPC-1 package", "Accuracy against IPC", "ipc_grid.png", "The field's scores", "LRS"):
         assert needle in report
     assert (out / "sample_grid.png").is_file() and (out / "ipc_grid.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder, ipc", [("package", 2), ("package/ipc1", 1)])
+def test_tiny_run_writes_a_datasheet_and_an_image_folder_beside_every_package(tiny_run, folder, ipc):
+    import hashlib
+
+    from diffdistill.packaging.datasheet import Datasheet
+
+    out = digits_out(tiny_run)
+    sheet = Datasheet.read(out / folder / "datasheet.json")
+    package = out / folder / "digits.pt"
+    assert sheet.sha256 == hashlib.sha256(package.read_bytes()).hexdigest()
+    assert (sheet.ipc, sheet.shape, sheet.rule) == (ipc, [10 * ipc, 1, 8, 8], "first")
+    assert sheet.model_preset == "uvit_digits" and sheet.model_overrides == {"embed_dim": 16, "depth": 2, "num_heads": 2}
+    best = json.loads((out / "scoring" / "best.json").read_text())
+    assert (sheet.checkpoint_step, sheet.checkpoint_score) == (best["step"], best["score"])
+    synthetic = json.loads((out / "evaluation" / f"synthetic_ipc{ipc}.json").read_text())
+    assert sheet.accuracy.synthetic.mean == synthetic["mean"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["scores"] for row in summary["scores"] if row["ipc"] == ipc] == [
+        json.loads((out / folder / "datasheet.json").read_text())["scores"]]
+    card = (out / folder / "datasheet.md").read_text()
+    for needle in (sheet.sha256, "weights_only=True", f"repeat_interleave({ipc})", "random real", "LRS",
+                   "datasheet.png", "torch "):
+        assert needle in card
+    pngs = sorted((out / folder / "images" / "train").glob("*/*.png"))
+    assert len(pngs) == 10 * ipc and {p.parent.name for p in pngs} == {str(c) for c in range(10)}
 
 
 def copy_run(tiny_run: Path, folder: Path) -> Path:
@@ -345,9 +381,59 @@ def pd_read(path):
 @pytest.mark.slow
 def test_forcerun_of_one_stage_reruns_it_and_only_what_depends_on_it(tiny_run):
     jobs = planned_jobs(tiny_snakemake(tiny_run, "-n", "--forcerun", "sample_budget").stdout)
-    assert jobs == {"sample_budget": 1, "package": 1, "package_ipc": 1, "evaluate": 3, "report": 1, "all": 1}
+    assert jobs == {"sample_budget": 1, "package": 1, "package_ipc": 1, "evaluate": 3, "report": 1, "all": 1,
+                    "datasheet": 1, "datasheet_ipc": 1, "export_images": 1, "export_images_ipc": 1}
     # -f RULE makes the rule itself the target: just that stage, nothing upstream or downstream.
     assert planned_jobs(tiny_snakemake(tiny_run, "-n", "-f", "sample_budget").stdout) == {"sample_budget": 1}
+
+
+def bring_sets(run: Path, entries: str) -> Path:
+    """An overlay naming the sets you bring (config key external) in the run's folder."""
+    overlay = run / "external.yaml"
+    overlay.write_text(f"external:\n{entries}")
+    return overlay
+
+
+@pytest.mark.slow
+def test_sets_you_bring_are_evaluated_without_training_and_match_the_runs_own_numbers(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path)
+    out = run / "results" / "digits"
+    (run / "mine").mkdir()
+    subprocess.run(["cp", str(out / "package" / "digits.pt"), str(run / "mine" / "ipc2.pt")], check=True)
+    subprocess.run(["cp", "-r", str(out / "package" / "images"), str(run / "mine" / "ipc2_images")], check=True)
+    overlay = bring_sets(run, "  - {path: mine/ipc2.pt}\n  - {path: mine/ipc2_images, name: as_pngs}\n")
+    args = ("--cores", "2", "--configfile", str(REPO / "config" / "config.yaml"), str(TINY), str(overlay))
+    plan = planned_jobs(snakemake("-n", *args, cwd=run, check=True).stdout)
+    assert plan == {"external_set": 2, "evaluate": 4, "external_report": 1, "all": 1}  # nothing trained or sampled
+    snakemake(*args, cwd=run, check=True)
+    evaluation = {path.stem: json.loads(path.read_text())["accuracies"] for path in (out / "evaluation").glob("*.json")}
+    # The same protocol and seed: a package of the run, brought back in either form, scores as in the run.
+    for name in ("ipc2", "as_pngs"):
+        assert evaluation[f"external_{name}"] == evaluation["synthetic_ipc2"]
+        assert evaluation[f"external_{name}_random"] == evaluation["real_ipc2"]
+        result = json.loads((out / "external" / name / "result.json").read_text())
+        assert (result["format"], result["ipc"], result["form"]) == (
+            "diffdistill-external-result", 2, "package" if name == "ipc2" else "folder")
+    summary = json.loads((out / "external" / "summary.json").read_text())
+    assert [row["name"] for row in summary["sets"]] == ["ipc2", "as_pngs"]
+    report = (out / "external" / "report.md").read_text()
+    assert "| ipc2 | package | 2 |" in report and "| as_pngs | folder | 2 |" in report and "LRS" in report
+
+
+@pytest.mark.slow
+def test_a_bad_set_you_bring_stops_the_run_before_any_training(tiny_run, tmp_path):
+    import torch
+
+    run = copy_run(tiny_run, tmp_path)
+    torch.save(torch.zeros(7, 1, 8, 8), run / "seven.pt")
+    overlay = bring_sets(run, "  - {path: seven.pt}\n")
+    result = snakemake("--cores", "2", "--configfile", str(REPO / "config" / "config.yaml"), str(TINY), str(overlay),
+                       cwd=run)
+    assert result.returncode != 0
+    log = (run / "logs" / "digits" / "external_set" / "seven.log").read_text()
+    assert "seven.pt: 7 images, not a positive multiple of the data set's 10 classes" in log
+    assert not list((run / "results" / "digits" / "evaluation").glob("external_*"))
+    assert not (run / "results" / "digits" / "external" / "seven" / "set.pt").exists()
 
 
 @pytest.mark.slow

@@ -107,6 +107,21 @@ def sweep_schema() -> dict:
     }
 
 
+def external_schema() -> dict:
+    return {
+        "description": (
+            "distilled sets you bring, each evaluated against the data set's test split beside random real of "
+            "its IPC (no fine-tuning or sampling runs while this list is not empty). path: a file in the "
+            "challenge layout (a bare normalised float tensor, class-major, IPC = rows / classes) or a folder "
+            "of one subfolder of images per class (or holding train/ with them); name: default the file or "
+            "folder name"),
+        "type": "array", "default": [],
+        "items": {"type": "object", "additionalProperties": False, "required": ["path"],
+                  "properties": {"path": {"type": "string", "minLength": 1},
+                                 "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.+-]*$"}}},
+    }
+
+
 def config_schema() -> dict:
     """The whole schema, as committed in workflow/schemas/config.schema.yaml."""
     training = block(TrainConfig, TrainingJob)
@@ -131,6 +146,7 @@ def config_schema() -> dict:
         "package": block(PackageSettings),
         "evaluation": block(EvaluationSettings),
         "sweep": sweep_schema(),
+        "external": external_schema(),
     }
     schema["required"] = [*schema["required"], "data", "pretrained", "model", "finetune", "sampler", "scoring",
                           "sampling", "package", "evaluation"]

@@ -253,6 +253,26 @@ class IpcRow:
 
 
 @dataclass
+class FieldScores:
+    """The field's scores of a distilled set (:mod:`diffdistill.evaluation.field_scores`): HLR, IOR, LRS
+    and, when the evaluations without augmentation were run, ARS; each the mean and population std of
+    its per-round values (accuracy fractions for HLR and IOR, [0, 1] for LRS and ARS)."""
+
+    hlr: MeanStd
+    ior: MeanStd
+    lrs: MeanStd
+    ars: MeanStd | None = None
+
+
+@dataclass
+class IpcScores:
+    """The field's scores of one IPC's package."""
+
+    ipc: int
+    scores: FieldScores
+
+
+@dataclass
 class BudgetPoint:
     """The pool's images made within ``fraction`` of the sampling budget, and their accuracy."""
 
@@ -277,10 +297,11 @@ class SweepRow:
 class RunSummary(Record):
     """report's summary.json: the run's numbers. ``accuracy`` holds every accuracy evaluation by kind
     (``synthetic_ipc<n>`` and ``real_ipc<n>`` for each IPC n of the grid, ``synthetic_pool``,
-    ``real_full``); ``budget_curve`` and ``sweep`` are empty when their studies are off."""
+    ``real_full``); ``scores`` the field's scores of each IPC's package; ``budget_curve`` and ``sweep``
+    are empty when their studies are off."""
 
     FORMAT: ClassVar[str] = "diffdistill-summary"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     WHAT: ClassVar[str] = "the run's summary (summary.json) written by report"
 
     dataset: str
@@ -293,6 +314,7 @@ class RunSummary(Record):
     budget_s: float
     accuracy: dict[str, MeanStd]
     ipc_grid: list[IpcRow]
+    scores: list[IpcScores]
     budget_curve: list[BudgetPoint]
     sweep: list[SweepRow]
 
@@ -379,3 +401,59 @@ class ReferenceStatsRecord(Record):
     score_kind: str
     timings_s: Timings
     environment: Environment
+
+
+# --------------------------------------------------------------------------- sets you bring (config key external)
+
+
+@dataclass(kw_only=True)
+class ExternalSet(Record):
+    """external_set's record (external/<name>/set.json): where the set came from, its form and IPC, and
+    the sha256 of its bytes (the file, or the folder's files in sorted order)."""
+
+    FORMAT: ClassVar[str] = "diffdistill-external-set"
+    VERSION: ClassVar[int] = 1
+    WHAT: ClassVar[str] = "a distilled set's record (set.json) written by external_set"
+
+    name: str
+    source: str
+    form: str  # "package" or "folder"
+    ipc: int
+    classes: list[str]
+    image_shape: list[int]
+    sha256: str
+    environment: Environment
+
+
+@dataclass(kw_only=True)
+class ExternalResult(Record):
+    """One set you brought, evaluated (external/<name>/result.json): its accuracy against random real of
+    its IPC and the full real split, under the same protocol, and the field's scores."""
+
+    FORMAT: ClassVar[str] = "diffdistill-external-result"
+    VERSION: ClassVar[int] = 1
+    WHAT: ClassVar[str] = "a distilled set's evaluation (result.json) written by external_report"
+
+    name: str
+    source: str
+    form: str
+    ipc: int
+    sha256: str
+    synthetic: MeanStd
+    random_real: MeanStd
+    full_real: MeanStd
+    epochs: int
+    rounds: int
+    scores: FieldScores
+
+
+@dataclass(kw_only=True)
+class ExternalSummary(Record):
+    """external_report's summary (external/summary.json): every set you brought, evaluated."""
+
+    FORMAT: ClassVar[str] = "diffdistill-external-summary"
+    VERSION: ClassVar[int] = 1
+    WHAT: ClassVar[str] = "the summary of the sets you brought (external/summary.json) written by external_report"
+
+    dataset: str
+    sets: list[ExternalResult]

@@ -17,8 +17,9 @@ from diffdistill import atomic
 from diffdistill.data import LabeledImages
 from diffdistill.diffusion.sampling_summary import SamplingSummary
 from diffdistill.errors import DiffdistillError
-from diffdistill.records import (BestCheckpoint, BudgetPoint, EvaluationResult, IpcRow, MeanStd, RunSummary,
-                                 SweepRow)
+from diffdistill.evaluation import field_scores
+from diffdistill.records import (BestCheckpoint, BudgetPoint, EvaluationResult, ExternalResult, ExternalSet,
+                                 ExternalSummary, FieldScores, IpcRow, IpcScores, MeanStd, RunSummary, SweepRow)
 
 ACCURACY_ROWS = {  # kind (a kind with {ipc}: one per IPC of the grid) -> row label
     "synthetic_ipc{ipc}": "synthetic, IPC-{ipc} package",
@@ -61,29 +62,49 @@ def grid_scale(image_side: int) -> int:
     return max(1, math.ceil(32 / image_side))
 
 
+NOAUG = "_noaug"  # the suffix of an evaluation kind trained without DSA (evaluation.ars)
+
+
 def build_summary(*, dataset: str, best: BestCheckpoint, sampling: SamplingSummary,
                   accuracy: dict[str, EvaluationResult], ipc_grid, budget_curve: list[BudgetPoint] = (),
                   sweep: list[SweepRow] = ()) -> RunSummary:
     """summary.json from the stage outputs; ``accuracy``: the evaluation of each kind of
-    :func:`accuracy_rows` for ``ipc_grid`` (the IPCs); ``budget_curve`` and ``sweep`` as made by
-    :func:`budget_curve` and :func:`sweep_rows`."""
+    :func:`accuracy_rows` for ``ipc_grid`` (the IPCs), and with evaluation.ars the IPC kinds without DSA
+    (``<kind>_noaug``); ``budget_curve`` and ``sweep`` as made by :func:`budget_curve` and :func:`sweep_rows`."""
     kinds = accuracy_rows(ipc_grid, sampling.images)
     missing = [key for key in kinds if key not in accuracy]
     if missing:
         raise DiffdistillError(f"accuracy results missing for {missing}: expected evaluation/<kind>.json of each")
-    acc = {key: _mean_std(accuracy[key]) for key in kinds}
+    acc = {key: mean_std(accuracy[key]) for key in kinds}
     return RunSummary(
         dataset=dataset, best_step=best.step, best_score=float(best.score), score_kind=best.score_kind,
         pool_images=sampling.images, sampling_images_per_s=sampling.images_per_s,
         sampling_images_per_s_per_shard=sampling.images_per_s_per_shard, budget_s=sampling.budget_s,
         accuracy=acc,
         ipc_grid=[IpcRow(ipc, acc[f"synthetic_ipc{ipc}"], acc[f"real_ipc{ipc}"]) for ipc in sorted(ipc_grid)],
+        scores=[_ipc_scores(accuracy, ipc) for ipc in sorted(ipc_grid)],
         budget_curve=list(budget_curve), sweep=list(sweep))
 
 
-def _mean_std(result: EvaluationResult) -> MeanStd:
+def _ipc_scores(accuracy: dict[str, EvaluationResult], ipc: int) -> IpcScores:
+    synthetic, real = f"synthetic_ipc{ipc}", f"real_ipc{ipc}"
+    return IpcScores(ipc, scores_of(accuracy[synthetic], accuracy[real], accuracy.get(synthetic + NOAUG),
+                                    accuracy.get(real + NOAUG), full_real=accuracy["real_full"]))
+
+
+def mean_std(result: EvaluationResult) -> MeanStd:
     """An evaluation's mean and std; null for an evaluation that had nothing to train on."""
     return MeanStd(*(None if value is None else float(value) for value in (result.mean, result.std)))
+
+
+def scores_of(synthetic: EvaluationResult, random_real: EvaluationResult,
+              synthetic_noaug: EvaluationResult | None = None, random_real_noaug: EvaluationResult | None = None, *,
+              full_real: EvaluationResult) -> FieldScores:
+    """The field's scores of a distilled set from its evaluations' per-round accuracies (ARS when the two
+    evaluations without DSA are given)."""
+    plain = {} if synthetic_noaug is None or random_real_noaug is None else {
+        "synthetic_noaug": synthetic_noaug.accuracies, "random_real_noaug": random_real_noaug.accuracies}
+    return field_scores.field_scores(synthetic.accuracies, random_real.accuracies, full_real.accuracies, **plain)
 
 
 def budget_curve(evaluations: dict[str, EvaluationResult]) -> list[BudgetPoint]:
@@ -94,14 +115,14 @@ def budget_curve(evaluations: dict[str, EvaluationResult]) -> list[BudgetPoint]:
         if prefix is None:
             raise DiffdistillError(f"{where}: field 'budget_prefix' is null, expected the result of a budget prefix "
                                    "(evaluate --budget-fraction)")
-        points.append(BudgetPoint(float(prefix.fraction), float(prefix.seconds), prefix.images, _mean_std(result)))
+        points.append(BudgetPoint(float(prefix.fraction), float(prefix.seconds), prefix.images, mean_std(result)))
     return sorted(points, key=lambda point: point.fraction)
 
 
 def sweep_rows(variants: list[tuple[str, SamplingSummary, EvaluationResult]]) -> list[SweepRow]:
     """One row per sampler variant from (name, its pool's sampling summary, evaluate's result of the pool);
     ``settings`` are the variant's sampler settings (those of the summary's settings)."""
-    return [SweepRow(name, sampling.sampler, sampling.images, sampling.images_per_s, _mean_std(result))
+    return [SweepRow(name, sampling.sampler, sampling.images, sampling.images_per_s, mean_std(result))
             for name, sampling, result in variants]
 
 
@@ -241,7 +262,8 @@ def render_markdown(summary: RunSummary, *, scores: list[dict], sampling: Sampli
         *[f"| {label} | {_accuracy_text(acc[key])} | {evaluations[key].rounds} | {evaluations[key].epochs} |"
           for key, label in kinds.items()],
     ]
-    lines += _ipc_grid_lines(summary, figures) + _budget_curve_lines(summary, figures) + _sweep_lines(summary, figures)
+    lines += _ipc_grid_lines(summary, figures) + score_lines(summary.scores)
+    lines += _budget_curve_lines(summary, figures) + _sweep_lines(summary, figures)
     lines += ["", "Plain numbers: `summary.json`.", ""]
     return "\n".join(lines)
 
@@ -256,6 +278,28 @@ def _ipc_grid_lines(summary: RunSummary, figures: dict[str, str]) -> list[str]:
           for row in summary.ipc_grid],
         "", f"![accuracy against IPC]({figures['ipc']})" if "ipc" in figures else "",
     ]
+
+
+SCORES_TEXT = (
+    "The field's scores (DD-Ranking): HLR = full real − synthetic and IOR = synthetic − random real, in accuracy "
+    "points; LRS = norm(IOR/2 − HLR/2) and ARS = norm(IOR/2 + IOR without DSA/2) in [0, 1], norm(a) = "
+    "(e^a − e^−1)/(e − e^−1); each per round, then mean ± std (docs/reference.md, \"The field's scores\").")
+
+
+def score_lines(rows: list[IpcScores], label: str = "IPC") -> list[str]:
+    """The table of the field's scores, one row per IPC (or per set, ``rows`` of (name, scores))."""
+    lines = ["", "## The field's scores", "", SCORES_TEXT, "",
+             f"| {label} | HLR (points) | IOR (points) | LRS | ARS |", "|---|---:|---:|---:|---:|"]
+    for row in rows:
+        name, scores = (row.ipc, row.scores) if isinstance(row, IpcScores) else row
+        ars = "not run (evaluation.ars)" if scores.ars is None else _score_text(scores.ars, 1)
+        lines.append(f"| {name} | {_score_text(scores.hlr, 100)} | {_score_text(scores.ior, 100)} | "
+                     f"{_score_text(scores.lrs, 1)} | {ars} |")
+    return lines
+
+
+def _score_text(value: MeanStd, scale: float) -> str:
+    return f"{scale * value.mean:.{2 if scale == 100 else 4}f} ± {scale * value.std:.{2 if scale == 100 else 4}f}"
 
 
 def _accuracy_text(acc: MeanStd) -> str:
@@ -303,3 +347,35 @@ def _solver_text(solver: dict) -> str:
     """``solver``: a sampling summary's sampler settings (:attr:`SamplingSummary.sampler`)."""
     return (f"DPM-Solver {solver['method']} {solver['algorithm']} order {solver['order']}, {solver['steps']} steps, "
             f"guidance w={solver['guidance_scale']}, {solver['precision']}")
+
+
+# --------------------------------------------------------------------------- sets you bring (config key external)
+
+
+def external_result(record: ExternalSet, synthetic: EvaluationResult, random_real: EvaluationResult,
+                    full_real: EvaluationResult, synthetic_noaug: EvaluationResult | None = None,
+                    random_real_noaug: EvaluationResult | None = None) -> ExternalResult:
+    """One set you brought: its evaluations beside random real of its IPC, and the field's scores."""
+    return ExternalResult(
+        name=record.name, source=record.source, form=record.form, ipc=record.ipc, sha256=record.sha256,
+        synthetic=mean_std(synthetic), random_real=mean_std(random_real), full_real=mean_std(full_real),
+        epochs=synthetic.epochs, rounds=synthetic.rounds,
+        scores=scores_of(synthetic, random_real, synthetic_noaug, random_real_noaug, full_real=full_real))
+
+
+def render_external_markdown(summary: ExternalSummary) -> str:
+    """external/report.md: each set's accuracy beside random real of its IPC, then the field's scores."""
+    full = summary.sets[0].full_real
+    lines = [
+        f"# diffdistill: distilled sets evaluated on {summary.dataset}", "",
+        "The challenge's ConvNet (depth 3, width 128, DSA) trained on each set and on random real subsets of the "
+        f"same IPC (a fresh subset per round), tested on the real test split; the full real training split reaches "
+        f"{_accuracy_text(full)} %. Mean ± std over rounds.", "",
+        "| set | form | IPC | accuracy (%) | random real, same IPC (%) | rounds | epochs | sha256 |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+        *[f"| {row.name} | {row.form} | {row.ipc} | {_accuracy_text(row.synthetic)} | "
+          f"{_accuracy_text(row.random_real)} | {row.rounds} | {row.epochs} | `{row.sha256[:12]}` |"
+          for row in summary.sets],
+    ]
+    lines += score_lines([(row.name, row.scores) for row in summary.sets], label="set")
+    return "\n".join(lines + ["", "Plain numbers: `summary.json`; one record per set: `<name>/result.json`.", ""])

@@ -264,11 +264,31 @@ def package_file(ipc):
     return f"{folder}/{DATASET}.pt"
 
 
+def external_sets():
+    """name -> path of each distilled set you bring (config key external; the name defaults to the file's stem
+    or the folder's name); a name given twice stops the run, named."""
+    sets = {}
+    for i, entry in enumerate(config["external"]):
+        path = Path(entry["path"])
+        name = entry.get("name") or (path.name if path.is_dir() else path.stem)
+        if not re.fullmatch(VARIANT_RE, name):
+            raise ValueError(f"config key external[{i}].name: {name!r} (from the path) is not a plain name; give one")
+        if name in sets:
+            raise ValueError(f"config key external[{i}].name: {name!r} names two sets; give each its own name")
+        sets[name] = entry["path"]
+    return sets
+
+
+EXTERNAL = external_sets()
+
+
 def evaluation_table():
     """kind -> one evaluation: ``train`` (the file the ConvNet trains on) and evaluate's flags for it:
     train_format, ipc (a package) or random_ipc (a fresh random real subset per round), epochs, and for a
     budget prefix of the pool its summary (pool_meta) and the fraction from the config. The package and
-    the random real subsets come once per IPC of the grid (synthetic_ipc<n>, real_ipc<n>)."""
+    the random real subsets come once per IPC of the grid (synthetic_ipc<n>, real_ipc<n>); with
+    evaluation.ars again without DSA (<kind>_noaug). A set you bring (external_<name>) and its random real
+    subsets (external_<name>_random) take their IPC from the set's record (set_record), once it is written."""
     ev, pool = config["evaluation"], f"{OUT}/samples/pool.pt"
     real_train = f"{OUT}/data/train.pt"
     accuracy = {}
@@ -287,14 +307,32 @@ def evaluation_table():
               for fraction in ev["budget_fractions"]}
     sweep = {f"sweep_{name}": {"train": f"{OUT}/sweep/{name}/pool.pt", "train_format": "images",
                                "epochs": ev["pool_epochs"]} for name in SWEEP}
-    return accuracy, budget, sweep
+    external = {}
+    for name in EXTERNAL:
+        record = f"{OUT}/external/{name}/set.json"
+        external[f"external_{name}"] = {"train": f"{OUT}/external/{name}/set.pt", "train_format": "package",
+                                        "set_record": record, "ipc_from_set": "ipc", "epochs": ev["epochs"]}
+        external[f"external_{name}_random"] = {"train": real_train, "train_format": "images", "set_record": record,
+                                               "ipc_from_set": "random_ipc", "epochs": ev["epochs"]}
+    ipc_sets = {kind: row for kind, row in (accuracy | external).items() if "ipc" in row or "random_ipc" in row
+                or "ipc_from_set" in row}
+    without_dsa = {f"{kind}_noaug": {**row, "dsa": False} for kind, row in ipc_sets.items()} if ev["ars"] else {}
+    return accuracy, budget, sweep, external, without_dsa
 
 
-ACCURACY_EVALUATIONS, BUDGET_EVALUATIONS, SWEEP_EVALUATIONS = evaluation_table()
-EVALUATIONS = ACCURACY_EVALUATIONS | BUDGET_EVALUATIONS | SWEEP_EVALUATIONS
+ACCURACY_EVALUATIONS, BUDGET_EVALUATIONS, SWEEP_EVALUATIONS, EXTERNAL_EVALUATIONS, NOAUG_EVALUATIONS = (
+    evaluation_table())
+EVALUATIONS = {}
+for _table in (ACCURACY_EVALUATIONS, BUDGET_EVALUATIONS, SWEEP_EVALUATIONS, EXTERNAL_EVALUATIONS, NOAUG_EVALUATIONS):
+    for _kind in _table:
+        if _kind in EVALUATIONS:  # only a set's name can make a kind twice
+            raise ValueError(f"config key external: the set names make the evaluation {_kind!r} twice; rename a set")
+    EVALUATIONS |= _table
 ACCURACY_KINDS, BUDGET_KINDS, SWEEP_KINDS = list(ACCURACY_EVALUATIONS), list(BUDGET_EVALUATIONS), list(SWEEP_EVALUATIONS)
+# The evaluations without DSA of the grid's sets (evaluation.ars), which the report's scores read.
+NOAUG_KINDS = [kind for kind in NOAUG_EVALUATIONS if not kind.startswith("external_")]
 EVALUATION_KIND_RE = "|".join(map(re.escape, EVALUATIONS))  # the table's kinds and nothing else
-EVALUATION_INPUTS = ("train", "pool_meta")  # the table's files: inputs of the evaluate rule as well as flags
+EVALUATION_INPUTS = ("train", "pool_meta", "set_record")  # the table's files: inputs of the evaluate rule
 
 
 def evaluation_priority(wildcards):
@@ -314,9 +352,14 @@ def evaluation_inputs(wildcards):
             "test": f"{OUT}/data/test.pt", "real_train": f"{OUT}/data/train.pt"}
 
 
-def evaluation_args(wildcards):
-    """evaluate's flags of the kind's row (--train is the rule's own, from its input)."""
-    return settings_args({key: value for key, value in EVALUATIONS[wildcards.kind].items() if key != "train"})
+def evaluation_args(wildcards, input):
+    """evaluate's flags of the kind's row (--train is the rule's own, from its input). A set you bring gives
+    its IPC from its record, read when the job starts (Snakemake evaluates params then)."""
+    row = EVALUATIONS[wildcards.kind]
+    flags = {key: value for key, value in row.items() if key not in ("train", "set_record", "ipc_from_set")}
+    if "ipc_from_set" in row:
+        flags[row["ipc_from_set"]] = json.loads(Path(input.set_record).read_text())["ipc"]
+    return settings_args(flags)
 
 
 # Package rules that pick images with the real-data feature ConvNet of FD-ConvNet scoring.
@@ -364,7 +407,62 @@ def study_args(input, output):
     return " ".join(args)
 
 
+def package_folder(ipc):
+    """The folder of one IPC's package, where its datasheet and image-folder export go beside it."""
+    return str(Path(package_file(ipc)).parent)
+
+
+def datasheet_inputs(wildcards):
+    """What a package's datasheet reads: the package and its record, the records of the stages that made it,
+    and its evaluations (with evaluation.ars, those without DSA too)."""
+    ipc = int(wildcards.get("ipc", SUBMISSION_IPC))
+    evaluation = f"{OUT}/evaluation"
+    inputs = {"package": package_file(ipc), "meta": f"{package_folder(ipc)}/package.json",
+              "best": f"{OUT}/scoring/best.json", "pool_meta": f"{OUT}/samples/pool.json",
+              "prepared": f"{OUT}/data/prepare.json", "training": f"{OUT}/checkpoints/train.json",
+              "synthetic": f"{evaluation}/synthetic_ipc{ipc}.json", "random_real": f"{evaluation}/real_ipc{ipc}.json",
+              "full_real": f"{evaluation}/real_full.json"}
+    if config["evaluation"]["ars"]:
+        inputs |= {"synthetic_noaug": f"{evaluation}/synthetic_ipc{ipc}_noaug.json",
+                   "random_real_noaug": f"{evaluation}/real_ipc{ipc}_noaug.json"}
+    return inputs
+
+
+def datasheet_args(wildcards, input):
+    """The datasheet script's flags, one per input."""
+    return " ".join(f"--{key.replace('_', '-')} {path}" for key, path in input.items())
+
+
+def package_extras():
+    """Beside every package of the grid: its datasheet (record and card) and its image-folder export."""
+    return [f"{package_folder(ipc)}/{name}" for ipc in IPC_GRID for name in ("datasheet.json", "datasheet.md", "images")]
+
+
+def external_targets():
+    """The evaluation of the sets you bring: one result per set, the summary and the report."""
+    return [*(f"{OUT}/external/{name}/result.json" for name in EXTERNAL), f"{OUT}/external/summary.json",
+            f"{OUT}/external/report.md"]
+
+
+def external_report_inputs(wildcards):
+    """Per set (in config order): its record, its evaluation and that of random real of its IPC (and both
+    without DSA with evaluation.ars); the full real split's evaluation, for HLR."""
+    evaluation = f"{OUT}/evaluation"
+    inputs = {"sets": [f"{OUT}/external/{name}/set.json" for name in EXTERNAL],
+              "evaluations": [f"{evaluation}/external_{name}.json" for name in EXTERNAL],
+              "random_real": [f"{evaluation}/external_{name}_random.json" for name in EXTERNAL],
+              "full_real": f"{evaluation}/real_full.json"}
+    if config["evaluation"]["ars"]:
+        inputs |= {"evaluations_noaug": [f"{evaluation}/external_{name}_noaug.json" for name in EXTERNAL],
+                   "random_real_noaug": [f"{evaluation}/external_{name}_random_noaug.json" for name in EXTERNAL]}
+    return inputs
+
+
 def final_targets():
-    """Every file of the report: turning the budget curve or the sweep on later makes their figures
-    targets, so an existing run makes just the new jobs and the report again."""
-    return [f"{OUT}/report.md", f"{OUT}/summary.json", f"{OUT}/accuracy.tsv", *study_files().values()]
+    """Every file of the report and every package's datasheet and image folder: turning the budget curve or
+    the sweep on later makes their figures targets, so an existing run makes just the new jobs and the report
+    again. With sets to evaluate (config key external), only their evaluation: nothing is fine-tuned or sampled."""
+    if EXTERNAL:
+        return external_targets()
+    return [f"{OUT}/report.md", f"{OUT}/summary.json", f"{OUT}/accuracy.tsv", *study_files().values(),
+            *package_extras()]

@@ -45,3 +45,76 @@ use rule package as package_ipc with:
         ipc=lambda wildcards: wildcards.ipc,
     log:
         f"{LOGS}/package/ipc{{ipc}}.log",
+
+
+rule datasheet:
+    """The submission's datasheet: a record (datasheet.json) and a card (datasheet.md) of what made the package
+    and how good it is (accuracy against random real of its IPC, the field's scores), with a picture grid."""
+    input:
+        unpack(datasheet_inputs),
+    output:
+        record=f"{OUT}/package/datasheet.json",
+        card=f"{OUT}/package/datasheet.md",
+        grid=f"{OUT}/package/datasheet.png",
+    params:
+        script=f"{SCRIPTS}/datasheet.py",
+        args=datasheet_args,
+        seed=config["seed"],
+    log:
+        f"{LOGS}/datasheet.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    conda:
+        "../../envs/diffdistill.yaml"
+    shell:
+        "python {params.script} {params.args} --seed {params.seed} --out {output.record} --card {output.card} "
+        "--grid {output.grid} --log {log}"
+
+
+use rule datasheet as datasheet_ipc with:
+    """The datasheet of another IPC's package, in package/ipc<n>/."""
+    output:
+        record=f"{OUT}/package/ipc{{ipc}}/datasheet.json",
+        card=f"{OUT}/package/ipc{{ipc}}/datasheet.md",
+        grid=f"{OUT}/package/ipc{{ipc}}/datasheet.png",
+    wildcard_constraints:
+        ipc=r"\d+",
+    log:
+        f"{LOGS}/datasheet/ipc{{ipc}}.log",
+
+
+rule export_images:
+    """The submission as an image folder (images/train/<class>/<index>.png, 8-bit): torchvision's ImageFolder
+    layout, readable as a set you bring (config key external)."""
+    input:
+        package=package_file(SUBMISSION_IPC),
+        meta=f"{OUT}/package/package.json",
+    output:
+        folder=directory(f"{OUT}/package/images"),
+    params:
+        script=f"{SCRIPTS}/export_images.py",
+    log:
+        f"{LOGS}/export_images.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    conda:
+        "../../envs/diffdistill.yaml"
+    shell:
+        "python {params.script} --package {input.package} --meta {input.meta} --out {output.folder} --log {log}"
+
+
+use rule export_images as export_images_ipc with:
+    """The image folder of another IPC's package, in package/ipc<n>/images."""
+    input:
+        package=f"{OUT}/package/ipc{{ipc}}/{DATASET}.pt",
+        meta=f"{OUT}/package/ipc{{ipc}}/package.json",
+    output:
+        folder=directory(f"{OUT}/package/ipc{{ipc}}/images"),
+    wildcard_constraints:
+        ipc=r"\d+",
+    log:
+        f"{LOGS}/export_images/ipc{{ipc}}.log",

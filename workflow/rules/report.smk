@@ -8,7 +8,7 @@ rule report:
         curve=rules.select_checkpoint.output.plot,
         pool=f"{OUT}/samples/pool.pt",
         pool_meta=f"{OUT}/samples/pool.json",
-        evaluations=expand(f"{OUT}/evaluation/{{kind}}.json", kind=ACCURACY_KINDS),
+        evaluations=expand(f"{OUT}/evaluation/{{kind}}.json", kind=ACCURACY_KINDS + NOAUG_KINDS),
         budget=expand(f"{OUT}/evaluation/{{kind}}.json", kind=BUDGET_KINDS),
         sweep_metas=expand(f"{OUT}/sweep/{{variant}}/pool.json", variant=list(SWEEP)),
         sweep_evaluations=expand(f"{OUT}/evaluation/{{kind}}.json", kind=SWEEP_KINDS),

@@ -37,6 +37,8 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--dataset", required=True, help="data set name (cifar100/tinyimagenet use fixed stats)")
     p.add_argument("--real-train", help="real train split, for the normalisation stats of other data sets")
     p.add_argument("--epochs", type=int, required=True, help="the challenge uses 1000")
+    p.add_argument("--dsa", action=argparse.BooleanOptionalAction, default=True,
+                   help="DSA augmentation while training (the protocol's); --no-dsa for the field's ARS score")
     cli.add_dataclass_flags(p, entry.EvaluationSettings)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--resume-dir", help="keep resume state here (finished rounds, every --checkpoint-every "
@@ -76,7 +78,8 @@ def main(argv=None) -> int:
         result = entry.run_rounds(
             x, y, normalize(test.images, mean, std), test.labels, num_classes=test.num_classes, channel=channel,
             im_size=(height, width), epochs=args.epochs, rounds=args.rounds, device=device, seed=args.seed,
-            round_indices=round_indices, batch_size=args.batch_size, log_every=args.log_every, state=state)
+            round_indices=round_indices, batch_size=args.batch_size, dsa=args.dsa, log_every=args.log_every,
+            state=state)
         cli.log.info("%s: test accuracy %.4f +- %.4f over %d rounds", what, result["mean"], result["std"], args.rounds)
         timings = {"load": loading.seconds, "train_and_test": result.pop("seconds"),
                    "per_round": result.pop("seconds_per_round")}
@@ -103,7 +106,8 @@ def budget_prefix(args, x, y):
 
 def resume_state(args, x, y, test) -> EvaluationState:
     """Resume state keyed by what decides the result: the training settings and the data's contents."""
-    keys = ("train_format", "ipc", "random_ipc", "dataset", "epochs", *resume_keys(entry.EvaluationSettings), "seed")
+    keys = ("train_format", "ipc", "random_ipc", "dataset", "epochs", "dsa", *resume_keys(entry.EvaluationSettings),
+            "seed")
     settings = {key: getattr(args, key) for key in keys}
     key = JobKey.of(settings, x, y, test.images, test.labels)
     return EvaluationState(args.resume_dir, key, every=args.checkpoint_every)

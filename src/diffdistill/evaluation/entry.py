@@ -27,6 +27,9 @@ class EvaluationSettings:
     budget_fractions: list[float] = setting([], exclusive_minimum=0, maximum=1, unique=True, flag=False, description=(
         "budget curve: the pool's images made within each fraction of sampling.budget_s (each shard by its own "
         "clock), each set evaluated like the pool at pool_epochs and rounds, one job each; [] = off"))
+    ars: bool = setting(False, flag=False, description=(
+        "also evaluate each distilled set and its random real subsets without DSA, for the field's "
+        "augmentation-robust score (ARS); doubles the IPC-sized evaluations"))
 
     def __post_init__(self):
         settings.check(self, "evaluation settings")
