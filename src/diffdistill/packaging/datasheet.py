@@ -63,13 +63,11 @@ def _percent(value: MeanStd) -> str:
 
 
 def _score_lines(scores: FieldScores) -> list[str]:
-    rows = [("HLR (full real − synthetic; lower is better)", scores.hlr, 100, " points"),
-            ("IOR (synthetic − random real)", scores.ior, 100, " points"),
-            ("LRS (label-robust score, 0–1)", scores.lrs, 1, "")]
-    if scores.ars is not None:
-        rows.append(("ARS (augmentation-robust score, 0–1)", scores.ars, 1, ""))
-    return [f"| {name} | {scale * value.mean:.4g} ± {scale * value.std:.2g}{unit} |"
-            for name, value, scale, unit in rows]
+    rows = [("HLR (full real − synthetic; lower is better)", scores.hlr, "points"),
+            ("IOR (synthetic − random real)", scores.ior, "points"),
+            ("LRS (label-robust score, 0–1)", scores.lrs, ""), ("ARS (augmentation-robust score, 0–1)", scores.ars, "")]
+    return [f"| {name} | {100 * value.mean:.2f} ± {100 * value.std:.2f} points |" if unit else
+            f"| {name} | {value.mean:.4f} ± {value.std:.4f} |" for name, value, unit in rows if value is not None]
 
 
 def render_card(sheet: Datasheet) -> str:
