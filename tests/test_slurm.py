@@ -252,7 +252,8 @@ TINY = REPO / "tests" / "configs" / "tiny.yaml"
 # grid of two, six accuracy rows) and the rules that must run on the cluster: everything that trains or samples.
 TINY_JOBS = Counter({"prepare_data": 1, "pretrain_unconditional": 1, "finetune": 1, "reference_stats": 1,
                      "score_checkpoint": 2, "select_checkpoint": 1, "sample_budget": 1, "package": 1,
-                     "package_ipc": 1, "evaluate": 6, "report": 1, "all": 1})
+                     "package_ipc": 1, "evaluate": 6, "report": 1, "all": 1, "datasheet": 1, "datasheet_ipc": 1,
+                     "export_images": 1, "export_images_ipc": 1})
 HEAVY_RULES = {"prepare_data", "pretrain_unconditional", "finetune", "reference_stats", "score_checkpoint",
                "sample_budget", "evaluate"}
 ACCURACY_KINDS = ("synthetic_ipc1", "real_ipc1", "synthetic_ipc2", "real_ipc2", "synthetic_pool", "real_full")
@@ -277,7 +278,7 @@ def test_tiny_workflow_runs_every_cluster_job_through_slurm(slurm_cluster, runs)
     summary = json.loads((workdir / "results" / "digits" / "summary.json").read_text())
     assert set(summary) == {"format", "version", "dataset", "best_step", "best_score", "score_kind",
                             "pool_images", "sampling_images_per_s", "sampling_images_per_s_per_shard", "budget_s",
-                            "accuracy", "ipc_grid", "budget_curve", "sweep"}
+                            "accuracy", "ipc_grid", "scores", "budget_curve", "sweep"}
     assert summary["budget_curve"] == [] and summary["sweep"] == []  # both studies are off by default
     assert summary["dataset"] == "digits" and summary["best_step"] in (3, 6)
     assert summary["score_kind"] == "FD-ConvNet" and summary["best_score"] >= 0

@@ -62,10 +62,8 @@ rule datasheet:
         seed=config["seed"],
     log:
         f"{LOGS}/datasheet.log",
+    localrule: True  # seconds of work: on a cluster, not worth a job's queueing
     threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=10,
     conda:
         "../../envs/diffdistill.yaml"
     shell:
@@ -97,10 +95,8 @@ rule export_images:
         script=f"{SCRIPTS}/export_images.py",
     log:
         f"{LOGS}/export_images.log",
+    localrule: True  # seconds of work: on a cluster, not worth a job's queueing
     threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=10,
     conda:
         "../../envs/diffdistill.yaml"
     shell:
