@@ -282,6 +282,19 @@ def external_sets():
 EXTERNAL = external_sets()
 
 
+def external_rows(epochs, real_train):
+    """Per set you bring: the set itself (a package of the IPC its record gives) and random real subsets of
+    that IPC, both at the IPC-sized sets' epochs."""
+    rows = {}
+    for name in EXTERNAL:
+        record = f"{OUT}/external/{name}/set.json"
+        rows[f"external_{name}"] = {"train": f"{OUT}/external/{name}/set.pt", "train_format": "package",
+                                    "set_record": record, "ipc_from_set": "ipc", "epochs": epochs}
+        rows[f"external_{name}_random"] = {"train": real_train, "train_format": "images", "set_record": record,
+                                           "ipc_from_set": "random_ipc", "epochs": epochs}
+    return rows
+
+
 def evaluation_table():
     """kind -> one evaluation: ``train`` (the file the ConvNet trains on) and evaluate's flags for it:
     train_format, ipc (a package) or random_ipc (a fresh random real subset per round), epochs, and for a
@@ -307,13 +320,7 @@ def evaluation_table():
               for fraction in ev["budget_fractions"]}
     sweep = {f"sweep_{name}": {"train": f"{OUT}/sweep/{name}/pool.pt", "train_format": "images",
                                "epochs": ev["pool_epochs"]} for name in SWEEP}
-    external = {}
-    for name in EXTERNAL:
-        record = f"{OUT}/external/{name}/set.json"
-        external[f"external_{name}"] = {"train": f"{OUT}/external/{name}/set.pt", "train_format": "package",
-                                        "set_record": record, "ipc_from_set": "ipc", "epochs": ev["epochs"]}
-        external[f"external_{name}_random"] = {"train": real_train, "train_format": "images", "set_record": record,
-                                               "ipc_from_set": "random_ipc", "epochs": ev["epochs"]}
+    external = external_rows(ev["epochs"], real_train)
     ipc_sets = {kind: row for kind, row in (accuracy | external).items() if "ipc" in row or "random_ipc" in row
                 or "ipc_from_set" in row}
     without_dsa = {f"{kind}_noaug": {**row, "dsa": False} for kind, row in ipc_sets.items()} if ev["ars"] else {}
