@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from diffdistill import atomic
 from diffdistill.data import LabeledImages
 from diffdistill.data.folder import FolderSettings, decode_images, list_split
 from diffdistill.data.normalize import channel_stats, normalize
@@ -75,7 +76,7 @@ def test_a_package_file_is_read_as_it_is_with_its_ipc(tmp_path, grey):
     torch.save(package, tmp_path / "set.pt")
     x, ipc, form = external.read_external_set(tmp_path / "set.pt", test, mean, std)
     assert (ipc, form) == (3, "package") and torch.equal(x, package)
-    assert external.sha256_of(tmp_path / "set.pt") == hashlib.sha256((tmp_path / "set.pt").read_bytes()).hexdigest()
+    assert atomic.sha256_of(tmp_path / "set.pt") == hashlib.sha256((tmp_path / "set.pt").read_bytes()).hexdigest()
 
 
 class Runs:

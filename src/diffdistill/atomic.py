@@ -9,6 +9,7 @@ old file or nothing (Snakemake then sees the output as missing, never as done).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -115,3 +116,16 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
         from diffdistill.errors import DiffdistillError
 
         raise DiffdistillError(f"{path}: cannot be read as {what} ({type(err).__name__}: {err})") from err
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, or of a folder's files (relative names and bytes, in sorted order)."""
+    path, digest = Path(path), hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        if file != path:
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -265,6 +265,20 @@ class FieldScores:
 
 
 @dataclass
+class SetAccuracy:
+    """Test accuracy (fractions) of the challenge ConvNet trained on a distilled set, on random real subsets
+    of its IPC and on the full real training split, with the protocol that gave them."""
+
+    synthetic: MeanStd
+    random_real: MeanStd
+    full_real: MeanStd
+    epochs: int
+    full_real_epochs: int
+    rounds: int
+    augmentation: str
+
+
+@dataclass
 class IpcScores:
     """The field's scores of one IPC's package."""
 
@@ -439,11 +453,7 @@ class ExternalResult(Record):
     form: str
     ipc: int
     sha256: str
-    synthetic: MeanStd
-    random_real: MeanStd
-    full_real: MeanStd
-    epochs: int
-    rounds: int
+    accuracy: SetAccuracy
     scores: FieldScores
 
 

@@ -18,8 +18,10 @@ from diffdistill.data import LabeledImages
 from diffdistill.diffusion.sampling_summary import SamplingSummary
 from diffdistill.errors import DiffdistillError
 from diffdistill.evaluation import field_scores
+from diffdistill.evaluation.field_scores import score_text
 from diffdistill.records import (BestCheckpoint, BudgetPoint, EvaluationResult, ExternalResult, ExternalSet,
-                                 ExternalSummary, FieldScores, IpcRow, IpcScores, MeanStd, RunSummary, SweepRow)
+                                 ExternalSummary, FieldScores, IpcRow, IpcScores, MeanStd, RunSummary, SetAccuracy,
+                                 SweepRow)
 
 ACCURACY_ROWS = {  # kind (a kind with {ipc}: one per IPC of the grid) -> row label
     "synthetic_ipc{ipc}": "synthetic, IPC-{ipc} package",
@@ -105,6 +107,15 @@ def scores_of(synthetic: EvaluationResult, random_real: EvaluationResult,
     plain = {} if synthetic_noaug is None or random_real_noaug is None else {
         "synthetic_noaug": synthetic_noaug.accuracies, "random_real_noaug": random_real_noaug.accuracies}
     return field_scores.field_scores(synthetic.accuracies, random_real.accuracies, full_real.accuracies, **plain)
+
+
+def set_accuracy(synthetic: EvaluationResult, random_real: EvaluationResult,
+                 full_real: EvaluationResult) -> SetAccuracy:
+    """A distilled set's accuracy beside random real of its IPC and the full real split, with the protocol
+    (``augmentation``: DSA, the protocol's; the evaluations without it only enter ARS)."""
+    return SetAccuracy(synthetic=mean_std(synthetic), random_real=mean_std(random_real),
+                       full_real=mean_std(full_real), epochs=synthetic.epochs, full_real_epochs=full_real.epochs,
+                       rounds=synthetic.rounds, augmentation="DSA")
 
 
 def budget_curve(evaluations: dict[str, EvaluationResult]) -> list[BudgetPoint]:
@@ -262,7 +273,7 @@ def render_markdown(summary: RunSummary, *, scores: list[dict], sampling: Sampli
         *[f"| {label} | {_accuracy_text(acc[key])} | {evaluations[key].rounds} | {evaluations[key].epochs} |"
           for key, label in kinds.items()],
     ]
-    lines += _ipc_grid_lines(summary, figures) + score_lines(summary.scores)
+    lines += _ipc_grid_lines(summary, figures) + score_lines([(row.ipc, row.scores) for row in summary.scores])
     lines += _budget_curve_lines(summary, figures) + _sweep_lines(summary, figures)
     lines += ["", "Plain numbers: `summary.json`.", ""]
     return "\n".join(lines)
@@ -286,20 +297,15 @@ SCORES_TEXT = (
     "(e^a − e^−1)/(e − e^−1); each per round, then mean ± std (docs/reference.md, \"The field's scores\").")
 
 
-def score_lines(rows: list[IpcScores], label: str = "IPC") -> list[str]:
-    """The table of the field's scores, one row per IPC (or per set, ``rows`` of (name, scores))."""
+def score_lines(rows: list[tuple], label: str = "IPC") -> list[str]:
+    """The table of the field's scores, one row per (IPC or set name, its scores)."""
     lines = ["", "## The field's scores", "", SCORES_TEXT, "",
              f"| {label} | HLR (points) | IOR (points) | LRS | ARS |", "|---|---:|---:|---:|---:|"]
-    for row in rows:
-        name, scores = (row.ipc, row.scores) if isinstance(row, IpcScores) else row
-        ars = "not run (evaluation.ars)" if scores.ars is None else _score_text(scores.ars, 1)
-        lines.append(f"| {name} | {_score_text(scores.hlr, 100)} | {_score_text(scores.ior, 100)} | "
-                     f"{_score_text(scores.lrs, 1)} | {ars} |")
+    for name, scores in rows:
+        ars = "not run (evaluation.ars)" if scores.ars is None else score_text("ars", scores.ars)
+        lines.append(f"| {name} | {score_text('hlr', scores.hlr)} | {score_text('ior', scores.ior)} | "
+                     f"{score_text('lrs', scores.lrs)} | {ars} |")
     return lines
-
-
-def _score_text(value: MeanStd, scale: float) -> str:
-    return f"{scale * value.mean:.{2 if scale == 100 else 4}f} ± {scale * value.std:.{2 if scale == 100 else 4}f}"
 
 
 def _accuracy_text(acc: MeanStd) -> str:
@@ -358,14 +364,13 @@ def external_result(record: ExternalSet, synthetic: EvaluationResult, random_rea
     """One set you brought: its evaluations beside random real of its IPC, and the field's scores."""
     return ExternalResult(
         name=record.name, source=record.source, form=record.form, ipc=record.ipc, sha256=record.sha256,
-        synthetic=mean_std(synthetic), random_real=mean_std(random_real), full_real=mean_std(full_real),
-        epochs=synthetic.epochs, rounds=synthetic.rounds,
+        accuracy=set_accuracy(synthetic, random_real, full_real),
         scores=scores_of(synthetic, random_real, synthetic_noaug, random_real_noaug, full_real=full_real))
 
 
 def render_external_markdown(summary: ExternalSummary) -> str:
     """external/report.md: each set's accuracy beside random real of its IPC, then the field's scores."""
-    full = summary.sets[0].full_real
+    full = summary.sets[0].accuracy.full_real
     lines = [
         f"# diffdistill: distilled sets evaluated on {summary.dataset}", "",
         "The challenge's ConvNet (depth 3, width 128, DSA) trained on each set and on random real subsets of the "
@@ -373,8 +378,9 @@ def render_external_markdown(summary: ExternalSummary) -> str:
         f"{_accuracy_text(full)} %. Mean ± std over rounds.", "",
         "| set | form | IPC | accuracy (%) | random real, same IPC (%) | rounds | epochs | sha256 |",
         "|---|---|---:|---:|---:|---:|---:|---|",
-        *[f"| {row.name} | {row.form} | {row.ipc} | {_accuracy_text(row.synthetic)} | "
-          f"{_accuracy_text(row.random_real)} | {row.rounds} | {row.epochs} | `{row.sha256[:12]}` |"
+        *[f"| {row.name} | {row.form} | {row.ipc} | {_accuracy_text(row.accuracy.synthetic)} | "
+          f"{_accuracy_text(row.accuracy.random_real)} | {row.accuracy.rounds} | {row.accuracy.epochs} | "
+          f"`{row.sha256[:12]}` |"
           for row in summary.sets],
     ]
     lines += score_lines([(row.name, row.scores) for row in summary.sets], label="set")

@@ -22,7 +22,6 @@ from diffdistill import atomic, cli, report
 from diffdistill.data import LabeledImages
 from diffdistill.data.normalize import denormalize
 from diffdistill.diffusion.sampling_summary import SamplingSummary
-from diffdistill.evaluation import external
 from diffdistill.packaging import datasheet, submission
 from diffdistill.records import BestCheckpoint, EvaluationResult, PackageRecord, PreparedData, TrainingRun
 
@@ -63,19 +62,16 @@ def build(args, package: PackageRecord, ipc: int) -> datasheet.Datasheet:
     prepared, training = PreparedData.read(args.prepared), TrainingRun.read(args.training)
     synthetic, random_real, full_real = (EvaluationResult.read(path)
                                          for path in (args.synthetic, args.random_real, args.full_real))
-    accuracy = datasheet.DatasheetAccuracy(
-        synthetic=report.mean_std(synthetic), random_real=report.mean_std(random_real),
-        full_real=report.mean_std(full_real), epochs=synthetic.epochs, full_real_epochs=full_real.epochs,
-        rounds=synthetic.rounds, augmentation="DSA")
     return datasheet.Datasheet(
-        package=Path(args.package).name, sha256=external.sha256_of(args.package), shape=package.shape, ipc=ipc,
+        package=Path(args.package).name, sha256=atomic.sha256_of(args.package), shape=package.shape, ipc=ipc,
         dataset=package.settings["dataset"], classes=package.classes,
         splits={split: info["count"] for split, info in prepared.splits.items()},
         data_source=str(prepared.splits["train"].get("source", "")), mean=package.mean, std=package.std,
         model_preset=training.settings["preset"], model_overrides=training.settings.get("model_overrides", {}),
         checkpoint_step=best.step, checkpoint_score=best.score, score_kind=best.score_kind,
         sampler=sampling.sampler, sampling_budget_s=sampling.budget_s, pool_images=sampling.images,
-        rule=package.settings["rule"], seed=args.seed, accuracy=accuracy,
+        rule=package.settings["rule"], seed=args.seed,
+        accuracy=report.set_accuracy(synthetic, random_real, full_real),
         scores=report.scores_of(synthetic, random_real, *(EvaluationResult.read(path) if path else None for path in
                                                           (args.synthetic_noaug, args.random_real_noaug)),
                                 full_real=full_real),

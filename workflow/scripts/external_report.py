@@ -58,9 +58,10 @@ def main(argv=None) -> int:
         summary.write(args.summary)
         atomic.write_text(args.report, report.render_external_markdown(summary))
     for row in rows:
+        acc = row.accuracy
         cli.log.info("%s: %.2f +- %.2f %% against %.2f +- %.2f %% for random real IPC %d", row.name,
-                     100 * row.synthetic.mean, 100 * row.synthetic.std, 100 * row.random_real.mean,
-                     100 * row.random_real.std, row.ipc)
+                     100 * acc.synthetic.mean, 100 * acc.synthetic.std, 100 * acc.random_real.mean,
+                     100 * acc.random_real.std, row.ipc)
     return 0
 
 

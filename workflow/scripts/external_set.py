@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         x, ipc, form = external.read_external_set(args.source, test, mean, std)
         atomic.torch_save(x.contiguous(), args.out)
         ExternalSet(name=args.name, source=args.source, form=form, ipc=ipc, classes=test.classes,
-                    image_shape=list(x.shape[1:]), sha256=external.sha256_of(args.source),
+                    image_shape=list(x.shape[1:]), sha256=atomic.sha256_of(args.source),
                     environment=cli.environment()).write(args.record)
     cli.log.info("%s (%s): %d images, IPC %d of %d classes", args.source, form, len(x), ipc, test.num_classes)
     return 0

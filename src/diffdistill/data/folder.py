@@ -151,7 +151,7 @@ def check_networks_fit(side: int, channels: int, models: dict[str, dict], net_de
 # --- decoding -------------------------------------------------------------------------------------------
 
 
-def _to_mode(img, mode: str):
+def to_mode(img, mode: str):
     """``L`` or ``RGB``; 16-bit grey keeps its high byte (Pillow's own conversion would clip it)."""
     from PIL import Image
 
@@ -182,7 +182,7 @@ def decode_image(path: Path, side: int, channels: int) -> tuple[np.ndarray, bool
     try:
         with Image.open(path) as img:
             mode = "L" if channels == 1 or (channels == 0 and img.mode in GREY_MODES) else "RGB"
-            pixels = np.asarray(_square(_to_mode(img, mode), side), dtype=np.uint8)
+            pixels = np.asarray(_square(to_mode(img, mode), side), dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
         raise DiffdistillError(f"{path}: not a readable image ({type(err).__name__}: {err})") from err
     if pixels.ndim == 2:

@@ -16,15 +16,15 @@ Either becomes the same normalised, class-major tensor the evaluation trains on.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from diffdistill import atomic
 from diffdistill.data import LabeledImages
-from diffdistill.data.folder import GREY_MODES, decode_image, list_split
+from diffdistill.data.folder import GREY_MODES, list_split, to_mode
 from diffdistill.data.normalize import normalize
 from diffdistill.errors import DiffdistillError
 
@@ -106,22 +106,8 @@ def read_exact(path: Path, channels: int, height: int, width: int) -> torch.Tens
 
     try:
         with Image.open(path) as img:
-            found = (1 if img.mode in GREY_MODES else 3, img.height, img.width)
+            _check_shape(path, (1 if img.mode in GREY_MODES else 3, img.height, img.width), (channels, height, width))
+            pixels = np.asarray(to_mode(img, "L" if channels == 1 else "RGB"), dtype=np.uint8)
     except (OSError, UnidentifiedImageError) as err:
         raise DiffdistillError(f"{path}: not a readable image ({type(err).__name__}: {err})") from err
-    _check_shape(path, found, (channels, height, width))
-    pixels, _ = decode_image(path, height, channels)  # (H, W, C); no resize: the size matches
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()  # (C, H, W)
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, or of a folder's files (relative names and bytes, in sorted order)."""
-    path, digest = Path(path), hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        if file != path:
-            digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return torch.from_numpy(pixels.reshape(height, width, channels).copy()).permute(2, 0, 1).contiguous()  # (C, H, W)

@@ -34,6 +34,12 @@ def normalized(value: float) -> float:
     return (math.exp(value) - math.exp(-1)) / (math.e - math.exp(-1))
 
 
+def score_text(key: str, value: MeanStd) -> str:
+    """A score as people read it: HLR and IOR in accuracy points, 2 decimals; LRS and ARS as they are, 4."""
+    scale, digits = (100, 2) if key in ("hlr", "ior") else (1, 4)
+    return f"{scale * value.mean:.{digits}f} ± {scale * value.std:.{digits}f}"
+
+
 def _paired(named: dict[str, Sequence[float]]) -> dict[str, np.ndarray]:
     """Per-round accuracies of each evaluation, refused unless every one has the same number of rounds."""
     counts = {name: len(values) for name, values in named.items()}

@@ -7,21 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from diffdistill.records import Environment, FieldScores, MeanStd, Record
-
-
-@dataclass
-class DatasheetAccuracy:
-    """Test accuracy (fractions) of the challenge ConvNet trained on the package, on random real subsets
-    of its IPC and on the full real training split, with the protocol that gave them."""
-
-    synthetic: MeanStd
-    random_real: MeanStd
-    full_real: MeanStd
-    epochs: int
-    full_real_epochs: int
-    rounds: int
-    augmentation: str
+from diffdistill.evaluation.field_scores import score_text
+from diffdistill.records import Environment, FieldScores, MeanStd, Record, SetAccuracy
 
 
 @dataclass(kw_only=True)
@@ -52,7 +39,7 @@ class Datasheet(Record):
     pool_images: int
     rule: str
     seed: int
-    accuracy: DatasheetAccuracy
+    accuracy: SetAccuracy
     scores: FieldScores
     grid: str
     software: Environment
@@ -63,11 +50,10 @@ def _percent(value: MeanStd) -> str:
 
 
 def _score_lines(scores: FieldScores) -> list[str]:
-    rows = [("HLR (full real − synthetic; lower is better)", scores.hlr, "points"),
-            ("IOR (synthetic − random real)", scores.ior, "points"),
-            ("LRS (label-robust score, 0–1)", scores.lrs, ""), ("ARS (augmentation-robust score, 0–1)", scores.ars, "")]
-    return [f"| {name} | {100 * value.mean:.2f} ± {100 * value.std:.2f} points |" if unit else
-            f"| {name} | {value.mean:.4f} ± {value.std:.4f} |" for name, value, unit in rows if value is not None]
+    rows = [("HLR (full real − synthetic; lower is better)", "hlr"), ("IOR (synthetic − random real)", "ior"),
+            ("LRS (label-robust score, 0–1)", "lrs"), ("ARS (augmentation-robust score, 0–1)", "ars")]
+    return [f"| {name} | {score_text(key, getattr(scores, key))}{' points' if key in ('hlr', 'ior') else ''} |"
+            for name, key in rows if getattr(scores, key) is not None]
 
 
 def render_card(sheet: Datasheet) -> str:
