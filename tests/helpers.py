@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
+import subprocess
+import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,7 @@ from diffdistill.records import Environment
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "workflow" / "scripts"
 BENCHMARKS = REPO / "benchmarks"
+TINY = REPO / "tests" / "configs" / "tiny.yaml"  # the whole DAG in seconds
 
 # torch.compile on the CPU: it needs a C++ compiler, and with ATen held below the CPU's vector width
 # (ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU, the emulation of an AVX2 machine) its code returns NaN,
@@ -62,3 +67,25 @@ class FakeClock:
 
     def __call__(self):
         return self.now
+
+
+# --- Snakemake runs ---
+
+
+def snakemake(*args, cwd, timeout=300, check=False):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(cwd), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def planned_jobs(output: str) -> Counter:
+    """The 'Job stats' table of a dry run as rule -> count."""
+    table = output.split("Job stats:", 1)[1]
+    counts = Counter()
+    for line in table.splitlines():
+        match = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if match and match.group(1) != "total":
+            counts[match.group(1)] = int(match.group(2))
+    return counts
