@@ -8,7 +8,6 @@ as an uninterrupted one (1e-6). Tiny U-ViT (uvit_tiny_test) on 40 random 3x8x8 i
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import shutil
@@ -254,13 +253,6 @@ def test_unconditional_model_ignores_labels(tmp_path):
     assert torch.isfinite(torch.tensor(summary["final_loss"]))
 
 
-@pytest.mark.parametrize("key, value", [("minimax_representativeness", -0.1), ("minimax_diversity", -1.0),
-                                        ("minimax_memory", 0)])
-def test_minimax_settings_are_checked(key, value):
-    with pytest.raises(DiffdistillError, match=f"training config: {key} must be"):
-        make_config(**{key: value})
-
-
 def one_step_loss_and_grads(config, data=None):
     """Step 1's loss and gradients of a fresh trainer (the tiny model, seed 0)."""
     trainer = training.Trainer(tiny_model(), data or toy_data(), config, torch.device("cpu"))
@@ -270,10 +262,9 @@ def one_step_loss_and_grads(config, data=None):
     return trainer, draws, loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]
 
 
-def test_minimax_off_leaves_the_loss_and_gradients_exactly_as_before():
-    # The plain noise-prediction MSE written out here (the trainer's loss before the minimax terms).
-    trainer, draws, loss, grads = one_step_loss_and_grads(make_config(minimax_memory=5))
-    assert trainer.minimax is None
+def test_loss_and_gradients_are_those_of_the_noise_prediction_mse():
+    # The plain noise-prediction MSE written out here.
+    trainer, draws, loss, grads = one_step_loss_and_grads(make_config())
     model = tiny_model()
     x0 = to_model_range(trainer.images[draws.index])
     x0 = torch.where(draws.flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
@@ -283,34 +274,6 @@ def test_minimax_off_leaves_the_loss_and_gradients_exactly_as_before():
     expected.backward()
     assert torch.equal(loss, expected.detach())
     assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
-    default, off = make_config(), make_config(minimax_memory=5)
-    assert training._job_key(model, toy_data(), default) == training._job_key(model, toy_data(), off)
-
-
-def test_minimax_terms_add_to_the_loss_and_fill_the_memory():
-    config = make_config(minimax_representativeness=0.5, minimax_diversity=0.5, minimax_memory=3)
-    trainer, draws, loss, _ = one_step_loss_and_grads(config)
-    _, _, plain, _ = one_step_loss_and_grads(make_config())
-    assert loss.item() != plain.item()
-    kept = trainer.labels[draws.index][~draws.drop]  # rows whose label was dropped do not join the memory
-    assert trainer.minimax.memory.filled.tolist() == [min(int((kept == c).sum()), 3) for c in range(4)]
-    model = tiny_model()
-    assert training._job_key(model, toy_data(), config) != training._job_key(model, toy_data(), make_config())
-
-
-def test_representativeness_does_not_depend_on_the_accumulation_split(tmp_path):
-    # Its real side is the whole global batch, which every micro-batch sees.
-    settings = dict(total_steps=4, checkpoint_steps=[], minimax_representativeness=1.0)
-    _, one = run(tmp_path / "one", make_config(**settings))
-    _, four = run(tmp_path / "four", make_config(**settings, grad_accum=4))
-    a, b = checkpoint.load_checkpoint(one[4]), checkpoint.load_checkpoint(four[4])
-    assert max_diff(a["ema"], b["ema"]) < 1e-5
-
-
-def test_minimax_terms_are_off_for_an_unconditional_model(tmp_path, caplog):
-    config = make_config(total_steps=2, checkpoint_steps=[], minimax_diversity=1.0)
-    summary, _ = run(tmp_path, config, model=tiny_model(0))
-    assert "minimax terms are off" in caplog.text and math.isfinite(summary["final_loss"])
 
 
 def test_label_dropout_needs_null_class(tmp_path):

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from diffdistill import settings
 from diffdistill.data import LabeledImages, to_model_range
 from diffdistill.diffusion.checkpoint import load_checkpoint, save_checkpoint
-from diffdistill.diffusion.minimax import MinimaxTerms
 from diffdistill.diffusion.schedule import TIME_SCALE, VPSchedule
 from diffdistill.errors import DiffdistillError
 from diffdistill.resume import JobKey
@@ -44,10 +43,6 @@ from diffdistill.settings import setting
 from diffdistill.speed import tf32
 
 log = logging.getLogger(__name__)
-
-# Minimax Diffusion's fine-tuning terms (docs/reference.md, "Minimax fine-tuning terms"): they change the
-# trajectory too, but enter the job key only when on, so that the key of a run without them is unchanged.
-MINIMAX_KEYS = ("minimax_representativeness", "minimax_diversity", "minimax_memory")
 
 # Seed-sequence streams, so that the epoch permutations and the per-step draws never share a seed.
 _STREAM_EPOCH, _STREAM_STEP = 0, 1
@@ -83,16 +78,6 @@ class TrainConfig:
     compile: bool = setting(False, description="torch.compile of the network (forward and backward)")
     fused_adamw: bool = setting(False, description="AdamW's fused kernel")
     tf32: bool = setting(False, description="TF32 tensor cores for fp32 matmuls (CUDA only)")
-    minimax_representativeness: float = setting(0.0, minimum=0, description=(
-        "weight of Minimax Diffusion's representativeness term (docs/reference.md, \"Minimax fine-tuning "
-        "terms\"): 1 - the least pixel cosine similarity of the predicted clean image to the other real images "
-        "of its class in the batch; 0 = off"))
-    minimax_diversity: float = setting(0.0, minimum=0, description=(
-        "weight of Minimax Diffusion's diversity term: the largest pixel cosine similarity of the predicted "
-        "clean image to the earlier predictions of its class (memory) and the others in its micro-batch; 0 = off"))
-    minimax_memory: int = setting(64, minimum=1, description=(
-        "predictions kept per class (per process) for the diversity term: the newest ones"))
-
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
         self.checkpoint_steps = sorted({int(s) for s in self.checkpoint_steps} | {int(self.total_steps)})
@@ -100,11 +85,6 @@ class TrainConfig:
         if self.checkpoint_steps[-1] != self.total_steps:
             raise DiffdistillError(f"training config: checkpoint_steps {self.checkpoint_steps} go past "
                                    f"total_steps {self.total_steps}")
-
-    @property
-    def minimax(self) -> bool:
-        """Whether either minimax term is on."""
-        return self.minimax_representativeness > 0 or self.minimax_diversity > 0
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -280,13 +260,6 @@ class Trainer:
         self.sampler = BatchSampler(config, len(data), data.images.shape[1:], device)
         self.schedule = VPSchedule()
         self.autocast = config.bf16 and device.type == "cuda"
-        self.minimax = None  # the terms act per class: an unconditional model trains without them
-        if config.minimax and self.labels is not None:
-            self.minimax = MinimaxTerms(config.minimax_representativeness, config.minimax_diversity,
-                                        config.minimax_memory, model.num_classes, data.images.shape[1:], device)
-        elif config.minimax:
-            log.warning("minimax terms are off: the model is unconditional (they act per class)")
-
     def load_state(self, ckpt: Mapping) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
@@ -297,8 +270,7 @@ class Trainer:
         return torch.where(draws.flip[rows].view(-1, 1, 1, 1), x0.flip(-1), x0)
 
     def micro_loss(self, draws: StepDraws, rows: slice) -> torch.Tensor:
-        """Noise-prediction MSE of the global-batch rows ``rows``, from the pre-drawn randomness (plus the
-        minimax terms when they are on)."""
+        """Noise-prediction MSE of the global-batch rows ``rows``, from the pre-drawn randomness."""
         x0 = self._clean_images(draws, rows)  # (b, C, H, W) in [-1, 1]
         t, noise = draws.t[rows], draws.noise[rows]  # (b,), (b, C, H, W)
         x_t = self.schedule.add_noise(x0, t, noise)  # (b, C, H, W)
@@ -309,20 +281,7 @@ class Trainer:
                 y = torch.where(draws.drop[rows], torch.full_like(y, self.null_label), y)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             prediction = self.net(x_t, t * TIME_SCALE, y)  # (b, C, H, W)
-        loss = F.mse_loss(prediction.float(), noise)
-        if self.minimax is None:
-            return loss
-        return loss + self._minimax_terms(draws, rows, x_t, t, prediction.float())
-
-    def _minimax_terms(self, draws: StepDraws, rows: slice, x_t: torch.Tensor, t: torch.Tensor,
-                       eps: torch.Tensor) -> torch.Tensor:
-        """On the predicted clean images of the rows whose label was kept; the real side is the whole
-        global batch (every rank holds it), the generated side this process's memory and micro-batch."""
-        x0_pred = self.schedule.predict_x0(x_t, t, eps)  # (b, C, H, W)
-        labels = self.labels[draws.index]  # (B,) true labels of the global batch
-        own = torch.arange(rows.start, rows.stop, device=self.device)  # (b,) positions in the global batch
-        return self.minimax(x0_pred, labels[rows], ~draws.drop[rows], self._clean_images(draws, slice(None)),
-                            labels, own)
+        return F.mse_loss(prediction.float(), noise)
 
     def step(self, step: int) -> torch.Tensor:
         """Optimizer step ``step`` (from 1); returns this rank's mean loss as a 0-d tensor."""
@@ -406,7 +365,7 @@ def _job_key(model: nn.Module, data: LabeledImages, config: TrainConfig) -> JobK
     trajectory (the ``resume`` settings of :class:`TrainConfig`), and the same input data: the training
     images and the initial weights (the pretrained file and the seeded fresh layers), as the model comes
     in before training."""
-    keys = settings.resume_keys(TrainConfig) + (MINIMAX_KEYS if config.minimax and model.num_classes > 0 else ())
+    keys = settings.resume_keys(TrainConfig)
     trajectory = {"model": dict(model.config), **{key: getattr(config, key) for key in keys}}
     return JobKey.of(trajectory, data.images, data.labels, list(data.classes), *model.state_dict().values())
 
