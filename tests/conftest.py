@@ -8,12 +8,12 @@ import torch
 torch.set_num_threads(1)
 
 
-# The files that take minutes, the one that waits longest first. pytest-xdist hands a worker a whole
-# file at a time (--dist loadfile), in collection order (--no-loadscope-reorder, pyproject.toml):
-# started first, they run beside each other and beside the quick files instead of forming the tail.
-# The SLURM runs mostly wait on the executor's status checks, so their worker costs little CPU.
-LONG_FILES = ("test_slurm.py", "test_rehearsal.py", "test_workflow_tiny.py", "test_workflow_datasets.py",
-              "test_gpu_check.py")
+# The files that take a minute or more, longest first. pytest-xdist hands a worker a whole file at a
+# time (--dist loadfile), in collection order (--no-loadscope-reorder, pyproject.toml): started first,
+# they run beside each other and the quick files fill the gaps, instead of one long file forming the
+# tail. The SLURM runs mostly wait on the executor's status checks, so their worker costs little CPU.
+LONG_FILES = ("test_rehearsal.py", "test_workflow_tiny.py", "test_slurm.py", "test_workflow_datasets.py",
+              "test_workflow.py", "test_benchmarks.py", "test_gpu_check.py")
 
 
 def pytest_collection_modifyitems(config, items):
