@@ -253,9 +253,9 @@ def test_unconditional_model_ignores_labels(tmp_path):
     assert torch.isfinite(torch.tensor(summary["final_loss"]))
 
 
-def one_step_loss_and_grads(config, data=None):
+def one_step_loss_and_grads(config):
     """Step 1's loss and gradients of a fresh trainer (the tiny model, seed 0)."""
-    trainer = training.Trainer(tiny_model(), data or toy_data(), config, torch.device("cpu"))
+    trainer = training.Trainer(tiny_model(), toy_data(), config, torch.device("cpu"))
     draws = trainer.sampler.draw(1)
     loss = trainer.micro_loss(draws, slice(0, config.batch_size))
     loss.backward()

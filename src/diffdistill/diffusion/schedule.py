@@ -48,11 +48,6 @@ class VPSchedule:
         shape = (-1,) + (1,) * (x0.dim() - 1)
         return self.alpha(t).view(shape) * x0 + self.sigma(t).view(shape) * noise
 
-    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """The clean image a noise prediction implies: x0 = (x_t - sigma_t eps) / alpha_t, t of shape (B,)."""
-        shape = (-1,) + (1,) * (x_t.dim() - 1)
-        return (x_t - self.sigma(t).view(shape) * eps) / self.alpha(t).view(shape)
-
 
 def drop_labels(y: torch.Tensor, probability: float, null_label: int, generator=None) -> torch.Tensor:
     """Replace each label by ``null_label`` with the given probability (classifier-free guidance)."""

@@ -260,6 +260,7 @@ class Trainer:
         self.sampler = BatchSampler(config, len(data), data.images.shape[1:], device)
         self.schedule = VPSchedule()
         self.autocast = config.bf16 and device.type == "cuda"
+
     def load_state(self, ckpt: Mapping) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
