@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from diffdistill.diffusion.sampler_settings import SamplerSettings
+from diffdistill.diffusion.sampling_summary import SamplingJob
 from diffdistill.records import Environment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +33,12 @@ needs_cpu_compiler = pytest.mark.skipif(
 # The environment a record made in a test carries (this machine, no device).
 ENV = Environment(diffdistill="0", python="3", torch="2", numpy="2", host="test", cpu_threads=1,
                   cpu_capability="DEFAULT")
+
+
+def sampling_job(budget_s: float = 10.0, **sampler) -> SamplingJob:
+    """A sampling summary's settings: ``sampler`` the SamplerSettings keywords, the rest fixed."""
+    return SamplingJob(sampler=SamplerSettings(**sampler), precision_used="fp32", budget_s=budget_s, batch_size=50,
+                       max_images=None, weights="ema", num_shards=1, checkpoint="c.pt")
 
 
 def load_script(name: str):

@@ -18,7 +18,7 @@ from diffdistill.evaluation import protocol
 from diffdistill.evaluation.state import EvaluationState
 from diffdistill.records import BudgetPrefix, EvaluationResult
 from diffdistill.resume import JobKey
-from helpers import ENV, load_script
+from helpers import ENV, load_script, sampling_job
 
 SMALL = dict(net_width=16)  # the protocol at a fraction of the width, to keep CPU tests fast
 
@@ -350,11 +350,10 @@ def test_script_bad_input_exits_2_without_output(script, files, args):
 
 
 def test_script_budget_prefix_trains_only_on_images_made_within_its_time(script, files):
-    from diffdistill.diffusion.sampler_settings import SamplerSettings
     from diffdistill.diffusion.sampling_summary import BatchTime, SamplingSummary, ShardRun
 
     batches = [BatchTime(6, 1.0, 1.0), BatchTime(6, 1.0, 2.0), BatchTime(3, 0.5, 2.5)]
-    SamplingSummary({**SamplerSettings().to_dict(), "budget_s": 4.0}, ["0", "1", "2"], [ShardRun(
+    SamplingSummary(sampling_job(4.0), ["0", "1", "2"], [ShardRun(
         shard=0, seed=0, counts=[5, 5, 5], sampling_s=2.5, load_s=0.0, device_name="cpu", batches=batches,
     )], environment=ENV).write(files / "pool.json")
     prefix = ["--train", str(files / "pool.pt"), "--train-format", "images", "--pool-meta", str(files / "pool.json")]

@@ -163,7 +163,7 @@ def test_prepare_writes_both_splits_when_the_data_fits(tmp_path):
         "--sidecar", str(out / "prepare.json")])
     sidecar = json.loads((out / "prepare.json").read_text())
     assert sidecar["classes"] == ["ant", "bee", "cat"] and sidecar["splits"]["train"]["shape"] == [9, 3, 16, 16]
-    assert sidecar["settings"]["channels"] == 3 and sidecar["settings"]["channels_inferred"]
+    assert sidecar["settings"]["folder"]["channels"] == 3 and sidecar["settings"]["folder"]["channels_inferred"]
 
 
 def test_a_class_folder_without_images_is_refused(tmp_path):

@@ -71,4 +71,4 @@ def test_sampling_sidecar_records_the_precision_asked_for_and_the_one_used(tmp_p
             *[f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()]]
     assert run_main(load_script("sample_budget").main, argv) == 0
     settings = SamplingSummary.read(meta).settings
-    assert (settings["precision"], settings["precision_used"]) == ("auto", "fp32")
+    assert (settings.sampler.precision, settings.precision_used) == ("auto", "fp32")

@@ -225,7 +225,7 @@ def test_rehearsal_samples_one_image_per_class_per_ipc(rehearsal):
     meta = SamplingSummary.read(rehearsal.out / "samples" / "pool.json")
     assert meta.images == rehearsal.sizes["sampling"]["max_images"] == CLASSES[rehearsal.name] * rehearsal.ipc
     assert meta.counts == [rehearsal.ipc] * CLASSES[rehearsal.name]
-    assert meta.settings["steps"] == rehearsal.sizes["sampler"]["steps"] and meta.budget_s == 600
+    assert meta.sampler.steps == rehearsal.sizes["sampler"]["steps"] and meta.budget_s == 600
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from diffdistill.diffusion.sampler_settings import SamplerSettings
 from diffdistill.diffusion.sampling_summary import SamplingSummary, ShardRun
 from diffdistill.errors import DiffdistillError
 from diffdistill.records import BestCheckpoint, BudgetPrefix, EvaluationResult, MeanStd, RunSummary
-from helpers import ENV, load_script
+from helpers import ENV, load_script, sampling_job
 
 
 
@@ -45,8 +45,8 @@ BEST = BestCheckpoint(settings={}, step=1000, score=1.25, score_kind="FD-ConvNet
 
 
 def sampling_summary(counts, sampling_s, *, shard=0, budget_s=10.0, classes=None) -> SamplingSummary:
-    settings = {**SamplerSettings(steps=20, method="multistep", algorithm="dpmsolver++", order=2,
-                                  guidance_scale=2.0).to_dict(), "budget_s": budget_s}
+    settings = sampling_job(budget_s, steps=20, method="multistep", algorithm="dpmsolver++", order=2,
+                            guidance_scale=2.0)
     run = ShardRun(shard=shard, seed=shard, counts=counts, sampling_s=sampling_s, load_s=0.5, device_name="cpu")
     return SamplingSummary(settings, classes or [str(k) for k in range(len(counts))], [run], environment=ENV)
 
@@ -58,7 +58,7 @@ def test_summary_has_the_contract_keys_and_markdown_shows_the_figures():
     acc = {kind: accuracy(mean) for kind, mean in means.items()}
     record = report.build_summary(dataset="digits", best=BEST, sampling=meta, accuracy=acc, ipc_grid=[10, 1])
     summary = record.to_json()  # the file's layout, as other tools read it
-    assert (summary["format"], summary["version"]) == ("diffdistill-summary", 2)
+    assert (summary["format"], summary["version"]) == ("diffdistill-summary", 3)
     assert summary["best_step"] == 1000 and summary["pool_images"] == 500
     assert summary["sampling_images_per_s_per_shard"] == [50.0]
     assert summary["accuracy"] == {kind: {"mean": mean, "std": 0.01} for kind, mean in means.items()}

@@ -12,7 +12,7 @@ from diffdistill.diffusion.sampler_settings import SamplerSettings
 from diffdistill.diffusion.sampling import balanced_labels, generate, sample_budgeted
 from diffdistill.diffusion.sampling_summary import BatchTime, SamplingSummary, ShardRun
 from diffdistill.errors import DiffdistillError
-from helpers import ENV, FakeClock
+from helpers import ENV, FakeClock, sampling_job
 
 FAST = dict(steps=3, order=2, method="multistep", algorithm="dpmsolver++", t_end=1e-3)
 UVIT_SAMPLER = dict(steps=50, order=3, method="singlestep", algorithm="dpmsolver", t_end=1e-4)
@@ -188,7 +188,7 @@ def test_budget_prefix_holds_only_images_whose_batch_finished_inside_its_time(mo
     # Batches of 3 end at 2, 3, 4 and 6 s (the last past the 5.5 s budget: dropped, not in the pool).
     result, _ = budgeted_on_fakes(monkeypatch, [2.0, 1.0, 1.0, 2.0], 3, budget_s=5.5, batch_size=3)
     assert [b.end_s for b in result.batches] == [2.0, 3.0, 4.0, 6.0] and len(result) == 9
-    summary = SamplingSummary({"budget_s": 5.5}, ["a", "b", "c"],
+    summary = SamplingSummary(sampling_job(5.5), ["a", "b", "c"],
                               [result.shard_run(shard=0, seed=0, load_s=0.0, device_name="cpu")], environment=ENV)
     assert summary.finished_within(1.9) == [] and summary.finished_within(2.0) == [0, 1, 2]
     assert summary.finished_within(3.5) == list(range(6)) and summary.finished_within(100.0) == list(range(9))
@@ -201,7 +201,7 @@ def test_budget_prefix_holds_only_images_whose_batch_finished_inside_its_time(mo
 def test_budget_prefix_of_merged_shards_takes_each_shard_by_its_own_clock():
     def shard(index, ends):
         batches = [BatchTime(size=2, seconds=1.0, end_s=end) for end in ends]
-        return SamplingSummary({**SamplerSettings().to_dict(), "budget_s": 4.0}, ["a", "b"], [ShardRun(
+        return SamplingSummary(sampling_job(4.0), ["a", "b"], [ShardRun(
             shard=index, seed=index, counts=[len(ends), len(ends)], sampling_s=ends[-1], load_s=0.0,
             device_name="cpu", batches=batches)], environment=ENV)
 
@@ -231,7 +231,7 @@ def test_shards_start_their_class_cycles_apart_and_merge_balanced(monkeypatch):
 def shard_summary(shard, counts, sampling_s, budget_s=10.0):
     run = ShardRun(shard=shard, seed=4 + shard, counts=counts, sampling_s=sampling_s, load_s=0.5 + shard,
                    device_name=f"gpu{shard}")
-    return SamplingSummary({**SamplerSettings(steps=20).to_dict(), "budget_s": budget_s}, ["a", "b"], [run],
+    return SamplingSummary(sampling_job(budget_s, steps=20), ["a", "b"], [run],
                            environment=ENV)
 
 
@@ -253,6 +253,7 @@ def test_sampling_summary_json_round_trip_stores_nothing_twice(tmp_path):
     doc = json.loads((tmp_path / "pool.json").read_text())
     assert set(doc) == {"format", "version", "settings", "classes", "shards", "sources", "environment"}
     assert set(doc["shards"][0]).isdisjoint(doc["settings"])  # budget_s lives in settings only
+    assert doc["settings"]["sampler"] == SamplerSettings(steps=20).to_dict()
     back = SamplingSummary.read(tmp_path / "pool.json")
     assert back == single and back.images == 5 and back.images_per_s == 2.0
     doc["shards"][0].pop("counts")
@@ -261,8 +262,10 @@ def test_sampling_summary_json_round_trip_stores_nothing_twice(tmp_path):
         SamplingSummary.read(tmp_path / "bad.json")
     with pytest.raises(DiffdistillError, match="old.json: field 'format' is None, .*a sampling summary"):
         SamplingSummary.from_json({"images": 5}, "old.json")
-    for change, expected in (({"version": 2}, "field 'version' is 2, expected 1"),
-                             ({"settings": {"budget_s": 10.0}}, r"field 'settings' lacks \['steps'"),
+    for change, expected in (({"version": 1}, "field 'version' is 1, expected 2"),
+                             ({"settings": {**doc["settings"], "sampler": {"steps": 0}}},
+                              r"field 'settings.sampler': sampler settings: steps must be >= 1, got 0"),
+                             ({"settings": {**doc["settings"], "steps": 3}}, r"unknown fields \['settings.steps'\]"),
                              ({"classes": "ab"}, "field 'classes' is str 'ab', expected a list")):
         with pytest.raises(DiffdistillError, match=f"new.json: {expected}"):
             SamplingSummary.from_json({**single.to_json(), **change}, "new.json")

@@ -231,8 +231,8 @@ def test_sample_then_package_end_to_end(tmp_path, tiny_checkpoint, pool):
     samples = load_images(out)
     assert len(samples) == 10 and samples.classes == ["apple", "bee", "cat"] and samples.counts() == [4, 3, 3]
     doc = SamplingSummary.read(meta)
-    assert doc.images == 10 and doc.counts == [4, 3, 3] and doc.settings["steps"] == 3
-    assert doc.settings["guidance_scale"] == 2.0 and doc.settings["precision"] == "fp32"
+    assert doc.images == 10 and doc.counts == [4, 3, 3] and doc.settings.sampler.steps == 3
+    assert doc.sampler.guidance_scale == 2.0 and doc.sampler.precision == "fp32"
     assert doc.images_per_s > 0 and doc.load_s >= 0 and doc.sampling_s > 0 and doc.budget_s == 60
     assert doc.classes == ["apple", "bee", "cat"] and doc.shards[0].seed == 3
 
@@ -269,7 +269,7 @@ def test_sample_budget_takes_the_checkpoint_of_a_best_record_and_refuses_an_unve
     BestCheckpoint(settings={}, step=1, score=0.5, score_kind="FID", num_images=6,
                    checkpoint=str(tiny_checkpoint), environment=ENV).write(best)
     assert run_main(load_script("sample_budget").main, argv) == 0
-    assert SamplingSummary.read(meta).settings["checkpoint"] == str(tiny_checkpoint)
+    assert SamplingSummary.read(meta).settings.checkpoint == str(tiny_checkpoint)
     best.write_text(json.dumps({"step": 1, "score": 0.5, "checkpoint": str(tiny_checkpoint)}))  # no format, version
     out.unlink(), meta.unlink()
     assert run_main(load_script("sample_budget").main, argv) == 2

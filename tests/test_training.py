@@ -352,7 +352,7 @@ def test_script_killed_then_rerun_matches_uninterrupted(tmp_path):
     assert max_diff(ref["ema"], resumed["ema"]) <= 1e-6 and max_diff(ref["model"], resumed["model"]) <= 1e-6
     sidecar = TrainingRun.read(tmp_path / "train.json")
     assert sidecar.start_step == 5 and sidecar.final_step == 60 and sidecar.world_size == 1
-    assert sidecar.settings["training"] == config.to_dict() and sidecar.checkpoints["60"] == str(last)
+    assert sidecar.settings.training == config.to_dict() and sidecar.checkpoints["60"] == str(last)
 
 
 def test_script_rejects_wrong_number_of_checkpoint_files(tmp_path):

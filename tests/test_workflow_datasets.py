@@ -91,7 +91,8 @@ def test_folder_run_prepares_the_images_with_their_class_names(folder_run):
 
     prepared = json.loads((folder_run / "data" / "prepare.json").read_text())
     assert prepared["classes"] == ["ant", "bee", "cat"]
-    assert prepared["settings"]["channels"] == 3 and prepared["settings"]["channels_inferred"]  # RGB files present
+    folder = prepared["settings"]["folder"]
+    assert folder["channels"] == 3 and folder["channels_inferred"]  # RGB files present
     train, test = data.load_images(folder_run / "data" / "train.pt"), data.load_images(folder_run / "data" / "test.pt")
     assert tuple(train.images.shape) == (24, 3, 16, 16) and tuple(test.images.shape) == (12, 3, 16, 16)
     assert train.classes == test.classes == ["ant", "bee", "cat"] and train.counts() == [8, 8, 8]

@@ -79,7 +79,7 @@ def test_tiny_run_samples_a_balanced_pool_within_the_budget(tiny_run):
     pool = data.load_images(out / "samples" / "pool.pt")
     meta = SamplingSummary.read(out / "samples" / "pool.json")
     assert len(pool) == meta.images > 0 and max(pool.counts()) - min(pool.counts()) <= 1
-    assert meta.budget_s == 30 and meta.images_per_s > 0 and meta.settings["steps"] == 3
+    assert meta.budget_s == 30 and meta.images_per_s > 0 and meta.sampler.steps == 3
 
 
 @pytest.mark.slow
@@ -474,9 +474,9 @@ def test_sweep_samples_each_variant_with_the_same_budget_and_checkpoint(study_ru
     assert [row["name"] for row in summary["sweep"]] == ["s2", "w1"]
     for row, (steps, guidance) in zip(summary["sweep"], [(2, 2.0), (4, 1.0)]):
         meta = SamplingSummary.read(out / "sweep" / row["name"] / "pool.json")
-        assert (meta.settings["steps"], meta.settings["guidance_scale"]) == (steps, guidance)
+        assert (meta.sampler.steps, meta.sampler.guidance_scale) == (steps, guidance)
         for key in ("budget_s", "checkpoint", "batch_size", "max_images"):
-            assert meta.settings[key] == main.settings[key], key
+            assert getattr(meta.settings, key) == getattr(main.settings, key), key
         assert row["settings"]["steps"] == steps and "checkpoint" not in row["settings"]
         assert row["images"] == meta.images == len(data.load_images(out / "sweep" / row["name"] / "pool.pt"))
         assert row["images_per_s"] == pytest.approx(meta.images_per_s)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from diffdistill import atomic
+from diffdistill.diffusion.sampler_settings import SamplerSettings
 from diffdistill.errors import DiffdistillError
 
 
@@ -92,7 +93,11 @@ def _value(value, hint, where: str, name: str):
             if _is_instance(value, arg):
                 return _value(value, arg, where, name)
     elif dataclasses.is_dataclass(hint) and isinstance(value, dict):
-        return hint(**fields_from_json(hint, value, where, f"{name}."))
+        arguments = fields_from_json(hint, value, where, f"{name}.")
+        try:
+            return hint(**arguments)
+        except DiffdistillError as error:  # a settings class's own range checks
+            raise DiffdistillError(f"{where}: field {name!r}: {error}") from None
     elif origin is list and isinstance(value, list):
         return [_value(item, args[0], where, f"{name}[{i}]") for i, item in enumerate(value)] if args else value
     elif origin is dict and isinstance(value, dict):
@@ -153,6 +158,11 @@ class Environment:
 # Seconds by what they timed; a list for per-round times.
 Timings = dict[str, float | list[float]]
 
+# A job's parsed flags by name, as its log's command line gives them: the settings of the records
+# that no later stage reads (kept for a reader). A record whose settings a stage reads declares them
+# as a dataclass (PackageJob, TrainingJob, PreparedJob, sampling_summary.SamplingJob).
+Flags = dict[str, Any]
+
 
 # --------------------------------------------------------------------------- the stages' records
 
@@ -166,7 +176,7 @@ class CheckpointScore(Record):
     VERSION: ClassVar[int] = 1
     WHAT: ClassVar[str] = "a checkpoint score written by score_checkpoint"
 
-    settings: dict
+    settings: Flags
     step: int
     score: float  # NaN for a diverged checkpoint (never selected)
     score_kind: str
@@ -188,7 +198,7 @@ class BestCheckpoint(Record):
     VERSION: ClassVar[int] = 1
     WHAT: ClassVar[str] = "the chosen checkpoint (best.json) written by select_checkpoint"
 
-    settings: dict
+    settings: Flags
     step: int
     score: float
     score_kind: str
@@ -198,7 +208,7 @@ class BestCheckpoint(Record):
     timings_s: Timings = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def of(cls, score: CheckpointScore, *, settings: dict, environment: Environment) -> "BestCheckpoint":
+    def of(cls, score: CheckpointScore, *, settings: Flags, environment: Environment) -> "BestCheckpoint":
         return cls(settings=settings, step=score.step, score=score.score, score_kind=score.score_kind,
                    num_images=score.num_images, checkpoint=score.checkpoint, environment=environment)
 
@@ -221,7 +231,7 @@ class EvaluationResult(Record):
     VERSION: ClassVar[int] = 1
     WHAT: ClassVar[str] = "an evaluation result written by evaluate"
 
-    settings: dict
+    settings: Flags
     mean: float | None
     std: float | None
     accuracies: list[float]
@@ -301,7 +311,7 @@ class SweepRow:
     """One sampler variant of the sweep: its settings, its pool and the pool's accuracy."""
 
     name: str
-    settings: dict
+    settings: SamplerSettings
     images: int
     images_per_s: float
     accuracy: MeanStd
@@ -315,7 +325,7 @@ class RunSummary(Record):
     are empty when their studies are off."""
 
     FORMAT: ClassVar[str] = "diffdistill-summary"
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
     WHAT: ClassVar[str] = "the run's summary (summary.json) written by report"
 
     dataset: str
@@ -336,20 +346,76 @@ class RunSummary(Record):
 # --------------------------------------------------------------------------- the sidecars beside outputs
 
 
+@dataclass
+class FolderJob:
+    """How a folder data set was read: image side, channels (and whether inferred from the files), the
+    IPCs and U-ViT presets its classes were checked against."""
+
+    side: int
+    channels: int
+    channels_inferred: bool
+    ipc: list[int]
+    presets: list[str]
+
+
+@dataclass
+class PreparedJob:
+    """prepare_data's settings: the data set, where it was read and written; ``folder`` for a folder."""
+
+    dataset: str
+    root: str | None
+    download: bool
+    train_out: str
+    test_out: str
+    folder: FolderJob | None = None
+
+
+@dataclass
+class SplitSummary:
+    """One prepared split: its size, shape, images per class, source and, for the embedded sets that
+    are split here, the split's rule (``test_fraction`` or ``train_per_class``, and ``seed``)."""
+
+    count: int
+    shape: list[int]
+    num_classes: int
+    counts_per_class: list[int]
+    source: str
+    test_fraction: float | None = None
+    train_per_class: int | None = None
+    seed: int | None = None
+
+
 @dataclass(kw_only=True)
 class PreparedData(Record):
-    """prepare_data's record (data/prepare.json): the settings, the class names and, per split, its
-    count, shape, images per class, source and (embedded sets) how it was split."""
+    """prepare_data's record (data/prepare.json): the settings, the class names and each split's summary."""
 
     FORMAT: ClassVar[str] = "diffdistill-prepared-data"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     WHAT: ClassVar[str] = "the prepared data's record (prepare.json) written by prepare_data"
 
-    settings: dict
+    settings: PreparedJob
     classes: list[str]
-    splits: dict[str, dict]
+    splits: dict[str, SplitSummary]
     timings_s: Timings
     environment: Environment
+
+
+@dataclass
+class TrainingJob:
+    """train's settings: the data, the model (preset, overrides, its resolved constructor keywords in
+    ``model``), the weights it started from, the device and the training settings
+    (``diffusion.training.TrainConfig.to_dict()``, declared there)."""
+
+    data: str
+    preset: str
+    model_overrides: dict[str, Any]
+    num_classes: int
+    init: str | None
+    device: str
+    resume: bool
+    training: dict[str, Any]
+    model: dict[str, Any]
+    init_summary: dict[str, Any] | None
 
 
 @dataclass(kw_only=True)
@@ -359,10 +425,10 @@ class TrainingRun(Record):
     the loss history."""
 
     FORMAT: ClassVar[str] = "diffdistill-training-run"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     WHAT: ClassVar[str] = "a training run's record (train.json) written by train"
 
-    settings: dict
+    settings: TrainingJob
     world_size: int
     start_step: int
     resumed_from: str | None
@@ -377,16 +443,28 @@ class TrainingRun(Record):
     environment: Environment
 
 
+@dataclass
+class PackageJob:
+    """package's settings: the data set, the IPC, the selection rule and its seed, and the files read."""
+
+    dataset: str
+    ipc: int
+    rule: str
+    seed: int
+    pool: str
+    real_train: str | None
+
+
 @dataclass(kw_only=True)
 class PackageRecord(Record):
     """package's record (package.json): how the package was made (rule, IPC, pool), its shape and
     normalisation, which pool images it holds and the validator's checks."""
 
     FORMAT: ClassVar[str] = "diffdistill-package"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     WHAT: ClassVar[str] = "a package's record (package.json) written by package"
 
-    settings: dict
+    settings: PackageJob
     package: str
     shape: list[int]
     mean: list[float]
@@ -409,7 +487,7 @@ class ReferenceStatsRecord(Record):
     VERSION: ClassVar[int] = 1
     WHAT: ClassVar[str] = "the reference statistics' record written by reference_stats"
 
-    settings: dict
+    settings: Flags
     count: int
     dims: int
     score_kind: str

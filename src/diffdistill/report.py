@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import asdict
 
 import torch
 
 from diffdistill import atomic
 from diffdistill.data import LabeledImages
+from diffdistill.diffusion.sampler_settings import SamplerSettings
 from diffdistill.diffusion.sampling_summary import SamplingSummary
 from diffdistill.errors import DiffdistillError
 from diffdistill.evaluation import field_scores
@@ -151,7 +153,7 @@ def sweep_table(sweep: list[SweepRow]):
     """The sweep as a DataFrame: variant, its settings, images made, images/s and accuracy (percent)."""
     import pandas as pd
 
-    return pd.DataFrame([{"variant": row.name, **row.settings, "images": row.images, "images/s": row.images_per_s,
+    return pd.DataFrame([{"variant": row.name, **asdict(row.settings), "images": row.images, "images/s": row.images_per_s,
                           "accuracy mean (%)": _percent(row.accuracy.mean),
                           "accuracy std (%)": _percent(row.accuracy.std)} for row in sweep])
 
@@ -349,10 +351,10 @@ def _shard_text(summary: RunSummary) -> str:
     return f" in each of {len(per_shard)} parallel shards ({', '.join(f'{r:.1f}' for r in per_shard)} images/s)"
 
 
-def _solver_text(solver: dict) -> str:
+def _solver_text(solver: SamplerSettings) -> str:
     """``solver``: a sampling summary's sampler settings (:attr:`SamplingSummary.sampler`)."""
-    return (f"DPM-Solver {solver['method']} {solver['algorithm']} order {solver['order']}, {solver['steps']} steps, "
-            f"guidance w={solver['guidance_scale']}, {solver['precision']}")
+    return (f"DPM-Solver {solver.method} {solver.algorithm} order {solver.order}, {solver.steps} steps, "
+            f"guidance w={solver.guidance_scale}, {solver.precision}")
 
 
 # --------------------------------------------------------------------------- sets you bring (config key external)

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     cli.start("datasheet", sys.argv[1:] if argv is None else argv, args.log, "cpu")
     with cli.cleanup_on_failure([args.out, args.card, args.grid]):
         package = PackageRecord.read(args.meta)
-        ipc = package.settings["ipc"]
+        ipc = package.settings.ipc
         x, labels = submission.load_package(args.package, len(package.classes), ipc, package.shape[1:])
         images = LabeledImages(denormalize(x, package.mean, package.std), labels, package.classes)
         with atomic.atomic_path(args.grid) as tmp:
@@ -64,13 +64,13 @@ def build(args, package: PackageRecord, ipc: int) -> datasheet.Datasheet:
                                          for path in (args.synthetic, args.random_real, args.full_real))
     return datasheet.Datasheet(
         package=Path(args.package).name, sha256=atomic.sha256_of(args.package), shape=package.shape, ipc=ipc,
-        dataset=package.settings["dataset"], classes=package.classes,
-        splits={split: info["count"] for split, info in prepared.splits.items()},
-        data_source=str(prepared.splits["train"].get("source", "")), mean=package.mean, std=package.std,
-        model_preset=training.settings["preset"], model_overrides=training.settings.get("model_overrides", {}),
+        dataset=package.settings.dataset, classes=package.classes,
+        splits={split: info.count for split, info in prepared.splits.items()},
+        data_source=prepared.splits["train"].source, mean=package.mean, std=package.std,
+        model_preset=training.settings.preset, model_overrides=training.settings.model_overrides,
         checkpoint_step=best.step, checkpoint_score=best.score, score_kind=best.score_kind,
         sampler=sampling.sampler, sampling_budget_s=sampling.budget_s, pool_images=sampling.images,
-        rule=package.settings["rule"], seed=args.seed,
+        rule=package.settings.rule, seed=args.seed,
         accuracy=report.set_accuracy(synthetic, random_real, full_real),
         scores=report.scores_of(synthetic, random_real, *(EvaluationResult.read(path) if path else None for path in
                                                           (args.synthetic_noaug, args.random_real_noaug)),

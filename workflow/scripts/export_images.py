@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     cli.start("export_images", sys.argv[1:] if argv is None else argv, args.log, "cpu")
     record = PackageRecord.read(args.meta)
-    x, _ = submission.load_package(args.package, len(record.classes), record.settings["ipc"], record.shape[1:])
+    x, _ = submission.load_package(args.package, len(record.classes), record.settings.ipc, record.shape[1:])
     count = image_folder.export_image_folder(x, record.classes, record.mean, record.std, args.out)
     cli.log.info("wrote %d images to %s/train/<class>/", count, args.out)
     return 0

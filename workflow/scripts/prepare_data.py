@@ -21,7 +21,7 @@ from diffdistill.cli import run_main
 from diffdistill.data import datasets, folder
 from diffdistill.diffusion import uvit
 from diffdistill.errors import DiffdistillError
-from diffdistill.records import PreparedData
+from diffdistill.records import FolderJob, PreparedData, PreparedJob, SplitSummary
 
 SPLIT_RULE_KEYS = ("test_fraction", "train_per_class", "seed")  # how digits and mnist split their images
 
@@ -45,14 +45,14 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def describe(split: data.LabeledImages) -> dict:
+def describe(split: data.LabeledImages) -> SplitSummary:
     """What the sidecar records about one prepared split."""
     split_rule = {key: split.extra[key] for key in SPLIT_RULE_KEYS if key in split.extra}  # the embedded sets'
-    return {"count": len(split), "shape": list(split.images.shape), "num_classes": split.num_classes,
-            "counts_per_class": split.counts(), "source": split.extra.get("source", ""), **split_rule}
+    return SplitSummary(count=len(split), shape=list(split.images.shape), num_classes=split.num_classes,
+                        counts_per_class=split.counts(), source=split.extra.get("source", ""), **split_rule)
 
 
-def read_folder(args) -> tuple[dict, dict, dict]:
+def read_folder(args) -> tuple[dict, dict, FolderJob]:
     """Both splits of a folder data set (every check before the first file is written), the time taken and
     the sidecar's settings of the folder."""
     if args.download:
@@ -61,8 +61,8 @@ def read_folder(args) -> tuple[dict, dict, dict]:
     with cli.Timer() as t:
         splits = folder.read_folder(args.root, cli.dataclass_from_args(folder.FolderSettings, args), ipcs=args.ipc,
                                     models=models, workers=args.workers)
-    settings = {"side": args.side, "channels": splits["train"].extra["channels"],
-                "channels_inferred": args.channels == 0, "ipc": args.ipc, "presets": args.presets}
+    settings = FolderJob(side=args.side, channels=splits["train"].extra["channels"],
+                         channels_inferred=args.channels == 0, ipc=args.ipc, presets=args.presets)
     return splits, {"read": round(t.seconds, 3)}, settings
 
 
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     if args.dataset not in datasets.EMBEDDED and args.root is None:
         raise DiffdistillError(f"--root is required for --dataset {args.dataset}")
     outputs = [args.train_out, args.test_out, args.sidecar]
-    timings, splits, folder_settings = {}, {}, {}
+    timings, splits, folder_settings = {}, {}, None
     with cli.cleanup_on_failure(outputs):
         if args.dataset == "folder":
             splits, timings, folder_settings = read_folder(args)
@@ -85,8 +85,8 @@ def main(argv=None) -> int:
                 data.save_images(splits[name], out)
             timings[name] = round(t.seconds, 3)
         timings["total"] = round(sum(timings.values()), 3)
-        settings = {"dataset": args.dataset, "root": args.root, "download": args.download,
-                    "train_out": args.train_out, "test_out": args.test_out, **folder_settings}
+        settings = PreparedJob(dataset=args.dataset, root=args.root, download=args.download,
+                               train_out=args.train_out, test_out=args.test_out, folder=folder_settings)
         PreparedData(settings=settings, classes=splits["train"].classes,
                      splits={name: describe(split) for name, split in splits.items()}, timings_s=timings,
                      environment=cli.environment(device)).write(args.sidecar)

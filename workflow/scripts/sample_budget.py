@@ -9,7 +9,7 @@ import sys
 from diffdistill import cli
 from diffdistill.data import LabeledImages, save_images
 from diffdistill.diffusion import checkpoint, modes, sampler_settings, sampling
-from diffdistill.diffusion.sampling_summary import SamplingSummary
+from diffdistill.diffusion.sampling_summary import SamplingJob, SamplingSummary
 from diffdistill.errors import DiffdistillError
 from diffdistill.records import BestCheckpoint
 
@@ -62,9 +62,9 @@ def main(argv=None) -> int:
             modes=modes.modes_for(settings, args.real_train))
         save_images(LabeledImages(result.images, result.labels, classes, str(data_config.get("name", "")),
                                   "synthetic"), args.out)
-        shared = {**settings.to_dict(), "precision_used": settings.on_device(device).precision,
-                  "budget_s": args.budget_s, "batch_size": args.batch_size, "max_images": args.max_images,
-                  "weights": args.weights, "num_shards": args.num_shards, "checkpoint": args.checkpoint}
+        shared = SamplingJob(sampler=settings, precision_used=settings.on_device(device).precision,
+                             budget_s=args.budget_s, batch_size=args.batch_size, max_images=args.max_images,
+                             weights=args.weights, num_shards=args.num_shards, checkpoint=args.checkpoint)
         run = result.shard_run(shard=args.shard, seed=args.seed + args.shard, load_s=load.seconds,
                                device_name=cli.device_name(device))
         SamplingSummary(shared, classes, [run], environment=cli.environment(device)).write(args.meta)

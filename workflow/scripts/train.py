@@ -19,7 +19,7 @@ from diffdistill.cli import run_main
 from diffdistill.data import load_images
 from diffdistill.diffusion import checkpoint, training, uvit
 from diffdistill.errors import DiffdistillError
-from diffdistill.records import TrainingRun
+from diffdistill.records import TrainingJob, TrainingRun
 
 
 def parse_args(argv):
@@ -73,8 +73,10 @@ def main(argv=None) -> int:
             for step, path in paths.items():
                 atomic.publish(state[step], path)
         if ctx.is_main and args.sidecar:
-            settings = {**vars(args), "num_classes": num_classes, "training": config.to_dict(),
-                        "model": model.config, "init_summary": report.summary() if report else None}
+            settings = TrainingJob(data=args.data, preset=args.preset, model_overrides=args.model_overrides,
+                                   num_classes=num_classes, init=args.init, device=args.device, resume=args.resume,
+                                   training=config.to_dict(), model=model.config,
+                                   init_summary=report.summary() if report else None)
             run = {k: v for k, v in summary.items() if k not in ("train_seconds", "checkpoints")}
             TrainingRun(settings=settings, **run, checkpoints={str(s): p for s, p in summary["checkpoints"].items()},
                         timings_s={"train": summary["train_seconds"]},

@@ -11,7 +11,7 @@ job is simply a summary with one shard.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
 from diffdistill.diffusion.sampler_settings import SamplerSettings
@@ -69,16 +69,30 @@ class ShardRun:
 
 
 @dataclass
+class SamplingJob:
+    """The settings every shard of a pool shares: the sampler's, the precision it resolved to on the
+    device, the budget and batch (sample_budget's flags) and the checkpoint sampled."""
+
+    sampler: SamplerSettings
+    precision_used: str
+    budget_s: float
+    batch_size: int
+    max_images: int | None
+    weights: str
+    num_shards: int
+    checkpoint: str
+
+
+@dataclass
 class SamplingSummary(Record):
-    """The settings shared by every shard (``budget_s`` and the sampler's among them), the class names
-    and one :class:`ShardRun` per shard; the pool's totals are properties. ``sources`` names the shard
-    files of a merged pool."""
+    """The settings shared by every shard, the class names and one :class:`ShardRun` per shard; the
+    pool's totals are properties. ``sources`` names the shard files of a merged pool."""
 
     FORMAT: ClassVar[str] = "diffdistill-sampling-summary"
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     WHAT: ClassVar[str] = "a sampling summary written by sample_budget or merge_samples"
 
-    settings: dict
+    settings: SamplingJob
     classes: list[str]
     shards: list[ShardRun]
     environment: Environment
@@ -86,7 +100,7 @@ class SamplingSummary(Record):
 
     @property
     def budget_s(self) -> float:
-        return float(self.settings["budget_s"])
+        return self.settings.budget_s
 
     @property
     def counts(self) -> list[int]:
@@ -136,14 +150,10 @@ class SamplingSummary(Record):
         return seconds, self.finished_within(seconds)
 
     @property
-    def sampler(self) -> dict:
-        """The sampler's own settings (the keys of :class:`diffdistill.diffusion.sampler_settings.SamplerSettings`)."""
-        return {key: self.settings[key] for key in sampler_keys()}
+    def sampler(self) -> SamplerSettings:
+        return self.settings.sampler
 
     def check(self, where: str) -> None:
-        missing = [key for key in ("budget_s", *sampler_keys()) if key not in self.settings]
-        if missing:
-            raise DiffdistillError(f"{where}: field 'settings' lacks {missing} (the budget and the sampler's settings)")
         if not self.shards:
             raise DiffdistillError(f"{where}: field 'shards' is empty, expected at least one shard")
 
@@ -155,15 +165,17 @@ class SamplingSummary(Record):
             raise DiffdistillError("no shard summaries to merge")
         for i, part in enumerate(parts[1:], 1):
             if part.settings != parts[0].settings:
-                differ = sorted(k for k in {*part.settings, *parts[0].settings}
-                                if part.settings.get(k) != parts[0].settings.get(k))
+                mine, first = _flat(part.settings), _flat(parts[0].settings)
+                differ = sorted(k for k in {*mine, *first} if mine.get(k) != first.get(k))
                 raise DiffdistillError(f"shard summary {i}: settings {differ} differ from shard summary 0's")
             if part.classes != parts[0].classes:
                 raise DiffdistillError(f"shard summary {i}: classes differ from shard summary 0's")
-        return cls(settings=dict(parts[0].settings), classes=list(parts[0].classes),
+        return cls(settings=parts[0].settings, classes=list(parts[0].classes),
                    shards=[s for part in parts for s in part.shards], environment=environment,
                    sources=list(sources or []))
 
 
-def sampler_keys() -> tuple[str, ...]:
-    return tuple(f.name for f in fields(SamplerSettings))
+def _flat(job: SamplingJob) -> dict:
+    """The job's settings by name, the sampler's as ``sampler.<name>`` (to name the ones that differ)."""
+    flat = asdict(job)
+    return {**{f"sampler.{k}": v for k, v in flat.pop("sampler").items()}, **flat}

@@ -4,9 +4,10 @@ IPC and the field's scores), and check that the file is the one described (sha25
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
+from diffdistill.diffusion.sampler_settings import SamplerSettings
 from diffdistill.evaluation.field_scores import score_text
 from diffdistill.records import Environment, FieldScores, MeanStd, Record, SetAccuracy
 
@@ -30,11 +31,11 @@ class Datasheet(Record):
     mean: list[float]
     std: list[float]
     model_preset: str
-    model_overrides: dict
+    model_overrides: dict[str, Any]
     checkpoint_step: int
     checkpoint_score: float
     score_kind: str
-    sampler: dict
+    sampler: SamplerSettings
     sampling_budget_s: float
     pool_images: int
     rule: str
@@ -61,7 +62,7 @@ def render_card(sheet: Datasheet) -> str:
     acc, classes = sheet.accuracy, len(sheet.classes)
     channels, height, width = sheet.shape[1:]
     overrides = f" with {sheet.model_overrides}" if sheet.model_overrides else ""
-    sampler = ", ".join(f"{key} {value}" for key, value in sheet.sampler.items())
+    sampler = ", ".join(f"{key} {value}" for key, value in asdict(sheet.sampler).items())
     software = sheet.software
     lines = [
         f"# Distilled {sheet.dataset}: {sheet.ipc} image(s) per class", "",
