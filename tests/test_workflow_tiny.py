@@ -217,6 +217,18 @@ def test_forcerun_of_one_stage_reruns_it_and_only_what_depends_on_it(tiny_run):
     assert planned_jobs(tiny_snakemake(tiny_run, "-n", "-f", "sample_budget").stdout) == {"sample_budget": 1}
 
 
+@pytest.mark.slow
+def test_another_draw_of_the_pool_reruns_sampling_and_what_depends_on_it(tiny_run, tmp_path):
+    overlay = tmp_path / "draw.yaml"
+    overlay.write_text("sampling:\n  seed: 104\n")
+    result = snakemake("-n", "-p", "--cores", "2", "--configfile", str(REPO / "config" / "config.yaml"), str(TINY),
+                       str(overlay), cwd=tiny_run, check=True)
+    assert planned_jobs(result.stdout) == {  # fine-tuning, scoring and random real are kept
+        "sample_budget": 1, "package": 1, "package_ipc": 1, "evaluate": 3, "report": 1, "all": 1, "datasheet": 1,
+        "datasheet_ipc": 1, "export_images": 1, "export_images_ipc": 1}
+    assert "sample_budget.py" in result.stdout and " --seed 104 " in result.stdout
+
+
 def bring_sets(run: Path, entries: str) -> Path:
     """An overlay naming the sets you bring (config key external) in the run's folder."""
     overlay = run / "external.yaml"

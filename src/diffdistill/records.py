@@ -415,7 +415,7 @@ class TrainingJob:
     resume: bool
     training: dict[str, Any]
     model: dict[str, Any]
-    init_summary: dict[str, Any] | None
+    init_summary: str | None  # what the pretrained weights gave (checkpoint.LoadReport.summary())
 
 
 @dataclass(kw_only=True)

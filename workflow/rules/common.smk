@@ -124,6 +124,12 @@ def stage_seed(rule_name):
     return config["seed"] + SEED_OFFSETS[rule_name]
 
 
+def sampling_seed():
+    """The pool's draw: sampling.seed, or the seed derived from the run's."""
+    seed = config["sampling"].get("seed")
+    return stage_seed("sample_budget") if seed is None else seed
+
+
 def training_args(cfg):
     """The trainer's flags: the TrainConfig keys of a training block (not the scheduler's), the
     checkpoint steps with the last step (the rule's outputs)."""

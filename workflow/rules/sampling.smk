@@ -13,7 +13,7 @@ rule sample_budget:
         device=config["device"],
         settings=block_flags("sampling", "SamplingSettings"),
         sampler=sampler_args(config["sampler"]),
-        seed=stage_seed("sample_budget"),
+        seed=sampling_seed(),
         shard=lambda wildcards: f"--shard {wildcards.shard} --num-shards {SHARDS}" if SHARDS > 1 else "",
     log:
         f"{LOGS}/sample_budget{'_{shard}' if SHARDS > 1 else ''}.log",

@@ -49,6 +49,9 @@ class SamplingSettings:
         "single-GPU rule"))
     runtime_min: int = setting(30, minimum=1, flag=False, description="each job's time limit on a cluster, minutes")
     gpus: int | None = stage_gpus()
+    seed: int | None = setting(None, minimum=0, flag=False, description=(
+        "the pool's draw: the sampling jobs' seed; null: derived from the run's seed. Another value draws a new "
+        "pool from the same fine-tuned model and reruns only sampling, packages and their evaluations"))
 
     def __post_init__(self):
         settings.check(self, "sampling settings")
