@@ -250,7 +250,9 @@ def test_sample_then_package_end_to_end(tmp_path, tiny_checkpoint, pool):
     whole = torch.load(tmp_path / "pool_norm.pt", weights_only=True)
     assert whole["images"].shape == (10, 3, 8, 8) and torch.equal(whole["labels"], samples.labels)
     assert whole["classes"] == ["apple", "bee", "cat"]
-    assert PackageRecord.read(tmp_path / "package.json").shape == [9, 3, 8, 8]
+    record = PackageRecord.read(tmp_path / "package.json")
+    assert record.shape == [9, 3, 8, 8] and (record.settings.ipc, record.settings.rule) == (3, "first")
+    assert {check.status for check in record.checks} <= {"pass", "info"} and record.checks[0].check
 
 
 def test_sample_budget_zero_exits_2_and_writes_nothing(tmp_path, tiny_checkpoint):

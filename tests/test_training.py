@@ -353,6 +353,7 @@ def test_script_killed_then_rerun_matches_uninterrupted(tmp_path):
     sidecar = TrainingRun.read(tmp_path / "train.json")
     assert sidecar.start_step == 5 and sidecar.final_step == 60 and sidecar.world_size == 1
     assert sidecar.settings.training == config.to_dict() and sidecar.checkpoints["60"] == str(last)
+    assert [point.step for point in sidecar.loss_history][-1] == 60  # typed points, the resumed run's
 
 
 def test_script_rejects_wrong_number_of_checkpoint_files(tmp_path):

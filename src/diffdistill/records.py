@@ -418,6 +418,15 @@ class TrainingJob:
     init_summary: str | None  # what the pretrained weights gave (checkpoint.LoadReport.summary())
 
 
+@dataclass
+class LossPoint:
+    """The training loss averaged since the previous point, and the speed over those steps."""
+
+    step: int
+    loss: float
+    images_per_s: float
+
+
 @dataclass(kw_only=True)
 class TrainingRun(Record):
     """train's record (train.json beside the checkpoints): the settings, where the run started (a
@@ -432,13 +441,13 @@ class TrainingRun(Record):
     world_size: int
     start_step: int
     resumed_from: str | None
-    init_report: dict | None
+    init_report: dict[str, Any] | None  # checkpoint.LoadReport.to_dict(): which tensors came from the weights
     checkpoints: dict[str, str]  # step -> file
     final_step: int
     steps_run: int
     final_loss: float | None
     images_per_s: float | None
-    loss_history: list[dict]
+    loss_history: list[LossPoint]
     timings_s: Timings
     environment: Environment
 
@@ -453,6 +462,15 @@ class PackageJob:
     seed: int
     pool: str
     real_train: str | None
+
+
+@dataclass
+class ValidatorCheck:
+    """One check of the submission validator (packaging.submission): pass, fail or info, and what it saw."""
+
+    check: str
+    status: str
+    detail: str
 
 
 @dataclass(kw_only=True)
@@ -473,7 +491,7 @@ class PackageRecord(Record):
     pool_counts: list[int]
     pool_images: int
     chosen_indices: list[int]
-    checks: list[dict]
+    checks: list[ValidatorCheck]
     environment: Environment
     timings_s: Timings = dataclasses.field(default_factory=dict)
 

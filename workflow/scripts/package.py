@@ -13,7 +13,7 @@ from diffdistill.data import load_images
 from diffdistill.errors import DiffdistillError
 from diffdistill.evaluation import protocol
 from diffdistill.packaging import selection, submission
-from diffdistill.records import PackageJob, PackageRecord
+from diffdistill.records import PackageJob, PackageRecord, ValidatorCheck
 from diffdistill.scoring import feature_convnet
 
 
@@ -69,7 +69,8 @@ def main(argv=None) -> int:
             settings=PackageJob(dataset=args.dataset, ipc=args.ipc, rule=args.rule, seed=args.seed, pool=args.pool,
                                 real_train=args.real_train),
             package=str(out), shape=list(tensor.shape), mean=list(mean), std=list(std), classes=pool.classes,
-            pool_counts=pool.counts(), pool_images=len(pool), chosen_indices=index.tolist(), checks=checks,
+            pool_counts=pool.counts(), pool_images=len(pool), chosen_indices=index.tolist(),
+            checks=[ValidatorCheck(**check) for check in checks],
             environment=cli.environment()).write(args.meta)
     cli.log.info("wrote %s %s (pool of %d images)", out, list(tensor.shape), len(pool))
     return 0

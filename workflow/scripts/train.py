@@ -19,7 +19,7 @@ from diffdistill.cli import run_main
 from diffdistill.data import load_images
 from diffdistill.diffusion import checkpoint, training, uvit
 from diffdistill.errors import DiffdistillError
-from diffdistill.records import TrainingJob, TrainingRun
+from diffdistill.records import LossPoint, TrainingJob, TrainingRun
 
 
 def parse_args(argv):
@@ -49,6 +49,18 @@ def checkpoint_paths(args, config: training.TrainConfig) -> dict:
     return dict(zip(config.checkpoint_steps, args.checkpoints))
 
 
+def training_record(args, config, model, report, summary: dict, device) -> TrainingRun:
+    """train.json: the settings, the run's figures, the checkpoints, the loss history and the timing."""
+    settings = TrainingJob(data=args.data, preset=args.preset, model_overrides=args.model_overrides,
+                           num_classes=model.num_classes, init=args.init, device=args.device, resume=args.resume,
+                           training=config.to_dict(), model=model.config,
+                           init_summary=report.summary() if report else None)
+    run = {k: v for k, v in summary.items() if k not in ("train_seconds", "checkpoints", "loss_history")}
+    return TrainingRun(settings=settings, **run, loss_history=[LossPoint(**p) for p in summary["loss_history"]],
+                       checkpoints={str(step): path for step, path in summary["checkpoints"].items()},
+                       timings_s={"train": summary["train_seconds"]}, environment=cli.environment(device))
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -73,14 +85,7 @@ def main(argv=None) -> int:
             for step, path in paths.items():
                 atomic.publish(state[step], path)
         if ctx.is_main and args.sidecar:
-            settings = TrainingJob(data=args.data, preset=args.preset, model_overrides=args.model_overrides,
-                                   num_classes=num_classes, init=args.init, device=args.device, resume=args.resume,
-                                   training=config.to_dict(), model=model.config,
-                                   init_summary=report.summary() if report else None)
-            run = {k: v for k, v in summary.items() if k not in ("train_seconds", "checkpoints")}
-            TrainingRun(settings=settings, **run, checkpoints={str(s): p for s, p in summary["checkpoints"].items()},
-                        timings_s={"train": summary["train_seconds"]},
-                        environment=cli.environment(ctx.device)).write(args.sidecar)
+            training_record(args, config, model, report, summary, ctx.device).write(args.sidecar)
     return 0
 
 
