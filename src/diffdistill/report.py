@@ -153,8 +153,8 @@ def sweep_table(sweep: list[SweepRow]):
     """The sweep as a DataFrame: variant, its settings, images made, images/s and accuracy (percent)."""
     import pandas as pd
 
-    return pd.DataFrame([{"variant": row.name, **asdict(row.settings), "images": row.images, "images/s": row.images_per_s,
-                          "accuracy mean (%)": _percent(row.accuracy.mean),
+    return pd.DataFrame([{"variant": row.name, **asdict(row.settings), "images": row.images,
+                          "images/s": row.images_per_s, "accuracy mean (%)": _percent(row.accuracy.mean),
                           "accuracy std (%)": _percent(row.accuracy.std)} for row in sweep])
 
 

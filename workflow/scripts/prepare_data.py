@@ -13,6 +13,7 @@ anything, that every class holds the largest ``--ipc`` and that the U-ViT ``--pr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -23,7 +24,8 @@ from diffdistill.diffusion import uvit
 from diffdistill.errors import DiffdistillError
 from diffdistill.records import FolderJob, PreparedData, PreparedJob, SplitSummary
 
-SPLIT_RULE_KEYS = ("test_fraction", "train_per_class", "seed")  # how digits and mnist split their images
+# How digits and mnist split their images: SplitSummary's optional fields, named once there.
+SPLIT_RULE_KEYS = tuple(item.name for item in dataclasses.fields(SplitSummary) if item.default is None)
 
 
 def parse_args(argv):
