@@ -88,6 +88,18 @@ def test_summary_has_the_contract_keys_and_markdown_shows_the_figures():
     with pytest.raises(DiffdistillError, match="synthetic_pool.json: field 'budget_prefix' is null"):
         report.budget_curve({"synthetic_pool.json": acc["synthetic_pool"]})
 
+def test_sharded_sampling_gives_the_summed_rate_and_each_shard_s_in_summary_and_markdown():
+    shards = [sampling_summary([60] * 5, 10.0, shard=0), sampling_summary([40] * 5, 8.0, shard=1)]
+    merged = SamplingSummary.merge(shards, environment=ENV)
+    acc = {kind: accuracy(0.5) for kind in ("synthetic_ipc1", "real_ipc1", "synthetic_pool", "real_full")}
+    record = report.build_summary(dataset="digits", best=BEST, sampling=merged, accuracy=acc, ipc_grid=[1])
+    assert record.pool_images == 500 and record.sampling_images_per_s_per_shard == [30.0, 25.0]
+    assert record.sampling_images_per_s == pytest.approx(55.0)
+    text = report.render_markdown(record, scores=[{"step": 1000, "score": 1.25}], sampling=merged,
+                                  figures={"curve": "c.png", "grid": "g.png", "ipc": "i.png"}, evaluations=acc)
+    assert "in each of 2 parallel shards (30.0, 25.0 images/s): **55.0 images/s**" in text
+
+
 def test_with_evaluations_without_dsa_the_summary_holds_ars():
     means = {"synthetic_ipc1": 0.5, "real_ipc1": 0.6, "synthetic_pool": 0.92, "real_full": 0.99,
              "synthetic_ipc1_noaug": 0.45, "real_ipc1_noaug": 0.35}

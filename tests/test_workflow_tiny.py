@@ -319,16 +319,19 @@ def torch_allclose(a, b):
 def test_two_process_finetuning_and_sharded_sampling_through_the_workflow(tiny_run, tmp_path):
     """finetune under torchrun with 2 gloo processes, which share the job's threads, gives the
     checkpoints of 1 process (same global batch) to 1e-5; sampling split into 2 shards merges into
-    one balanced pool."""
-    copy_run(tiny_run, tmp_path)  # the data, pretraining and real-data evaluations are kept
+    one balanced pool. The run stops at the pool (the target): what follows it reads the pool's
+    record, whose shards the report's tests cover (tests/test_report.py)."""
+    copy_run(tiny_run, tmp_path)  # the data and pretraining are kept
     overlay = tmp_path / "parallel.yaml"
     overlay.write_text("finetune: {processes: 2}\nsampling: {shards: 2}\n")
     # The process count alone does not make fine-tuning rerun: its checkpoints are the same.
-    result = snakemake("--cores", "2", "--configfile", str(REPO / "config" / "config.yaml"), str(TINY), str(overlay),
-                       "--forcerun", "finetune", cwd=tmp_path, timeout=900)
+    result = snakemake("results/digits/samples/pool.pt", "--cores", "2", "--configfile",
+                       str(REPO / "config" / "config.yaml"), str(TINY), str(overlay), "--forcerun", "finetune",
+                       cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
     jobs = planned_jobs(result.stdout + result.stderr)
-    assert jobs["finetune"] == 1 and not {"prepare_data", "pretrain_unconditional"} & set(jobs)
+    assert jobs == {"finetune": 1, "score_checkpoint": 2, "select_checkpoint": 1, "sample_budget": 2,
+                    "merge_samples": 1}
     sidecar = json.loads((tmp_path / "results/digits/checkpoints/train.json").read_text())
     assert sidecar["world_size"] == 2
     assert sidecar["environment"]["cpu_threads"] == 1  # the job's 2 threads shared by its 2 processes
@@ -342,13 +345,13 @@ def test_two_process_finetuning_and_sharded_sampling_through_the_workflow(tiny_r
 
     shards = [SamplingSummary.read(out / f"samples/shards/shard_{i}.json") for i in range(2)]
     assert shards[0].shards[0].seed != shards[1].shards[0].seed
-    summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["sampling_images_per_s_per_shard"]) == 2
-    assert summary["sampling_images_per_s"] == pytest.approx(sum(summary["sampling_images_per_s_per_shard"]))
+    merged = SamplingSummary.read(out / "samples" / "pool.json")
+    assert merged.images_per_s_per_shard == [s.images_per_s for s in shards]
+    assert merged.images_per_s == pytest.approx(sum(merged.images_per_s_per_shard))
     from diffdistill import data
 
     pool = data.load_images(out / "samples" / "pool.pt")
-    assert len(pool) == summary["pool_images"] == sum(s.images for s in shards)
+    assert len(pool) == merged.images == sum(s.images for s in shards)
     assert max(pool.counts()) - min(pool.counts()) <= 2
 
 
