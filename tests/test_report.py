@@ -88,6 +88,7 @@ def test_summary_has_the_contract_keys_and_markdown_shows_the_figures():
     with pytest.raises(DiffdistillError, match="synthetic_pool.json: field 'budget_prefix' is null"):
         report.budget_curve({"synthetic_pool.json": acc["synthetic_pool"]})
 
+
 def test_sharded_sampling_gives_the_summed_rate_and_each_shard_s_in_summary_and_markdown():
     shards = [sampling_summary([60] * 5, 10.0, shard=0), sampling_summary([40] * 5, 8.0, shard=1)]
     merged = SamplingSummary.merge(shards, environment=ENV)
